@@ -1,0 +1,4 @@
+"""Structured modules that the passes install."""
+from structrewrite.nn.sparse_lowrank import SparseLowRankLinear
+
+__all__ = ["SparseLowRankLinear"]

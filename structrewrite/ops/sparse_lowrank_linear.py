@@ -1,0 +1,145 @@
+"""``structrewrite::sparse_lowrank_linear``: y = scale * (x Aᵀ) Bᵀ + x Sᵀ + bias.
+
+The weight is never formed. ``S`` (out x in) is given by its support in CSR order
+(sorted by output row, then input column) as three int32 tensors:
+
+* ``crow``   (out + 1,)  row pointers: the entries of row ``i`` are ``crow[i]:crow[i+1]``
+* ``col``    (nnz,)      input column of each entry
+* ``row``    (nnz,)      output row of each entry (the same information as ``crow``,
+                         kept so that kernels that walk the entries need no search)
+
+and ``values`` (nnz,) in the parameter dtype. ``A`` is (rank, in), ``B`` is (out, rank).
+
+The eager implementations here are the specification: the Triton kernels in
+``structrewrite.codegen.triton`` are tested against them. They accumulate the sparse
+part in float32 and process the support in chunks so that neither an out x in matrix
+nor a tokens x nnz matrix larger than ``_CHUNK_ELEMS`` elements is ever built.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# Upper bound on the elements of one gathered (tokens x chunk) temporary.
+_CHUNK_ELEMS = 1 << 24
+
+
+def _chunks(nnz: int, tokens: int):
+    step = max(1, _CHUNK_ELEMS // max(tokens, 1))
+    for start in range(0, nnz, step):
+        yield start, min(nnz, start + step)
+
+
+def sparse_matmul_t(x2: torch.Tensor, values: torch.Tensor, row: torch.Tensor,
+                    col: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x2 (M x in) @ Sᵀ -> (M x out) in float32, S given in COO by (row, col, values)."""
+    out = x2.new_zeros((x2.shape[0], out_features), dtype=torch.float32)
+    for s, e in _chunks(values.numel(), x2.shape[0]):
+        contrib = x2[:, col[s:e].long()].float() * values[s:e].float()
+        out.index_add_(1, row[s:e].long(), contrib)
+    return out
+
+
+def sparse_t_matmul(g2: torch.Tensor, values: torch.Tensor, row: torch.Tensor,
+                    col: torch.Tensor, in_features: int) -> torch.Tensor:
+    """g2 (M x out) @ S -> (M x in) in float32."""
+    out = g2.new_zeros((g2.shape[0], in_features), dtype=torch.float32)
+    for s, e in _chunks(values.numel(), g2.shape[0]):
+        contrib = g2[:, row[s:e].long()].float() * values[s:e].float()
+        out.index_add_(1, col[s:e].long(), contrib)
+    return out
+
+
+def sampled_grad(g2: torch.Tensor, x2: torch.Tensor, row: torch.Tensor,
+                 col: torch.Tensor) -> torch.Tensor:
+    """(g2ᵀ x2) sampled at the support: d values[k] = sum_m g2[m, row[k]] * x2[m, col[k]]."""
+    nnz = row.numel()
+    out = torch.empty(nnz, dtype=torch.float32, device=g2.device)
+    for s, e in _chunks(nnz, g2.shape[0]):
+        out[s:e] = (g2[:, row[s:e].long()].float() * x2[:, col[s:e].long()].float()).sum(0)
+    return out
+
+
+@torch.library.custom_op("structrewrite::sparse_lowrank_linear", mutates_args=())
+def sparse_lowrank_linear(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    row: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """Reference implementation (the specification of the op)."""
+    out_features = B.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = F.linear(F.linear(x2, A), B).float() * scale
+    y = y + sparse_matmul_t(x2, values, row, col, out_features)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+@sparse_lowrank_linear.register_fake
+def _(x, A, B, values, crow, col, row, bias, scale):
+    return x.new_empty((*x.shape[:-1], B.shape[0]))
+
+
+@torch.library.custom_op("structrewrite::sparse_lowrank_linear_backward", mutates_args=())
+def sparse_lowrank_linear_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    row: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dA, dB, dvalues) of the op; the bias gradient is a plain sum.
+
+    dx      = scale * (g B) A + g S
+    dA      = scale * (g B)ᵀ x
+    dB      = scale * gᵀ (x Aᵀ)
+    dvalues = (gᵀ x) sampled at the support  (never formed densely)
+    """
+    in_features = A.shape[1]
+    g2 = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, in_features)
+    gB = g2 @ B                      # M x r
+    xA = x2 @ A.t()                  # M x r
+    dx = (gB @ A).float() * scale + sparse_t_matmul(g2, values, row, col, in_features)
+    dA = (gB.t() @ x2).float() * scale
+    dB = (g2.t() @ xA).float() * scale
+    dv = sampled_grad(g2, x2, row, col)
+    return (dx.to(x.dtype).reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype),
+            dv.to(values.dtype))
+
+
+@sparse_lowrank_linear_backward.register_fake
+def _(grad, x, A, B, values, crow, col, row, scale):
+    return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(values))
+
+
+def _setup_context(ctx, inputs, output):
+    x, A, B, values, crow, col, row, bias, scale = inputs
+    ctx.save_for_backward(x, A, B, values, crow, col, row)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, A, B, values, crow, col, row = ctx.saved_tensors
+    dx, dA, dB, dv = torch.ops.structrewrite.sparse_lowrank_linear_backward(
+        grad, x, A, B, values, crow, col, row, ctx.scale)
+    dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return dx, dA, dB, dv, None, None, None, dbias, None
+
+
+sparse_lowrank_linear.register_autograd(_backward, setup_context=_setup_context)
