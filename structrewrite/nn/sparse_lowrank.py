@@ -152,20 +152,22 @@ class SparseLowRankLinear(nn.Module):
                   init=init, seed=seed, key=key, device=weight.device, dtype=weight.dtype)
         if weight.device.type == "meta" or init == "random":
             return mod
-        W = weight.detach().double().cpu()
+        # float64 SVD on CPU (exactness of full-rank conversion); float32 on accelerators
+        W = weight.detach().to(torch.float64 if weight.device.type == "cpu" else torch.float32)
         U, sig, Vh = torch.linalg.svd(W, full_matrices=False)
         root = sig[:rank].sqrt()
         A = root.unsqueeze(1) * Vh[:rank]
         B = U[:, :rank] * root.unsqueeze(0) / mod.scale
         R = W - mod.scale * (B @ A)
         if init == "svd":
-            flat = torch.topk(R.abs().flatten(), mod.nnz, sorted=False).indices if mod.nnz else torch.empty(0, dtype=torch.int64)
+            flat = torch.topk(R.abs().flatten(), mod.nnz, sorted=False).indices
         else:  # lost: channel-wise support from the residual's column norms
             k = lost_channels(in_features, density)
             cols = torch.sort(torch.topk(R.norm(dim=0), k).indices).values
-            flat = (torch.arange(out_features).unsqueeze(1) * in_features + cols.unsqueeze(0)).flatten()
+            flat = (torch.arange(out_features, device=cols.device).unsqueeze(1) * in_features
+                    + cols.unsqueeze(0)).flatten()
         mod._set_support(flat)
-        vals = R[mod.sparse_row.long(), mod.sparse_col.long()]
+        vals = R[mod.sparse_row.long().to(R.device), mod.sparse_col.long().to(R.device)]
         mod.A.copy_(A)
         mod.B.copy_(B)
         mod.values.copy_(vals)

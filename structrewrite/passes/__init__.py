@@ -1,0 +1,1 @@
+"""One file per rewrite; each exports its Pass object (see rewriter/registry.py)."""

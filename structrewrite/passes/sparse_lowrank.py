@@ -1,0 +1,136 @@
+"""``sparse_lowrank``: Linear W -> s·B·A + S (SLTrain; LOST).
+
+Sites: ``nn.Linear`` and HF ``Conv1D`` (a linear layer stored transposed: y = x W + b
+with W of shape in x out). The bias is kept. The replacement is a
+``SparseLowRankLinear``; its ``init`` chooses between pretraining from scratch
+(``random``, SLTrain), conversion of a trained weight (``svd``) and LOST's channel-wise
+sparse residual (``lost``). See structrewrite/nn/sparse_lowrank.py for the algebra.
+
+Cost (m = out, n = in, r = rank, d = density, b = bytes per element, β = has bias):
+  dense   params m·n + β·m            FLOPs/token 2·m·n + β·m
+  after   params r·(m+n) + nnz + β·m  FLOPs/token 2·r·(m+n) + 2·nnz + β·m
+  nnz = round(d·m·n) (random, svd) or m·round(d·n) (lost); indices are int32.
+A budget ``params: f`` solves params_after(r) = f · params_before for r.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import sympy
+import torch
+import torch.nn as nn
+
+from structrewrite.nn.sparse_lowrank import INITS, SparseLowRankLinear
+from structrewrite.rewriter.passbase import Constraint, Cost, ModulePattern, Pass, option
+
+m, n, r, d, b, beta = sympy.symbols("m n r d b beta")
+
+
+def _weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The (out x in) weight of a Linear, or of a Conv1D (stored in x out)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def _capture(module: nn.Module):
+    w = _weight_out_in(module)
+    return {"weight": w, "bias": module.bias}
+
+
+pattern = ModulePattern(
+    types=("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D"),
+    capture=_capture,
+    constraints=(
+        Constraint("weight_2d", lambda mod: getattr(mod, "weight", None) is not None and mod.weight.dim() == 2,
+                   "a 2-D weight"),
+        Constraint("floating_weight", lambda mod: mod.weight.is_floating_point(),
+                   "a floating-point weight (quantized layers are not supported)"),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class SparseLowRankOptions:
+    rank: Optional[int] = option(None, doc="rank r of the low-rank part (or give the budget 'params')",
+                                 range=(1, None))
+    density: float = option(0.03, doc="fraction of the out x in positions held by the sparse part",
+                            range=(0.0, 1.0))
+    init: str = option("svd", doc="random: SLTrain init for pretraining; svd: convert a trained "
+                       "weight (top-r SVD + largest residual entries); lost: SVD + channel-wise "
+                       "sparse residual (LOST)", choices=INITS)
+    alpha: float = option(32.0, doc="scaling s = alpha / rank of the low-rank part", range=(1e-6, None))
+    seed: int = option(0, doc="seed of the random support and init (combined with the site name)",
+                       range=(0, None))
+
+
+def _nnz_expr(init: str):
+    half = sympy.Rational(1, 2)
+    return m * sympy.floor(d * n + half) if init == "lost" else sympy.floor(d * m * n + half)
+
+
+class SparseLowRankPass(Pass):
+    name = "sparse_lowrank"
+    summary = "Linear W -> s·B·A + S: low rank plus fixed-support sparse (SLTrain; LOST)"
+    Options = SparseLowRankOptions
+    pattern = pattern
+    budget_for = {"params": "rank"}
+    produces = (SparseLowRankLinear,)
+
+    def dims(self, match):
+        w = match.captures["weight"]
+        return {"m": w.shape[0], "n": w.shape[1], "beta": int(match.captures["bias"] is not None),
+                "b": w.element_size()}
+
+    def check(self, options, dims):
+        if options.rank is None:
+            raise ValueError("sparse_lowrank needs 'rank' or the budget 'params'")
+        if options.rank > min(dims["m"], dims["n"]):
+            raise ValueError(f"rank {options.rank} exceeds min(out, in) = {min(dims['m'], dims['n'])} "
+                             f"of this {dims['m']}x{dims['n']} layer")
+
+    def cost_before(self) -> Cost:
+        params = m * n + beta * m
+        return Cost(params=params, flops=2 * m * n + beta * m, bytes=b * params)
+
+    def cost_after(self, options) -> Cost:
+        nnz = _nnz_expr(options.init)
+        params = r * (m + n) + nnz + beta * m
+        return Cost(params=params, flops=2 * r * (m + n) + 2 * nnz + beta * m,
+                    bytes=b * params + 4 * (2 * nnz + m + 1))
+
+    def option_values(self, options):
+        return {"r": options.rank, "d": options.density}
+
+    def solve_budget(self, dims, values, budget_field, fraction):
+        init = values.get("init", SparseLowRankOptions.init)
+        density = values.get("density", SparseLowRankOptions.density)
+        opts = SparseLowRankOptions(rank=1, init=init, density=density)
+        sub = {sympy.Symbol(k): v for k, v in dims.items()} | {d: density}
+        before = self.cost_before().params.subs(sub)
+        after = self.cost_after(opts).params.subs(sub)
+        (rank_real,) = sympy.solve(sympy.Eq(after, fraction * before), r)
+        rank = min(int(sympy.floor(rank_real)), min(dims["m"], dims["n"]))
+        if rank < 1:
+            sparse = int(after.subs(r, 0))
+            raise ValueError(f"the budget params={fraction} ({int(fraction * before)} parameters) "
+                             f"leaves no room for rank >= 1: the sparse part and bias alone take {sparse}")
+        return rank
+
+    def replacement(self, ctx, module, options):
+        captures = self.pattern.match(module).captures
+        new = SparseLowRankLinear.from_dense(
+            captures["weight"], captures["bias"], rank=options.rank, density=options.density,
+            init=options.init, alpha=options.alpha, seed=options.seed, key=ctx.fqn)
+        new.train(module.training)
+        return new
+
+    def is_exact(self, options, dims):
+        full = options.rank == min(dims["m"], dims["n"])
+        return options.init != "random" and (full or options.density == 1.0)
+
+    def error(self, options, original, new):
+        if options.init == "random" or new.A.device.type == "meta":
+            return None
+        w = _weight_out_in(original).detach().float()
+        return float((new.dense_weight() - w).norm() / w.norm().clamp_min(1e-30))
+
+
+sparse_lowrank = SparseLowRankPass()

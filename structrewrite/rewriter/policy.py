@@ -1,0 +1,515 @@
+"""Policies: which pass rewrites which site, with which options.
+
+A policy is a YAML or JSON file, a dict, or a ``Policy``::
+
+    version: 1
+    defaults: {seed: 0}
+    rules:
+      - match: "model.layers.*.mlp.*_proj"     # glob on the FQN
+        rewrite: sparse_lowrank
+        with: {rank: 128, density: 0.03, init: lost}
+      - match: "lm_head"
+        rewrite: null                           # keep dense
+
+Selectors (``match``):
+
+* a string: a glob on the module's fully qualified name, where ``*`` matches within one
+  dotted segment and ``**`` across segments; ``re:<regex>`` is a regular expression that
+  must match the whole name;
+* a mapping with any of ``name`` (a string as above), ``type`` (class name, short or
+  qualified, of the module or one of its bases), ``every`` and ``offset`` (position among
+  repeated blocks: the first integer segment of the name, e.g. the ``7`` of
+  ``model.layers.7.mlp``, must satisfy ``index % every == offset``); all given keys must hold.
+
+Resolution walks ``model.named_modules()`` parent before child. For each module not
+already inside a claimed subtree, a rule whose ``match`` is exactly the module's name
+wins; else the first rule in file order whose selector matches *and* whose pass can
+rewrite the module (``rewrite: null`` accepts anything). The chosen rule claims the
+module and its whole subtree. A rule that claims nothing is an error unless it says
+``optional: true``.
+
+``defaults`` are option values given to every rule whose pass has that option.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+import torch.nn as nn
+import yaml
+
+from structrewrite.rewriter import registry
+from structrewrite.rewriter.passbase import type_names
+
+TOP_KEYS = ("version", "defaults", "rules")
+RULE_KEYS = ("match", "rewrite", "with", "optional")
+SELECTOR_KEYS = ("name", "type", "every", "offset")
+
+
+class PolicyError(ValueError):
+    """A problem with a policy. The message names the file, the rule (index and line)
+    and the fix; the parts are also attributes."""
+
+    def __init__(self, problem: str, *, source: Optional[str] = None,
+                 rule: Optional[int] = None, line: Optional[int] = None,
+                 fix: Optional[str] = None):
+        self.problem, self.source, self.rule, self.line, self.fix = problem, source, rule, line, fix
+        where = source or "<policy>"
+        if line is not None:
+            where += f":{line}"
+        if rule is not None:
+            where += f": rule {rule}"
+        msg = f"{where}: {problem}"
+        if fix:
+            msg += f". Fix: {fix}"
+        super().__init__(msg)
+
+
+# -- selectors ---------------------------------------------------------------------
+
+def _glob_to_regex(glob: str) -> re.Pattern:
+    out, i = [], 0
+    while i < len(glob):
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif glob[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif glob[i] == "?":
+            out.append("[^.]")
+            i += 1
+        else:
+            out.append(re.escape(glob[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _is_pattern(s: str) -> bool:
+    return s.startswith("re:") or any(c in s for c in "*?")
+
+
+_INT_SEGMENT = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def block_index(fqn: str) -> Optional[int]:
+    m = _INT_SEGMENT.search(fqn)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class Selector:
+    name: Optional[re.Pattern] = None
+    exact: Optional[str] = None          # set when the name is a plain name (no pattern)
+    types: tuple[str, ...] = ()
+    every: Optional[int] = None
+    offset: int = 0
+
+    def matches(self, fqn: str, module: nn.Module) -> bool:
+        if self.name is not None and not self.name.fullmatch(fqn):
+            return False
+        if self.types and not type_names(module).intersection(self.types):
+            return False
+        if self.every is not None:
+            idx = block_index(fqn)
+            if idx is None or idx % self.every != self.offset:
+                return False
+        return True
+
+
+# -- policy ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    index: int
+    line: Optional[int]
+    match: Any
+    rewrite: Optional[str]
+    options: Mapping[str, Any]          # the rule's `with`, merged over defaults
+    optional: bool
+    selector: Selector
+
+    def describe(self) -> str:
+        return f"match {self.match!r} -> {self.rewrite}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    rules: tuple[Rule, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    source: Optional[str] = None
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    # -- construction --
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Policy":
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise PolicyError(f"cannot read the policy file ({e.strerror})", source=source,
+                              fix="give the path of an existing YAML or JSON file") from None
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise PolicyError(f"malformed JSON: {e.msg}", source=source, line=e.lineno,
+                                  fix="correct the JSON syntax at that line") from None
+        else:
+            data = _load_yaml(text, source)
+        return cls.from_dict(data, source=source, lines=_rule_lines(text))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: Optional[str] = None,
+                  lines: Optional[list[int]] = None) -> "Policy":
+        return _parse(data, source, lines or [])
+
+    @classmethod
+    def coerce(cls, policy: Union["Policy", Mapping, str, os.PathLike]) -> "Policy":
+        """A Policy from a Policy, a dict, or a path to a YAML/JSON file."""
+        if isinstance(policy, Policy):
+            return policy
+        if isinstance(policy, Mapping):
+            return cls.from_dict(policy)
+        if isinstance(policy, (str, os.PathLike)):
+            return cls.load(policy)
+        raise PolicyError(f"a policy must be a path, a dict or a Policy, not {type(policy).__name__}",
+                          fix="pass sr.Policy.load(path) or a dict with 'version' and 'rules'")
+
+    def relaxed(self) -> "Policy":
+        """A copy in which every rule is optional (used where only part of a model is seen,
+        e.g. one graph of several under torch.compile)."""
+        return dataclasses.replace(self, rules=tuple(dataclasses.replace(r, optional=True)
+                                                     for r in self.rules))
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(dict(self.raw))
+
+    def dump(self, path: Union[str, os.PathLike]) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _load_yaml(text: str, source: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PolicyError(f"malformed YAML: {problem}", source=source, line=line,
+                          fix="correct the YAML syntax at that line") from None
+
+
+def _rule_lines(text: str) -> list[int]:
+    """1-based line of each rule, from the YAML node tree (JSON is YAML here)."""
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(root, yaml.MappingNode):
+        return []
+    for key, value in root.value:
+        if getattr(key, "value", None) == "rules" and isinstance(value, yaml.SequenceNode):
+            return [item.start_mark.line + 1 for item in value.value]
+    return []
+
+
+def _parse(data: Any, source: Optional[str], lines: list[int]) -> Policy:
+    def err(problem, fix, rule=None):
+        line = lines[rule] if rule is not None and rule < len(lines) else None
+        return PolicyError(problem, source=source, rule=rule, line=line, fix=fix)
+
+    if not isinstance(data, Mapping):
+        raise err(f"the policy must be a mapping, not {type(data).__name__}",
+                  "write a mapping with keys 'version: 1' and 'rules: [...]'")
+    for key in data:
+        if key not in TOP_KEYS:
+            raise err(f"unknown top-level key {key!r}", f"use only {', '.join(TOP_KEYS)}")
+    if data.get("version", 1) != 1 or isinstance(data.get("version"), bool):
+        raise err(f"unsupported version {data.get('version')!r}", "write 'version: 1'")
+    defaults = data.get("defaults") or {}
+    if not isinstance(defaults, Mapping):
+        raise err("'defaults' must be a mapping of option names to values",
+                  "write e.g. 'defaults: {seed: 0}'")
+    known = {"seed"} | {f.name for n in registry.pass_names()
+                        for f in dataclasses.fields(registry.get_pass(n).Options)}
+    for key in defaults:
+        if key not in known:
+            raise err(f"unknown option {key!r} in 'defaults'",
+                      f"use options that a pass has: {', '.join(sorted(known))}")
+    if "seed" in defaults:
+        _check_value("seed", defaults["seed"], int, None, (0, None),
+                     lambda p, f: err(p + " in 'defaults'", f))
+    raw_rules = data.get("rules")
+    if not isinstance(raw_rules, list):
+        raise err("'rules' must be a list of rules",
+                  "write 'rules:' followed by items like '- {match: ..., rewrite: ...}'")
+    rules = []
+    for i, raw in enumerate(raw_rules):
+        rules.append(_parse_rule(i, raw, defaults, lambda p, f, i=i: err(p, f, i),
+                                 lines[i] if i < len(lines) else None))
+    return Policy(rules=tuple(rules), defaults=dict(defaults), source=source,
+                  raw=copy.deepcopy(dict(data)))
+
+
+def _parse_rule(i, raw, defaults, err, line) -> Rule:
+    if not isinstance(raw, Mapping):
+        raise err(f"a rule must be a mapping, not {type(raw).__name__}",
+                  "write '- {match: <name pattern>, rewrite: <pass or null>}'")
+    for key in raw:
+        if key not in RULE_KEYS:
+            hint = " (did you mean 'with'?)" if key in ("options", "params", "args") else ""
+            raise err(f"unknown key {key!r}{hint}", f"use only {', '.join(RULE_KEYS)}")
+    if "match" not in raw:
+        raise err("the rule has no 'match'", "add 'match: <glob, re:regex or {type: ...}>'")
+    if "rewrite" not in raw:
+        raise err("the rule has no 'rewrite'",
+                  f"add 'rewrite: <one of {', '.join(registry.pass_names())}, or null>'")
+    selector = _parse_selector(raw["match"], err)
+    optional = raw.get("optional", False)
+    if not isinstance(optional, bool):
+        raise err(f"'optional' must be true or false, not {optional!r}", "write 'optional: true'")
+    name = raw["rewrite"]
+    if name is None:
+        if raw.get("with"):
+            raise err("'with' given for 'rewrite: null'", "remove 'with' or name a pass")
+        return Rule(i, line, raw["match"], None, {}, optional, selector)
+    if not isinstance(name, str) or name not in registry.PASSES:
+        raise err(f"unknown pass {name!r}",
+                  f"use one of {', '.join(registry.pass_names())}, or null to keep the site dense")
+    given = raw.get("with") or {}
+    if not isinstance(given, Mapping):
+        raise err("'with' must be a mapping of option names to values",
+                  "write e.g. 'with: {rank: 128}'")
+    options = validate_options(registry.get_pass(name), given, defaults, err)
+    return Rule(i, line, raw["match"], name, options, optional, selector)
+
+
+def _parse_selector(match, err) -> Selector:
+    if isinstance(match, str):
+        match = {"name": match}
+    if not isinstance(match, Mapping) or not match:
+        raise err(f"'match' must be a name pattern or a mapping, not {match!r}",
+                  "write a glob ('model.layers.*.mlp'), 're:<regex>' or {type: Linear}")
+    for key in match:
+        if key not in SELECTOR_KEYS:
+            raise err(f"unknown selector key {key!r} in 'match'", f"use {', '.join(SELECTOR_KEYS)}")
+    kw: dict[str, Any] = {}
+    name = match.get("name")
+    if name is not None:
+        if not isinstance(name, str) or not name:
+            raise err(f"'name' must be a non-empty string, not {name!r}", "write a glob or 're:<regex>'")
+        if name.startswith("re:"):
+            try:
+                kw["name"] = re.compile(name[3:])
+            except re.error as e:
+                raise err(f"invalid regular expression {name[3:]!r}: {e}", "correct the regex") from None
+        else:
+            kw["name"] = _glob_to_regex(name)
+            if not _is_pattern(name):
+                kw["exact"] = name
+    t = match.get("type")
+    if t is not None:
+        types = [t] if isinstance(t, str) else t
+        if not isinstance(types, list) or not types or not all(isinstance(x, str) and x for x in types):
+            raise err(f"'type' must be a class name or a list of them, not {t!r}", "write e.g. 'type: Linear'")
+        kw["types"] = tuple(types)
+    if "every" in match:
+        every = match["every"]
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise err(f"'every' must be a positive integer, not {every!r}", "write e.g. 'every: 4'")
+        offset = match.get("offset", 0)
+        if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < every:
+            raise err(f"'offset' must be an integer in [0, every), not {offset!r}",
+                      f"write an offset from 0 to {every - 1}")
+        kw["every"], kw["offset"] = every, offset
+    elif "offset" in match:
+        raise err("'offset' without 'every'", "add 'every: k' or remove 'offset'")
+    return Selector(**kw)
+
+
+def _check_value(key, value, typ, choices, rng, err):
+    if typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is bool:
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, typ)
+    if not ok:
+        raise err(f"option {key!r} must be of type {typ.__name__}, got {value!r}",
+                  f"give {key} a {typ.__name__} value")
+    if choices and value not in choices:
+        raise err(f"option {key!r} must be one of {', '.join(map(str, choices))}, got {value!r}",
+                  f"set {key} to one of {', '.join(map(str, choices))}")
+    if rng:
+        lo, hi = rng
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            span = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise err(f"option {key!r} = {value!r} is out of range {span}",
+                      f"choose {key} in {span}")
+
+
+def _field_type(f) -> type:
+    """The plain type of an Options field (``Optional[int]`` -> int)."""
+    t = f.type
+    if isinstance(t, str):
+        t = t.replace("Optional[", "").rstrip("]")
+        return {"int": int, "float": float, "str": str, "bool": bool}.get(t, object)
+    args = [a for a in getattr(t, "__args__", ()) if a is not type(None)]
+    return args[0] if args else t
+
+
+def validate_options(pass_, given: Mapping[str, Any], defaults: Mapping[str, Any], err) -> dict:
+    """Check a rule's options against the pass's Options dataclass and budgets; returns the
+    merged option values (defaults, then the rule's own), without the class defaults."""
+    fields = {f.name: f for f in dataclasses.fields(pass_.Options)}
+    allowed = list(fields) + list(pass_.budget_for)
+    for key in given:
+        if key not in allowed:
+            raise err(f"unknown option {key!r} for pass {pass_.name!r}",
+                      f"use options of {pass_.name}: {', '.join(allowed)}")
+    merged = {k: v for k, v in defaults.items() if k in fields}
+    merged.update(given)
+    for key, value in merged.items():
+        if key in pass_.budget_for:
+            _check_value(key, value, float, None, (1e-9, 1.0), err)
+            if key in given and pass_.budget_for[key] in given:
+                raise err(f"both {pass_.budget_for[key]!r} and the budget {key!r} given",
+                          f"give either {pass_.budget_for[key]} or {key}, not both")
+            continue
+        f = fields[key]
+        _check_value(key, value, _field_type(f), f.metadata.get("choices"),
+                     f.metadata.get("range"), err)
+    return merged
+
+
+# -- resolution --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """One site of a plan: which pass, which options, from which rule."""
+    fqn: str
+    pass_name: str
+    options: Any                 # the pass's Options instance (budgets solved)
+    rule: int
+    module_type: str
+    dims: Mapping[str, Any]
+    done: bool = False           # already in the pass's output form: nothing to do
+
+
+@dataclass
+class Plan:
+    """The resolved policy: site FQN -> pass and options, in module order."""
+    entries: dict[str, PlanEntry]
+    kept: list[str]              # sites a `rewrite: null` rule keeps dense
+    policy: Policy
+
+    def __iter__(self):
+        return iter(self.entries.values())
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, fqn: str) -> PlanEntry:
+        return self.entries[fqn]
+
+    def __contains__(self, fqn: str) -> bool:
+        return fqn in self.entries
+
+    def to_rows(self) -> list[dict]:
+        return [{"site": e.fqn, "type": e.module_type, "pass": e.pass_name, "rule": e.rule,
+                 "options": dataclasses.asdict(e.options), "done": e.done}
+                for e in self.entries.values()]
+
+    def __str__(self) -> str:
+        from structrewrite.rewriter.report import render_table
+        rows = [[e.fqn, e.module_type, e.pass_name, str(e.rule),
+                 ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(e.options).items()),
+                 "already rewritten" if e.done else ""] for e in self.entries.values()]
+        return render_table(f"plan: {len(self.entries)} sites, {len(self.kept)} kept dense",
+                            ["site", "type", "pass", "rule", "options", "note"], rows)
+
+
+def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Module]]]) -> Plan:
+    """Resolve ``policy`` against a module tree (or (fqn, module) pairs in pre-order)."""
+    named = modules.named_modules() if isinstance(modules, nn.Module) else modules
+    claimed: set[str] = set()
+    entries: dict[str, PlanEntry] = {}
+    kept: list[str] = []
+    hits = [0] * len(policy.rules)
+    refused: list[list[str]] = [[] for _ in policy.rules]
+    exact = {r.selector.exact: r for r in reversed(policy.rules) if r.selector.exact is not None}
+
+    def inside_claimed(fqn):
+        parts = fqn.split(".")
+        return any(".".join(parts[:k]) in claimed for k in range(1, len(parts)))
+
+    for fqn, module in named:
+        if fqn == "" or inside_claimed(fqn):
+            continue
+        candidates = ([exact[fqn]] if fqn in exact and exact[fqn].selector.matches(fqn, module) else [])
+        candidates += [r for r in policy.rules if r.selector.exact is None or r.selector.exact != fqn]
+        for rule in candidates:
+            if not rule.selector.matches(fqn, module):
+                continue
+            if rule.rewrite is None:
+                kept.append(fqn)
+            else:
+                p = registry.get_pass(rule.rewrite)
+                if p.already_done(module):
+                    entries[fqn] = PlanEntry(fqn, p.name, None, rule.index, type(module).__name__,
+                                             {}, done=True)
+                else:
+                    m = p.accepts(module)
+                    if not m:
+                        refused[rule.index].append(f"{fqn} ({m.reason})")
+                        continue
+                    dims = p.dims(m)
+                    options = _instantiate(p, rule, dims, policy)
+                    entries[fqn] = PlanEntry(fqn, p.name, options, rule.index,
+                                             type(module).__name__, dims)
+            hits[rule.index] += 1
+            claimed.add(fqn)
+            break
+    for rule in policy.rules:
+        if hits[rule.index] == 0 and not rule.optional:
+            why = ""
+            if refused[rule.index]:
+                shown = "; ".join(refused[rule.index][:3])
+                more = len(refused[rule.index]) - 3
+                why = f": it selects modules that {rule.rewrite} cannot rewrite: {shown}" + \
+                    (f" and {more} more" if more > 0 else "")
+            raise PolicyError(f"rule {rule.describe()} matches nothing{why}", source=policy.source,
+                              rule=rule.index, line=rule.line,
+                              fix="correct the pattern (see `structrewrite plan` for the model's "
+                                  "module names) or add 'optional: true'")
+    return Plan(entries, kept, policy)
+
+
+def _instantiate(p, rule: Rule, dims, policy: Policy):
+    values = dict(rule.options)
+    for budget, target in p.budget_for.items():
+        if budget in values:
+            fraction = values.pop(budget)
+            try:
+                values[target] = p.solve_budget(dims, values, target, fraction)
+            except ValueError as e:
+                raise PolicyError(str(e), source=policy.source, rule=rule.index, line=rule.line,
+                                  fix=f"raise '{budget}' or lower the other size options") from None
+    try:
+        options = p.Options(**values)
+        p.check(options, dims)
+        return options
+    except ValueError as e:
+        raise PolicyError(str(e), source=policy.source, rule=rule.index, line=rule.line,
+                          fix="choose options that fit the site's dimensions") from None
