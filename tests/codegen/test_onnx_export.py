@@ -1,0 +1,147 @@
+"""ONNX export: custom-domain nodes with function bodies, run by stock ONNX Runtime."""
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import structrewrite as sr
+from structrewrite.codegen.onnx import (
+    DOMAIN,
+    OnnxTranslationError,
+    export_onnx,
+    ort_inputs,
+    ort_session,
+    translations,
+)
+from structrewrite.nn import SparseLowRankLinear
+
+transformers = pytest.importorskip("transformers")
+
+OP_TYPE = "SparseLowRankLinear"
+
+
+def policy(match, rank=8, density=0.05):
+    return {"version": 1, "rules": [{"match": match, "rewrite": "sparse_lowrank",
+                                     "with": {"rank": rank, "density": density, "init": "svd"}}]}
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=64, use_cache=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2():
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
+                                  use_cache=False, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def custom_nodes(model: onnx.ModelProto):
+    return [n for n in model.graph.node if n.domain == DOMAIN]
+
+
+def check_file(path, expected_nodes):
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    nodes = custom_nodes(model)
+    assert len(nodes) == expected_nodes
+    assert {n.op_type for n in nodes} == {OP_TYPE}
+    functions = {(f.domain, f.name) for f in model.functions}
+    assert (DOMAIN, OP_TYPE) in functions
+    assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 1
+    # the function body is standard ONNX: nothing in it refers back to the custom domain
+    body = next(f for f in model.functions if f.name == OP_TYPE)
+    assert {n.domain for n in body.node} <= {""}
+    return model
+
+
+def assert_ort_matches(path, model, shapes, vocab):
+    sess = ort_session(path)
+    for shape in shapes:
+        ids = torch.randint(0, vocab, shape)
+        (logits, *_) = sess.run(None, ort_inputs(sess, (ids,)))
+        with torch.no_grad():
+            ref = model(ids).logits
+        assert logits.shape == tuple(ref.shape)
+        np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_llama_rewritten_runs_in_onnxruntime(tmp_path):
+    result = sr.rewrite(tiny_llama(), policy("model.layers.*.mlp.*_proj"))
+    model = result.model
+    n_sites = len(result.report.sites)
+    assert n_sites == 6
+    assert sum(isinstance(m, SparseLowRankLinear) for m in model.modules()) == n_sites
+    path = tmp_path / "llama.onnx"
+    export_onnx(model, (torch.randint(0, 128, (2, 7)),), path)
+    onnx_model = check_file(path, n_sites)
+    ids_input = onnx_model.graph.input[0]
+    dims = [d.dim_param for d in ids_input.type.tensor_type.shape.dim]
+    assert dims == ["batch", "seq"]
+    assert_ort_matches(path, model, [(2, 7), (3, 13)], 128)
+
+
+def test_gpt2_conv1d_rewritten_runs_in_onnxruntime(tmp_path):
+    result = sr.rewrite(tiny_gpt2(), policy("transformer.h.*.*.c_*"))
+    model = result.model
+    n_sites = len(result.report.sites)
+    assert n_sites == 8          # c_attn, attn.c_proj, c_fc, mlp.c_proj in two blocks
+    path = tmp_path / "gpt2.onnx"
+    export_onnx(model, (torch.randint(0, 128, (2, 5)),), path)
+    check_file(path, n_sites)
+    assert_ort_matches(path, model, [(2, 5), (1, 9)], 128)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_op_with_and_without_bias_exact_at_full_rank(tmp_path, bias):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(24, 16, bias=bias)
+    layer = SparseLowRankLinear.from_dense(lin.weight, lin.bias, rank=16, density=0.2)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 24), layer, torch.nn.GELU()).eval()
+    path = tmp_path / "layer.onnx"
+    x = torch.randn(3, 4, 24)
+    export_onnx(model, (x,), path)
+    onnx_model = check_file(path, 1)
+    (node,) = custom_nodes(onnx_model)
+    assert len([i for i in node.input if i]) == (8 if bias else 7)
+    assert [a.name for a in node.attribute] == ["scale"]
+    assert node.attribute[0].f == pytest.approx(layer.scale)
+    sess = ort_session(path)
+    for shape in [(3, 4, 24), (5, 2, 24)]:
+        x = torch.randn(shape)
+        (y,) = sess.run(None, ort_inputs(sess, (x,)))
+        with torch.no_grad():
+            np.testing.assert_allclose(y, model(x).numpy(), atol=1e-5, rtol=1e-5)
+            # full rank with svd init: equal to the dense layer it came from
+            dense = torch.nn.functional.gelu(lin(model[0](x)))
+        np.testing.assert_allclose(y, dense.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@torch.library.custom_op("structrewrite::onnx_test_untranslated", mutates_args=())
+def _untranslated(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_untranslated.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Untranslated(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.structrewrite.onnx_test_untranslated(x)
+
+
+def test_op_without_translation_names_op_and_site(tmp_path):
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(4, 4))
+    model.add_module("odd", _Untranslated())
+    assert "structrewrite::onnx_test_untranslated" not in translations()
+    with pytest.raises(OnnxTranslationError,
+                       match=r"structrewrite::onnx_test_untranslated at odd \(_Untranslated\)"):
+        export_onnx(model, (torch.randn(2, 3, 4),), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
