@@ -475,7 +475,7 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
                         refused[rule.index].append(f"{fqn} ({m.reason})")
                         continue
                     dims = p.dims(m)
-                    options = _instantiate(p, rule, dims, policy)
+                    options = _instantiate(p, rule, fqn, dims, policy)
                     entries[fqn] = PlanEntry(fqn, p.name, options, rule.index,
                                              type(module).__name__, dims)
             hits[rule.index] += 1
@@ -496,7 +496,7 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
     return Plan(entries, kept, policy)
 
 
-def _instantiate(p, rule: Rule, dims, policy: Policy):
+def _instantiate(p, rule: Rule, fqn: str, dims, policy: Policy):
     values = dict(rule.options)
     for budget, target in p.budget_for.items():
         if budget in values:
@@ -504,12 +504,12 @@ def _instantiate(p, rule: Rule, dims, policy: Policy):
             try:
                 values[target] = p.solve_budget(dims, values, target, fraction)
             except ValueError as e:
-                raise PolicyError(str(e), source=policy.source, rule=rule.index, line=rule.line,
+                raise PolicyError(f"at {fqn}: {e}", source=policy.source, rule=rule.index, line=rule.line,
                                   fix=f"raise '{budget}' or lower the other size options") from None
     try:
         options = p.Options(**values)
         p.check(options, dims)
         return options
     except ValueError as e:
-        raise PolicyError(str(e), source=policy.source, rule=rule.index, line=rule.line,
+        raise PolicyError(f"at {fqn}: {e}", source=policy.source, rule=rule.index, line=rule.line,
                           fix="choose options that fit the site's dimensions") from None
