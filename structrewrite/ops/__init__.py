@@ -10,3 +10,4 @@ from structrewrite.ops import sparse_lowrank_linear  # noqa: F401
 OPS = {
     "sparse_lowrank_linear": "structrewrite::sparse_lowrank_linear",
 }
+import structrewrite.codegen.triton  # noqa: E402,F401  (CUDA kernels; registers nothing without Triton or a GPU)

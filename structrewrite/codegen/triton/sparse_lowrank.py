@@ -1,0 +1,396 @@
+"""Triton kernels for ``structrewrite::sparse_lowrank_linear`` (forward and backward).
+
+The op computes ``y = s·(x Aᵀ) Bᵀ + x Sᵀ + bias`` with ``x`` (M x in), ``A`` (r x in),
+``B`` (out x r) and ``S`` (out x in) sparse in CSR by output row (``crow``, ``col``,
+``row``, ``values``). Nothing here ever forms an out x in matrix.
+
+Split of the work
+-----------------
+The low-rank products are plain dense GEMMs with a large inner or outer dimension
+(``r`` is 8..in/2); cuBLAS (``torch.matmul``) runs them. Triton does what cuBLAS cannot:
+
+``gather_spmm``  ``out = s·base + P Qᵀ + bias`` for a sparse ``Q`` walked row by row.
+    Forward: ``base = (x Aᵀ) Bᵀ`` from cuBLAS, ``P = x``, ``Q = S`` (CSR). The scale, the
+    sparse product and the bias are fused into one pass that reads ``base`` once and
+    writes ``y`` once (the epilogue of the second GEMM, done as its own kernel).
+    Backward for dx: ``base = (g B) A`` (with the scale folded into ``g B``), ``P = g``,
+    ``Q = Sᵀ``, walked through a cached CSC copy of the support (see below).
+``sddmm``  ``d values[k] = sum_m g[m, row[k]] · x[m, col[k]]``: the dense gradient
+    ``gᵀ x`` sampled at the support only.
+
+Layout
+------
+Both kernels read the dense operand transposed, ``Pᵀ`` (features x tokens, contiguous
+along tokens), made once per call by one copy (``x.t().contiguous()``; M·in elements,
+small next to the GEMMs). Gathering feature ``c`` for a tile of BM tokens is then one
+contiguous load of BM elements, instead of BM loads strided by ``in``.
+
+``gather_spmm`` runs a 2-D grid: axis 0 splits the output rows into ``nsplit`` ranges,
+axis 1 walks token tiles of BM. Axis 0 varies fastest, so the programs in flight share
+few token tiles and their gathers hit L2. A program takes its rows BN at a time in
+ELL fashion: step ``j`` loads the ``j``-th entry of each of the BN rows (masked where a
+row is shorter), gathers ``Pᵀ[col, tile]`` as a (BN x BM) block and accumulates
+``value · block`` in float32. Rows of any length and ``nnz = 0`` need nothing special.
+
+``sddmm`` runs over blocks of BK entries (in CSR order, so the entries of a block mostly
+share their output row and its ``gᵀ`` row is served from L1) times ``nchunk`` token
+ranges; each chunk writes its float32 partial sums and the partials are summed.
+
+The CSC copy of the support used for dx (column pointers, the row of each entry and the
+permutation into ``values``) is derived from ``col``/``row`` once and cached, keyed on
+the buffers' identity, data pointers and versions; the values are gathered through the
+permutation at run time, so training updates need no rebuild.
+
+Precision
+---------
+Operands in bf16, fp16 or fp32; every sum is accumulated in float32 and rounded once to
+the output dtype, except that the low-rank part arrives from cuBLAS already rounded to
+the operand dtype (one extra rounding of ``base``). Measured against the reference op,
+relative errors are below 1e-5 in float32 and below 1e-2 in bf16 (see the tests).
+
+Tiles (BM, BN, nsplit, warps for ``gather_spmm``; BK, BM, nchunk for ``sddmm``) are
+picked on CUDA by timing a few candidates once per problem shape (``_pick``); tests and
+callers can pass a config explicitly.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+OP = "structrewrite::sparse_lowrank_linear"
+OP_BACKWARD = "structrewrite::sparse_lowrank_linear_backward"
+
+
+# ----------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------
+@triton.jit
+def _gather_spmm_kernel(
+    pt_ptr, stride_pf, stride_pm,          # dense operand, transposed: (feature, token)
+    ptr_ptr, idx_ptr, val_ptr, perm_ptr,   # sparse Q: row pointers, feature per entry, values[, perm]
+    base_ptr, stride_bm, stride_bn,        # optional dense term, scaled by `scale`
+    bias_ptr,                              # optional (NROWS,)
+    out_ptr, stride_om, stride_on,         # (M, NROWS)
+    M, NROWS, scale,
+    BM: tl.constexpr, BN: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    nsplit = tl.num_programs(0)
+    blocks = tl.cdiv(NROWS, BN)
+    rows_per = tl.cdiv(blocks, nsplit) * BN
+    row_lo = pid_s * rows_per
+    row_hi = tl.minimum(row_lo + rows_per, NROWS)
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mask_m = offs_m < M
+    offs_m64 = offs_m.to(tl.int64)
+    for n0 in range(row_lo, row_hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        mask_n = offs_n < row_hi
+        start = tl.load(ptr_ptr + offs_n, mask=mask_n, other=0)
+        stop = tl.load(ptr_ptr + offs_n + 1, mask=mask_n, other=0)
+        lens = stop - start
+        longest = tl.max(lens, axis=0)
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        for j in range(0, longest):
+            live = j < lens
+            k = start + j
+            f = tl.load(idx_ptr + k, mask=live, other=0).to(tl.int64)
+            if HAS_PERM:
+                kv = tl.load(perm_ptr + k, mask=live, other=0)
+                v = tl.load(val_ptr + kv, mask=live, other=0.0).to(tl.float32)
+            else:
+                v = tl.load(val_ptr + k, mask=live, other=0.0).to(tl.float32)
+            blk = tl.load(pt_ptr + f[:, None] * stride_pf + offs_m64[None, :] * stride_pm,
+                          mask=live[:, None] & mask_m[None, :], other=0.0)
+            acc += v[:, None] * blk.to(tl.float32)
+        offs_n64 = offs_n.to(tl.int64)
+        mask = mask_n[:, None] & mask_m[None, :]
+        if HAS_BASE:
+            b = tl.load(base_ptr + offs_m64[None, :] * stride_bm + offs_n64[:, None] * stride_bn,
+                        mask=mask, other=0.0)
+            acc += scale * b.to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs_m64[None, :] * stride_om + offs_n64[:, None] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sddmm_kernel(
+    gt_ptr, stride_gf, stride_gm,          # gᵀ (out, M)
+    xt_ptr, stride_xf, stride_xm,          # xᵀ (in, M)
+    row_ptr, col_ptr,                      # entries (nnz,)
+    part_ptr,                              # (nchunk, nnz) float32
+    NNZ, M,
+    BK: tl.constexpr, BM: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    nchunk = tl.num_programs(1)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    mask_k = offs_k < NNZ
+    r = tl.load(row_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    c = tl.load(col_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+    per = tl.cdiv(tl.cdiv(M, BM), nchunk) * BM
+    m_lo = pid_c * per
+    m_hi = tl.minimum(m_lo + per, M)
+    acc = tl.zeros([BK, BM], dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
+        offs_m = (m0 + tl.arange(0, BM)).to(tl.int64)
+        mask = mask_k[:, None] & (offs_m < m_hi)[None, :]
+        a = tl.load(gt_ptr + r[:, None] * stride_gf + offs_m[None, :] * stride_gm, mask=mask, other=0.0)
+        b = tl.load(xt_ptr + c[:, None] * stride_xf + offs_m[None, :] * stride_xm, mask=mask, other=0.0)
+        acc += a.to(tl.float32) * b.to(tl.float32)
+    tl.store(part_ptr + pid_c.to(tl.int64) * NNZ + offs_k, tl.sum(acc, axis=1), mask=mask_k)
+
+
+# ----------------------------------------------------------------------------------
+# launchers (CPU tensors work under TRITON_INTERPRET=1)
+# ----------------------------------------------------------------------------------
+# gather_spmm config: (BM, BN, nsplit, num_warps); nsplit=0 -> chosen from the grid size
+SPMM_CANDIDATES = [
+    (16, 32, 0, 4), (32, 32, 0, 4), (64, 16, 0, 4), (64, 32, 0, 8),
+    (32, 64, 0, 8), (128, 16, 0, 8), (16, 64, 0, 4), (32, 16, 0, 2),
+    (32, 32, 32, 4), (64, 32, 1, 8),
+]
+SPMM_DEFAULT = (32, 32, 0, 4)
+# sddmm config: (BK, BM, nchunk, num_warps); nchunk=0 -> chosen from the problem size
+SDDMM_CANDIDATES = [
+    (32, 64, 0, 4), (64, 64, 0, 4), (16, 128, 0, 4), (32, 128, 0, 8),
+    (64, 32, 0, 4), (128, 32, 0, 8),
+]
+SDDMM_DEFAULT = (32, 64, 0, 4)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _spmm_nsplit(cfg, M: int, nrows: int, device) -> int:
+    BM, BN, nsplit, _ = cfg
+    if nsplit:
+        return nsplit
+    tiles = triton.cdiv(max(M, 1), BM)
+    want = 4 * _sm_count(device)
+    return max(1, min(triton.cdiv(nrows, BN), triton.cdiv(want, tiles) if tiles < want else 8))
+
+
+def gather_spmm(pt: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
+                nrows: int, out: torch.Tensor, perm: Optional[torch.Tensor] = None,
+                base: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                scale: float = 1.0, config=None) -> torch.Tensor:
+    """out[m, n] = scale·base[m, n] + sum_{k in row n} values[perm[k]]·pt[idx[k], m] + bias[n].
+
+    ``pt`` is (features, M), ``ptr`` (nrows + 1), ``idx``/``perm`` (nnz) int32, ``out``
+    (M, nrows). Every element of ``out`` is written."""
+    M = pt.shape[1]
+    if M == 0 or nrows == 0:
+        return out
+    cfg = config or SPMM_DEFAULT
+    BM, BN, _, warps = cfg
+    nsplit = _spmm_nsplit(cfg, M, nrows, pt.device)
+    grid = (nsplit, triton.cdiv(M, BM))
+    dummy = out
+    _gather_spmm_kernel[grid](
+        pt, pt.stride(0), pt.stride(1),
+        ptr, idx, values, perm if perm is not None else idx,
+        base if base is not None else dummy,
+        base.stride(0) if base is not None else 0, base.stride(1) if base is not None else 0,
+        bias if bias is not None else dummy,
+        out, out.stride(0), out.stride(1),
+        M, nrows, float(scale),
+        BM=BM, BN=BN, HAS_PERM=perm is not None, HAS_BASE=base is not None,
+        HAS_BIAS=bias is not None, num_warps=warps,
+    )
+    return out
+
+
+def _sddmm_nchunk(cfg, M: int, nnz: int, nfeat: int, device) -> int:
+    BK, BM, nchunk, _ = cfg
+    if nchunk:
+        return nchunk
+    blocks = triton.cdiv(nnz, BK)
+    # Token ranges sized so that the gathered slices of gᵀ and xᵀ stay in L2 (~24 MB),
+    # and enough of them to fill the device when there are few entry blocks.
+    by_cache = triton.cdiv(M * nfeat * 2, 24 << 20)
+    by_fill = triton.cdiv(4 * _sm_count(device), blocks)
+    return max(1, min(triton.cdiv(M, BM), max(by_cache, by_fill)))
+
+
+def sddmm(gt: torch.Tensor, xt: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+          config=None) -> torch.Tensor:
+    """dv[k] = sum_m gt[row[k], m]·xt[col[k], m], in float32 (nnz,)."""
+    nnz = row.numel()
+    M = gt.shape[1]
+    if nnz == 0:
+        return torch.zeros(0, dtype=torch.float32, device=gt.device)
+    if M == 0:
+        return torch.zeros(nnz, dtype=torch.float32, device=gt.device)
+    cfg = config or SDDMM_DEFAULT
+    BK, BM, _, warps = cfg
+    nchunk = _sddmm_nchunk(cfg, M, nnz, gt.shape[0] + xt.shape[0], gt.device)
+    part = torch.empty((nchunk, nnz), dtype=torch.float32, device=gt.device)
+    _sddmm_kernel[(triton.cdiv(nnz, BK), nchunk)](
+        gt, gt.stride(0), gt.stride(1), xt, xt.stride(0), xt.stride(1),
+        row, col, part, nnz, M, BK=BK, BM=BM, num_warps=warps,
+    )
+    return part[0] if nchunk == 1 else part.sum(0)
+
+
+# ----------------------------------------------------------------------------------
+# CSC copy of the support (for dx), cached
+# ----------------------------------------------------------------------------------
+class _Csc:
+    __slots__ = ("ptr", "idx", "perm", "refs", "key")
+
+
+_CSC_CACHE: dict = {}
+_CSC_CACHE_MAX = 1024
+
+
+def csc_of(col: torch.Tensor, row: torch.Tensor, in_features: int):
+    """(col_ptr (in+1), row of each entry (nnz), perm into values (nnz)), all int32, for
+    the support given in CSR order. Cached on the identity and version of the buffers."""
+    key = (col.data_ptr(), row.data_ptr(), col._version, row._version, col.numel(),
+           in_features, col.device)
+    hit = _CSC_CACHE.get(key)
+    if hit is not None and hit.refs[0]() is col and hit.refs[1]() is row:
+        return hit.ptr, hit.idx, hit.perm
+    colv = col.long()
+    perm = torch.sort(colv, stable=True).indices        # rows stay ascending inside a column
+    counts = torch.bincount(colv, minlength=in_features)
+    ptr = torch.zeros(in_features + 1, dtype=torch.int32, device=col.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    entry = _Csc()
+    entry.ptr, entry.idx, entry.perm = ptr, row[perm].contiguous(), perm.int()
+    entry.refs = (weakref.ref(col), weakref.ref(row))
+    entry.key = key
+    if len(_CSC_CACHE) >= _CSC_CACHE_MAX:
+        _CSC_CACHE.pop(next(iter(_CSC_CACHE)))
+    _CSC_CACHE[key] = entry
+    return entry.ptr, entry.idx, entry.perm
+
+
+# ----------------------------------------------------------------------------------
+# tile choice
+# ----------------------------------------------------------------------------------
+_TUNED: dict = {}
+TUNE = os.environ.get("STRUCTREWRITE_TUNE", "1") != "0"
+
+
+def _pick(kind: str, key: tuple, candidates, run):
+    """The fastest candidate config for this problem key (timed once on CUDA)."""
+    full = (kind,) + key
+    if full in _TUNED:
+        return _TUNED[full]
+    default = SPMM_DEFAULT if kind == "spmm" else SDDMM_DEFAULT
+    if not TUNE or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        _TUNED[full] = default
+        return default
+    best, best_t = default, float("inf")
+    for cfg in candidates:
+        try:
+            t = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # a config the device cannot run (resources): skip it
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    _TUNED[full] = best
+    return best
+
+
+def tuned_configs() -> dict:
+    """The configs chosen so far, by (kind, problem key): reported by the benchmarks."""
+    return {repr(k): v for k, v in _TUNED.items()}
+
+
+def _bucket(M: int) -> int:
+    return 1 << max(0, (M - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------
+# the op's CUDA implementation
+# ----------------------------------------------------------------------------------
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocation of the kernels' outputs (the tests replace it to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def forward(x, A, B, values, crow, col, row, bias, scale, config=None):
+    """The forward op; ``config`` fixes the gather_spmm tiles (else chosen by timing)."""
+    in_features, out_features = A.shape[1], B.shape[0]
+    x2 = x.reshape(-1, in_features)
+    M = x2.shape[0]
+    y = _empty((M, out_features), x.dtype, x.device)
+    if M == 0:
+        return y.reshape(*x.shape[:-1], out_features)
+    base = (x2 @ A.t()) @ B.t()                       # cuBLAS; scaled in the epilogue
+    xt = x2.t().contiguous()
+    if config is None:
+        config = _pick("spmm", (_bucket(M), out_features, in_features, values.numel(), x.dtype),
+                       SPMM_CANDIDATES,
+                       lambda c: gather_spmm(xt, crow, col, values, out_features, y,
+                                             base=base, bias=bias, scale=scale, config=c))
+    gather_spmm(xt, crow, col, values, out_features, y, base=base, bias=bias, scale=scale,
+                config=config)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sddmm_config=None):
+    """The backward op: (dx, dA, dB, dvalues); dA and dB are plain cuBLAS GEMMs."""
+    in_features, out_features = A.shape[1], B.shape[0]
+    g2 = grad.reshape(-1, out_features)
+    x2 = x.reshape(-1, in_features)
+    M = x2.shape[0]
+    gBs = (g2 @ B).mul_(scale)                        # M x r, scale folded in
+    xAs = (x2 @ A.t()).mul_(scale)
+    dA = gBs.t() @ x2
+    dB = g2.t() @ xAs
+    dx = _empty(x2.shape, x.dtype, x.device)
+    nnz = values.numel()
+    if M == 0:
+        return dx.reshape(x.shape), torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(values)
+    base = gBs @ A
+    gt = g2.t().contiguous()
+    cptr, cidx, cperm = csc_of(col, row, in_features)
+    if spmm_config is None:
+        spmm_config = _pick("spmm_t", (_bucket(M), in_features, out_features, nnz, x.dtype),
+                            SPMM_CANDIDATES,
+                            lambda c: gather_spmm(gt, cptr, cidx, values, in_features, dx,
+                                                  perm=cperm, base=base, config=c))
+    gather_spmm(gt, cptr, cidx, values, in_features, dx, perm=cperm, base=base,
+                config=spmm_config)
+    if nnz:
+        xt = x2.t().contiguous()
+        if sddmm_config is None:
+            sddmm_config = _pick("sddmm", (_bucket(M), out_features, in_features, nnz, x.dtype),
+                                 SDDMM_CANDIDATES, lambda c: sddmm(gt, xt, row, col, config=c))
+        dv = sddmm(gt, xt, row, col, config=sddmm_config).to(values.dtype)
+    else:
+        dv = torch.zeros_like(values)
+    return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
+
+
+def _forward_cuda(x, A, B, values, crow, col, row, bias, scale):
+    return forward(x, A, B, values, crow, col, row, bias, scale)
+
+
+def _backward_cuda(grad, x, A, B, values, crow, col, row, scale):
+    return backward(grad, x, A, B, values, crow, col, row, scale)
+
+
+def register() -> list[str]:
+    """Register the kernels as the op's CUDA implementation (called by the package)."""
+    torch.library.register_kernel(OP, "cuda", _forward_cuda)
+    torch.library.register_kernel(OP_BACKWARD, "cuda", _backward_cuda)
+    return [OP, OP_BACKWARD]
