@@ -12,7 +12,7 @@ and ``values`` (nnz,) in the parameter dtype. ``A`` is (rank, in), ``B`` is (out
 
 The eager implementations here are the specification: the Triton kernels in
 ``structrewrite.codegen.triton`` are tested against them. They accumulate the sparse
-part in float32 and process the support in chunks so that neither an out x in matrix
+part in float32 (float64 for float64 inputs) and process the support in chunks so that neither an out x in matrix
 nor a tokens x nnz matrix larger than ``_CHUNK_ELEMS`` elements is ever built.
 """
 from __future__ import annotations
@@ -26,6 +26,11 @@ import torch.nn.functional as F
 _CHUNK_ELEMS = 1 << 24
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32 for half types, the input's own for float32/float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _chunks(nnz: int, tokens: int):
     step = max(1, _CHUNK_ELEMS // max(tokens, 1))
     for start in range(0, nnz, step):
@@ -34,20 +39,22 @@ def _chunks(nnz: int, tokens: int):
 
 def sparse_matmul_t(x2: torch.Tensor, values: torch.Tensor, row: torch.Tensor,
                     col: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x2 (M x in) @ Sᵀ -> (M x out) in float32, S given in COO by (row, col, values)."""
-    out = x2.new_zeros((x2.shape[0], out_features), dtype=torch.float32)
+    """x2 (M x in) @ Sᵀ -> (M x out) accumulated in ``_acc``, S in COO (row, col, values)."""
+    acc = _acc(x2)
+    out = x2.new_zeros((x2.shape[0], out_features), dtype=acc)
     for s, e in _chunks(values.numel(), x2.shape[0]):
-        contrib = x2[:, col[s:e].long()].float() * values[s:e].float()
+        contrib = x2[:, col[s:e].long()].to(acc) * values[s:e].to(acc)
         out.index_add_(1, row[s:e].long(), contrib)
     return out
 
 
 def sparse_t_matmul(g2: torch.Tensor, values: torch.Tensor, row: torch.Tensor,
                     col: torch.Tensor, in_features: int) -> torch.Tensor:
-    """g2 (M x out) @ S -> (M x in) in float32."""
-    out = g2.new_zeros((g2.shape[0], in_features), dtype=torch.float32)
+    """g2 (M x out) @ S -> (M x in) accumulated in ``_acc``."""
+    acc = _acc(g2)
+    out = g2.new_zeros((g2.shape[0], in_features), dtype=acc)
     for s, e in _chunks(values.numel(), g2.shape[0]):
-        contrib = g2[:, row[s:e].long()].float() * values[s:e].float()
+        contrib = g2[:, row[s:e].long()].to(acc) * values[s:e].to(acc)
         out.index_add_(1, col[s:e].long(), contrib)
     return out
 
@@ -56,9 +63,10 @@ def sampled_grad(g2: torch.Tensor, x2: torch.Tensor, row: torch.Tensor,
                  col: torch.Tensor) -> torch.Tensor:
     """(g2ᵀ x2) sampled at the support: d values[k] = sum_m g2[m, row[k]] * x2[m, col[k]]."""
     nnz = row.numel()
-    out = torch.empty(nnz, dtype=torch.float32, device=g2.device)
+    acc = _acc(g2)
+    out = torch.empty(nnz, dtype=acc, device=g2.device)
     for s, e in _chunks(nnz, g2.shape[0]):
-        out[s:e] = (g2[:, row[s:e].long()].float() * x2[:, col[s:e].long()].float()).sum(0)
+        out[s:e] = (g2[:, row[s:e].long()].to(acc) * x2[:, col[s:e].long()].to(acc)).sum(0)
     return out
 
 
@@ -77,10 +85,10 @@ def sparse_lowrank_linear(
     """Reference implementation (the specification of the op)."""
     out_features = B.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    y = F.linear(F.linear(x2, A), B).float() * scale
+    y = F.linear(F.linear(x2, A), B).to(_acc(x2)) * scale
     y = y + sparse_matmul_t(x2, values, row, col, out_features)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
@@ -113,9 +121,10 @@ def sparse_lowrank_linear_backward(
     x2 = x.reshape(-1, in_features)
     gB = g2 @ B                      # M x r
     xA = x2 @ A.t()                  # M x r
-    dx = (gB @ A).float() * scale + sparse_t_matmul(g2, values, row, col, in_features)
-    dA = (gB.t() @ x2).float() * scale
-    dB = (g2.t() @ xA).float() * scale
+    acc = _acc(g2)
+    dx = (gB @ A).to(acc) * scale + sparse_t_matmul(g2, values, row, col, in_features)
+    dA = (gB.t() @ x2).to(acc) * scale
+    dB = (g2.t() @ xA).to(acc) * scale
     dv = sampled_grad(g2, x2, row, col)
     return (dx.to(x.dtype).reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype),
             dv.to(values.dtype))

@@ -177,3 +177,11 @@ def _nearest(g: nx.DiGraph, start: fx.Node, gm, reverse: bool) -> Optional[str]:
         if node is not start and is_linear(node, gm) and (best is None or dist < best[0]):
             best = (dist, node)
     return node_module_fqn(best[1], gm) if best else None
+
+
+def capture_sites(model: nn.Module, fqns: Iterable[str], example_inputs=None,
+                  example_kwargs: Optional[Mapping[str, Any]] = None) -> dict[str, CapturedBlock]:
+    """Record the sites' inputs in one run of ``model`` and capture each site as a graph."""
+    fqns = list(fqns)
+    recorded = record_inputs(model, fqns, example_inputs, example_kwargs)
+    return {f: capture_block(model.get_submodule(f), f, recorded.get(f)) for f in fqns}

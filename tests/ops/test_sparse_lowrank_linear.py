@@ -1,0 +1,126 @@
+"""The reference op: forward against a dense reconstruction, gradients against autograd
+through the dense reconstruction, fake implementation, and no dense weight in backward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import structrewrite  # noqa: F401  (registers the ops)
+from structrewrite.nn.sparse_lowrank import csr_from_flat
+from structrewrite.ops import sparse_lowrank_linear as mod
+
+op = torch.ops.structrewrite.sparse_lowrank_linear
+
+
+def make(out_f, in_f, rank, density, dtype=torch.float32, bias=True, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (2**31))
+    nnz = int(round(density * out_f * in_f))
+    flat = torch.randperm(out_f * in_f, generator=g)[:nnz]
+    crow, col, row = csr_from_flat(flat, out_f, in_f)
+    A = torch.randn(rank, in_f, generator=g).to(dtype)
+    B = torch.randn(out_f, rank, generator=g).to(dtype) * 0.1
+    values = torch.randn(nnz, generator=g).to(dtype)
+    b = torch.randn(out_f, generator=g).to(dtype) if bias else None
+    return A, B, values, crow, col, row, b
+
+
+def dense(A, B, values, row, col, scale, out_f, in_f):
+    S = torch.zeros(out_f, in_f, dtype=torch.float64).index_put((row.long(), col.long()), values.double(),
+                                                                 accumulate=True)
+    return scale * B.double() @ A.double() + S
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 24), (5, 24), (24,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_dense_reconstruction(shape, bias):
+    out_f, in_f, rank = 40, 24, 6
+    A, B, v, crow, col, row, b = make(out_f, in_f, rank, 0.1, bias=bias)
+    x = torch.randn(*shape)
+    y = op(x, A, B, v, crow, col, row, b, 0.5)
+    W = dense(A, B, v, row, col, 0.5, out_f, in_f)
+    ref = F.linear(x.double(), W, None if b is None else b.double())
+    assert y.shape == (*shape[:-1], out_f) and y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_bf16_against_fp64():
+    out_f, in_f = 48, 32
+    A, B, v, crow, col, row, b = make(out_f, in_f, 8, 0.05, dtype=torch.bfloat16)
+    x = torch.randn(9, in_f).bfloat16()
+    y = op(x, A, B, v, crow, col, row, b, 2.0)
+    ref = F.linear(x.double(), dense(A, B, v, row, col, 2.0, out_f, in_f), b.double())
+    rel = (y.double() - ref).norm() / ref.norm()
+    assert y.dtype == torch.bfloat16 and rel < 1e-2
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_equal_autograd_through_dense(bias):
+    out_f, in_f, rank, scale = 30, 20, 5, 0.7
+    A, B, v, crow, col, row, b = make(out_f, in_f, rank, 0.08, dtype=torch.float64, bias=bias)
+    params = [A, B, v] + ([b] if bias else [])
+    for p in params:
+        p.requires_grad_()
+    x = torch.randn(3, 4, in_f, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(3, 4, out_f, dtype=torch.float64)
+    op(x, A, B, v, crow, col, row, b, scale).backward(gy)
+    got = [x.grad] + [p.grad for p in params]
+
+    xs = x.detach().clone().requires_grad_()
+    ps = [p.detach().clone().requires_grad_() for p in params]
+    S = torch.zeros(out_f, in_f, dtype=torch.float64).index_put((row.long(), col.long()), ps[2])
+    W = scale * ps[1] @ ps[0] + S
+    F.linear(xs, W, ps[3] if bias else None).backward(gy)
+    want = [xs.grad] + [p.grad for p in ps]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_gradcheck():
+    A, B, v, crow, col, row, b = make(9, 7, 3, 0.2, dtype=torch.float64)
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    ins = [t.requires_grad_() for t in (A, B, v, b)]
+    assert torch.autograd.gradcheck(lambda x, A, B, v, b: op(x, A, B, v, crow, col, row, b, 1.3),
+                                    (x, *ins))
+
+
+def test_empty_support():
+    A, B, v, crow, col, row, b = make(12, 10, 2, 0.0)
+    assert v.numel() == 0
+    x = torch.randn(3, 10, requires_grad=True)
+    vv = v.clone().requires_grad_()
+    y = op(x, A, B, vv, crow, col, row, b, 1.0)
+    torch.testing.assert_close(y, F.linear(F.linear(x, A), B) + b)
+    y.sum().backward()
+    assert vv.grad.shape == (0,)
+
+
+def test_backward_never_forms_a_dense_weight(monkeypatch):
+    """With the gather chunk small, no temporary may reach out x in elements."""
+    out_f, in_f, tokens = 64, 48, 4
+    A, B, v, crow, col, row, b = make(out_f, in_f, 4, 0.05)
+    monkeypatch.setattr(mod, "_CHUNK_ELEMS", 64)
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            for t in (res if isinstance(res, (tuple, list)) else (res,)):
+                if isinstance(t, torch.Tensor):
+                    seen.append(t.numel())
+            return res
+    x = torch.randn(tokens, in_f, requires_grad=True)
+    vv = v.clone().requires_grad_()
+    y = op(x, A, B, vv, crow, col, row, b, 1.0)
+    with Spy():
+        torch.ops.structrewrite.sparse_lowrank_linear_backward(torch.ones_like(y), x, A, B, vv, crow,
+                                                               col, row, 1.0)
+    assert seen and max(seen) < out_f * in_f
+
+
+def test_fake_impl_and_opcheck():
+    A, B, v, crow, col, row, b = make(16, 12, 4, 0.1)
+    x = torch.randn(2, 3, 12)
+    torch.library.opcheck(op, (x, A, B, v, crow, col, row, b, 0.5))
+    with torch._subclasses.fake_tensor.FakeTensorMode() as fm:
+        fx_ = fm.from_tensor(x)
+        out = op(fx_, *(fm.from_tensor(t) for t in (A, B, v, crow, col, row, b)), 0.5)
+        assert out.shape == (2, 3, 16)

@@ -1,0 +1,177 @@
+"""The sparse_lowrank pass: structural, numerical, negative, idempotence."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import structrewrite as sr
+from structrewrite.nn import SparseLowRankLinear
+from structrewrite.nn.sparse_lowrank import support_size
+from structrewrite.rewriter.manager import VerificationError
+
+
+class MLP(nn.Module):
+    def __init__(self, d=24, h=40, bias=True):
+        super().__init__()
+        self.up = nn.Linear(d, h, bias=bias)
+        self.down = nn.Linear(h, d, bias=bias)
+        self.gate = nn.Linear(d, h, bias=False)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(self.norm(x)))
+
+
+def policy(match="*", **opts):
+    return {"version": 1, "rules": [{"match": match, "rewrite": "sparse_lowrank",
+                                     "with": {"rank": 4, **opts}}]}
+
+
+def test_structure_sites_and_parameter_counts():
+    model = MLP()
+    res = sr.rewrite(model, policy("re:up|down", rank=5, density=0.05))
+    m = res.model
+    assert isinstance(m.up, SparseLowRankLinear) and isinstance(m.down, SparseLowRankLinear)
+    assert isinstance(m.gate, nn.Linear) and isinstance(m.norm, nn.LayerNorm)
+    assert [s.site for s in res.report.sites] == ["up", "down"]
+    for site in res.report.sites:
+        mod = m.get_submodule(site.site)
+        n_params = sum(p.numel() for p in mod.parameters())
+        assert site.after["params"] == n_params            # the formula equals the module
+        out_f, in_f = site.dims["m"], site.dims["n"]
+        assert n_params == 5 * (out_f + in_f) + support_size(out_f, in_f, 0.05, "svd") + out_f
+        assert site.before["params"] == out_f * in_f + out_f
+        assert site.after["flops"] == 2 * 5 * (out_f + in_f) + 2 * mod.nnz + out_f
+    assert res.report.passes[0]["sites"] == 2 and res.report.passes[0]["modified"]
+    assert m.up._structrewrite_from_pass == "sparse_lowrank"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_full_rank_svd_equals_the_dense_layer(bias):
+    torch.manual_seed(0)
+    model = MLP(bias=bias)
+    x = torch.randn(3, 7, 24)
+    res = sr.rewrite(model, policy("*", rank=24, density=0.0, init="svd"), example_inputs=(x,))
+    for site in res.report.sites:
+        assert site.exact and site.verified is not None and site.verified < 1e-5
+    ref, out = model(x), res.model(x)
+    assert ((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_lost_channel_support_and_full_density_is_exact():
+    torch.manual_seed(1)
+    lin = nn.Linear(32, 20)
+    res = sr.rewrite(nn.Sequential(lin), policy("0", rank=4, density=0.25, init="lost"))
+    mod = res.model[0]
+    cols = mod.sparse_col.view(20, -1)
+    assert cols.shape[1] == 8 and (cols == cols[0]).all()    # whole input channels
+    # the chosen channels are those with the largest residual column norms
+    W = lin.weight.detach().double()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    R = W - (U[:, :4] * S[:4]) @ Vh[:4]
+    assert set(cols[0].tolist()) == set(torch.topk(R.norm(dim=0), 8).indices.tolist())
+    # on those channels the layer is exact, so the error is that of the other columns only
+    assert res.report.sites[0].error < torch.linalg.norm(R) / torch.linalg.norm(W)
+    full = sr.rewrite(nn.Sequential(lin), policy("0", rank=4, density=1.0, init="lost"))
+    assert full.report.sites[0].exact
+
+
+def test_svd_error_falls_with_rank_and_density():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(48, 48))
+    errs = [sr.rewrite(model, policy("0", rank=r, density=d)).report.sites[0].error
+            for r, d in ((4, 0.0), (16, 0.0), (16, 0.1))]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_random_init_is_sltrain_and_deterministic():
+    model = MLP()
+    a = sr.rewrite(model, policy("up", init="random", density=0.1, seed=5)).model.up
+    b = sr.rewrite(model, policy("up", init="random", density=0.1, seed=5)).model.up
+    c = sr.rewrite(model, policy("up", init="random", density=0.1, seed=6)).model.up
+    assert torch.equal(a.sparse_col, b.sparse_col) and torch.equal(a.values, b.values)
+    assert not torch.equal(a.sparse_col, c.sparse_col)
+    assert (a.B == 0).all() and a.values.abs().max() <= 1 / 24 ** 0.5
+    assert a.nnz == round(0.1 * 40 * 24)
+    flat = a.sparse_row.long() * 24 + a.sparse_col.long()
+    assert flat.unique().numel() == a.nnz and torch.equal(flat, flat.sort().values)
+
+
+def test_to_dense_is_exact():
+    torch.manual_seed(3)
+    mod = SparseLowRankLinear.from_dense(torch.randn(20, 12), torch.randn(20), 3, 0.1)
+    x = torch.randn(5, 12)
+    lin = mod.to_dense()
+    assert isinstance(lin, nn.Linear)
+    torch.testing.assert_close(lin(x), mod(x), rtol=1e-6, atol=1e-6)
+
+
+def test_negative_excluded_and_non_linear_sites_untouched():
+    model = MLP()
+    pol = {"version": 1, "rules": [{"match": "gate", "rewrite": None},
+                                   {"match": "*", "rewrite": "sparse_lowrank", "with": {"rank": 4}}]}
+    m = sr.rewrite(model, pol).model
+    assert isinstance(m.gate, nn.Linear) and torch.equal(m.gate.weight, model.gate.weight)
+    assert isinstance(m.norm, nn.LayerNorm)
+    assert isinstance(m.up, SparseLowRankLinear)
+
+
+def test_near_miss_is_left_alone():
+    class NotLinear(nn.Module):         # has a 2-D weight, but is not a Linear
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4))
+            self.bias = None
+    model = nn.Sequential(NotLinear(), nn.Linear(4, 4))
+    res = sr.rewrite(model, {"version": 1, "rules": [{"match": {"type": "Module"}, "rewrite": "sparse_lowrank",
+                                                      "with": {"rank": 2}}]})
+    assert isinstance(res.model[0], NotLinear) and isinstance(res.model[1], SparseLowRankLinear)
+
+
+def test_idempotent():
+    model = MLP()
+    once = sr.rewrite(model, policy("*", rank=4))
+    twice = sr.rewrite(once.model, policy("*", rank=4))
+    assert [s.status for s in twice.report.sites] == ["unchanged"] * 3
+    assert not twice.report.passes[0]["modified"]
+    for (k, v), (k2, v2) in zip(once.model.state_dict().items(), twice.model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_input_model_not_mutated_unless_inplace():
+    model = MLP()
+    sr.rewrite(model, policy("*"))
+    assert isinstance(model.up, nn.Linear)
+    res = sr.rewrite(model, policy("*"), inplace=True)
+    assert res.model is model and isinstance(model.up, SparseLowRankLinear)
+
+
+def test_exactness_check_catches_a_wrong_exact_rewrite(monkeypatch):
+    from structrewrite.passes import sparse_lowrank as mod
+    monkeypatch.setattr(mod.SparseLowRankPass, "is_exact", lambda self, o, d: True)
+    with pytest.raises(VerificationError, match="exact by construction but differs"):
+        sr.rewrite(MLP(), policy("up", rank=2, density=0.0))
+
+
+def test_exception_in_a_pass_names_pass_and_site(monkeypatch):
+    from structrewrite.nn import sparse_lowrank as nnmod
+
+    def boom(*a, **k):
+        raise RuntimeError("bad weight")
+    monkeypatch.setattr(nnmod.SparseLowRankLinear, "from_dense", boom)
+    with pytest.raises(sr.rewriter.manager.RewriteError,
+                       match=r"pass sparse_lowrank failed on site up \(Linear\): RuntimeError: bad weight"):
+        sr.rewrite(MLP(), policy("up"))
+
+
+def test_report_formats():
+    res = sr.rewrite(MLP(), policy("*", rank=4))
+    text = str(res.report)
+    assert "sparse_lowrank" in text and "total" in text
+    md = res.report.to_markdown()
+    assert md.count("| up |") + md.count("| down |") + md.count("| gate |") == 3
+    assert "r*(m + n)" in md
+    import json
+    data = json.loads(res.report.to_json())
+    assert data["totals"]["after"]["params"] < data["totals"]["before"]["params"]
+    assert len(data["sites"]) == 3

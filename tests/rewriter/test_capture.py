@@ -1,0 +1,72 @@
+"""Capture of block-level sites: symbolic_trace where it works, torch.export otherwise."""
+import pytest
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from structrewrite.rewriter.capture import (CaptureError, capture_block, capture_sites,
+                                            find_attention, node_module_fqn)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_llama_attention_is_exported_with_sdpa_and_its_projections(llama):
+    ids = torch.randint(0, 97, (2, 11))
+    sites = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    blocks = capture_sites(llama, sites, (ids,))
+    for fqn in sites:
+        block = blocks[fqn]
+        assert block.method == "export"           # transformers' attention does not symbolic-trace
+        (att,) = find_attention(block.graph_module)
+        assert (att.q_proj, att.k_proj, att.v_proj, att.o_proj) == ("q_proj", "k_proj", "v_proj", "o_proj")
+        linears = [node_module_fqn(n) for n in block.graph_module.graph.nodes
+                   if n.op == "call_function" and n.target == torch.ops.aten.linear.default]
+        assert linears == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_captured_attention_computes_what_the_module_computes(llama):
+    ids = torch.randint(0, 97, (1, 9))
+    from structrewrite.rewriter.capture import record_inputs
+    rec = record_inputs(llama, ["model.layers.1.self_attn"], (ids,))
+    block = capture_block(llama.model.layers[1].self_attn, "model.layers.1.self_attn",
+                          rec["model.layers.1.self_attn"])
+    args, kwargs = rec["model.layers.1.self_attn"]
+    kw = {k: v for k, v in kwargs.items() if k not in block.dropped_kwargs}
+    kw["use_cache"] = False
+    with torch.no_grad():
+        ref = llama.model.layers[1].self_attn(*args, **kwargs)[0]
+        out = block.graph_module(*args, **kw)[0]
+    torch.testing.assert_close(out, ref)
+
+
+def test_llama_mlp_symbolic_traces(llama):
+    block = capture_block(llama.model.layers[0].mlp, "model.layers.0.mlp")
+    assert block.method == "symbolic_trace"
+    targets = [n.target for n in block.graph_module.graph.nodes if n.op == "call_module"]
+    assert sorted(targets) == ["act_fn", "down_proj", "gate_proj", "up_proj"]
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(block.graph_module(x), llama.model.layers[0].mlp(x))
+
+
+def test_eager_softmax_attention_in_a_traceable_block_is_found():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            q, k, v = self.q(x), self.k(x), self.v(x)
+            return self.o(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    (att,) = find_attention(capture_block(Attn()).graph_module)
+    assert (att.q_proj, att.k_proj, att.v_proj, att.o_proj) == ("q", "k", "v", "o")
+
+
+def test_untraceable_block_without_inputs_says_how_to_fix(llama):
+    with pytest.raises(CaptureError, match="pass example_inputs"):
+        capture_block(llama.model.layers[0].self_attn, "model.layers.0.self_attn")
