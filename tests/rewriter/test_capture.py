@@ -49,7 +49,7 @@ def test_llama_mlp_symbolic_traces(llama):
     block = capture_block(llama.model.layers[0].mlp, "model.layers.0.mlp")
     assert block.method == "symbolic_trace"
     targets = [n.target for n in block.graph_module.graph.nodes if n.op == "call_module"]
-    assert sorted(targets) == ["act_fn", "down_proj", "gate_proj", "up_proj"]
+    assert [t for t in targets if t.endswith("_proj")] == ["gate_proj", "up_proj", "down_proj"]
     x = torch.randn(2, 5, 64)
     torch.testing.assert_close(block.graph_module(x), llama.model.layers[0].mlp(x))
 
