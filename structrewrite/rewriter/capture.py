@@ -174,7 +174,7 @@ def _nearest(g: nx.DiGraph, start: fx.Node, gm, reverse: bool) -> Optional[str]:
     lengths = nx.single_source_shortest_path_length(graph, start)
     best = None
     for node, dist in lengths.items():
-        if node is not start and is_linear(node, gm) and (best is None or dist < best[0]):
+        if (reverse or node is not start) and is_linear(node, gm) and (best is None or dist < best[0]):
             best = (dist, node)
     return node_module_fqn(best[1], gm) if best else None
 
