@@ -1,0 +1,276 @@
+"""The ``torch.compile`` backend ``"structrewrite"``.
+
+    torch.compile(model, backend="structrewrite")                                # 1
+    torch.compile(model, backend="structrewrite", options={"policy": policy})    # 2
+
+The backend is found through the ``torch_dynamo_backends`` entry point declared in
+``pyproject.toml``, so the name works in a fresh interpreter without importing the package.
+This module must not call ``register_backend`` itself (the lazy entry-point load would then
+see the name twice).
+
+1. Without a policy, the captured graph goes to Inductor as is: the ``structrewrite::``
+   ops of an already rewritten model stay opaque custom ops (reference implementation on
+   CPU, Triton kernels on CUDA where registered) and Inductor fuses the code around them.
+   Training works through AOTAutograd: the ops have autograd formulas.
+
+2. With a policy, the backend rewrites the captured graph before Inductor sees it:
+
+   * sites: each ``F.linear`` call (``nn.Linear``) and ``torch.addmm`` call (HF ``Conv1D``)
+     whose weight is a graph input or attribute, named by the FQN of the innermost module in
+     the node's ``nn_module_stack`` (``L['self'].model.layers[0].mlp.gate_proj`` ->
+     ``model.layers.0.mlp.gate_proj``);
+   * a stand-in module tree with modules of the original classes at those FQNs, holding the
+     real weights (the example inputs dynamo passes are the live parameters), is rewritten
+     by ``sr.rewrite`` under the policy made relaxed (one graph sees only part of a model,
+     and graph breaks split it further, so a rule that matches nothing here is no error);
+   * every rewritten site's new module is installed into the GraphModule and its calls are
+     redirected to it. Its parameters are frozen (``requires_grad=False``): the graph is an
+     inference graph with weights computed at compile time. Later changes to the eager
+     model's weights are not seen by the compiled function.
+
+   Only module-level passes whose sites are linear layers apply here; block-level rewrites
+   (attention, FFN blocks) need ``sr.rewrite`` on the eager model. A graph that needs
+   gradients (grad mode on and an input that requires grad) is refused with an error that
+   points to ``sr.rewrite``; call the compiled model under ``torch.no_grad()`` or
+   ``torch.inference_mode()``.
+
+Options (``torch.compile(..., options={...})``): ``policy`` (path, dict or ``sr.Policy``);
+``compiler``: ``"inductor"`` (default) or ``"eager"`` (run the rewritten graph without
+Inductor: quick, for checking a policy); every other key is an Inductor config patch.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
+_ADDMM_TARGETS = (torch.addmm, torch.ops.aten.addmm.default)
+
+
+class BackendError(RuntimeError):
+    """The structrewrite backend cannot compile this graph as asked."""
+
+
+# -- sites --------------------------------------------------------------------------
+
+_ROOT = re.compile(r"^L\[[^\]]*\](\[\d+\])*\.?")
+
+
+def fqn_from_source(source: str) -> str:
+    """Dynamo's module path (``L['self'].model.layers[0].mlp``, also with ``._modules['x']``
+    or ``getattr(..)`` forms) -> the module's FQN in the compiled root (``model.layers.0.mlp``)."""
+    s = _ROOT.sub("", source)
+    s = re.sub(r"(^|\.)_modules\[['\"]([^'\"]+)['\"]\]", r".\2", s)
+    s = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", s)
+    s = re.sub(r"\[(\d+)\]", r".\1", s)
+    return s.strip(".")
+
+
+def _innermost_module(node: torch.fx.Node) -> Optional[tuple[str, type]]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    source, cls = list(stack.values())[-1]
+    return fqn_from_source(source), cls
+
+
+@dataclass
+class LinearSite:
+    """One linear layer seen in the graph: its FQN, class, weight / bias and the calls."""
+    fqn: str
+    cls: type
+    weight: torch.Tensor          # as the module stores it (out x in; in x out for Conv1D)
+    bias: Optional[torch.Tensor]
+    transposed: bool               # Conv1D: y = x W + b
+    calls: list = field(default_factory=list)   # (node, input node)
+
+
+def _tensor_of(gm: torch.fx.GraphModule, node: Any, inputs: dict) -> Optional[torch.Tensor]:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "placeholder":
+        return inputs.get(node)
+    if node.op == "get_attr":
+        obj = gm
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj if isinstance(obj, torch.Tensor) else None
+    return None
+
+
+def find_linear_sites(gm: torch.fx.GraphModule, example_inputs) -> dict[str, LinearSite]:
+    """Linear layers called in ``gm`` whose weights are graph inputs or attributes."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = dict(zip(placeholders, example_inputs))
+    sites: dict[str, LinearSite] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        where = _innermost_module(node)
+        if where is None:
+            continue
+        fqn, cls = where
+        if node.target in _LINEAR_TARGETS:
+            args = list(node.args) + [None] * (3 - len(node.args))
+            x = args[0]
+            w_node = node.kwargs.get("weight", args[1])
+            b_node = node.kwargs.get("bias", args[2])
+            transposed = False
+        elif node.target in _ADDMM_TARGETS and len(node.args) == 3 and not node.kwargs:
+            b_node, x, w_node = node.args
+            transposed = True
+        else:
+            continue
+        weight = _tensor_of(gm, w_node, inputs)
+        bias = _tensor_of(gm, b_node, inputs) if b_node is not None else None
+        if weight is None or weight.dim() != 2 or (b_node is not None and bias is None):
+            continue
+        site = sites.get(fqn)
+        if site is None:
+            site = sites[fqn] = LinearSite(fqn, cls, weight, bias, transposed)
+        elif site.weight is not weight:
+            continue   # another call under the same module with other weights: not this layer
+        site.calls.append((node, x))
+    return sites
+
+
+# -- rewriting through a stand-in module tree -----------------------------------------
+
+def _stand_in(site: LinearSite) -> nn.Module:
+    """A module of the site's class holding the real weight and bias, without running the
+    class's __init__ (which would allocate and initialise a fresh weight)."""
+    mod = site.cls.__new__(site.cls)
+    nn.Module.__init__(mod)
+    mod.weight = nn.Parameter(site.weight.detach(), requires_grad=False)
+    mod.bias = (nn.Parameter(site.bias.detach(), requires_grad=False)
+                if site.bias is not None else None)
+    if site.transposed:
+        mod.nf = site.weight.shape[1]
+    else:
+        mod.in_features, mod.out_features = site.weight.shape[1], site.weight.shape[0]
+    mod.eval()
+    return mod
+
+
+def _install(root: nn.Module, fqn: str, module: nn.Module) -> None:
+    *parents, name = fqn.split(".")
+    node = root
+    for part in parents:
+        if not hasattr(node, part):
+            node.add_module(part, nn.Module())
+        node = getattr(node, part)
+    node.add_module(name, module)
+
+
+def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str, nn.Module]:
+    """Apply ``policy`` to the linear sites of ``gm`` in place; returns FQN -> new module."""
+    from structrewrite.rewriter.api import rewrite
+    from structrewrite.rewriter.policy import Policy
+
+    sites = find_linear_sites(gm, example_inputs)
+    if not sites:
+        return {}
+    root = nn.Module()
+    stand_ins = {}
+    for fqn, site in sites.items():
+        if fqn:
+            stand_ins[fqn] = _stand_in(site)
+            _install(root, fqn, stand_ins[fqn])
+    with torch.no_grad():
+        rewrite(root, Policy.coerce(policy).relaxed(), inplace=True)
+    modules = dict(root.named_modules())
+    new = {fqn: modules[fqn] for fqn, old in stand_ins.items() if modules.get(fqn) is not old}
+    for fqn, module in new.items():
+        module.requires_grad_(False)
+        module.eval()
+        name = "structrewrite__" + fqn.replace(".", "__")
+        gm.add_submodule(name, module)
+        for node, x in sites[fqn].calls:
+            with gm.graph.inserting_before(node):
+                call = gm.graph.call_module(name, (x,))
+            call.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+            call.meta["from_pass"] = "structrewrite_backend"
+            node.replace_all_uses_with(call)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return new
+
+
+# -- the backend ----------------------------------------------------------------------
+
+def _needs_grad(example_inputs) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs)
+
+
+_ANNOUNCED = []   # the inference-mode notice is given once per process
+
+
+def _announce_frozen(sites) -> None:
+    if _ANNOUNCED:
+        log.info("structrewrite backend: frozen rewrite of %d site(s)", len(sites))
+        return
+    _ANNOUNCED.append(True)
+    warnings.warn(
+        "structrewrite backend: policy applied at compile time to "
+        f"{len(sites)} site(s) ({', '.join(sorted(sites)[:3])}{', ...' if len(sites) > 3 else ''}); "
+        "this is an inference mode: the new weights are computed once from the current "
+        "parameters and frozen as constants. For training the rewritten model, use "
+        "sr.rewrite(model, policy).", UserWarning, stacklevel=2)
+
+
+def _without_param_sources(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` without dynamo's parameter-to-source table: the frozen modules
+    installed by the rewrite own parameters that no user-code source names, so AOTAutograd
+    must lift them as it lifts the parameters of an exported graph."""
+    out = torch.fx.GraphModule(gm, gm.graph)
+    out.meta.update(gm.meta)
+    return out
+
+
+def structrewrite_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None,
+                          mode: Optional[str] = None, **kwargs):
+    """``torch.compile`` backend; see the module docstring. Reached by name through the
+    ``torch_dynamo_backends`` entry point, so it is never registered here."""
+    options = dict(options or {})
+    options.update(kwargs.pop("options", None) or {})
+    policy = options.pop("policy", None)
+    compiler = options.pop("compiler", "inductor")
+    if compiler not in ("inductor", "eager"):
+        raise BackendError(f"option 'compiler' must be 'inductor' or 'eager', not {compiler!r}")
+
+    if policy is not None:
+        if _needs_grad(example_inputs):
+            raise BackendError(
+                "torch.compile(backend='structrewrite', options={'policy': ...}) rewrites the "
+                "graph with weights frozen at compile time, so it compiles inference graphs only; "
+                "this graph needs gradients (grad mode is on and an input requires grad). To "
+                "train the rewritten model, rewrite it eagerly and compile the result: "
+                "model = sr.rewrite(model, policy).model; torch.compile(model, "
+                "backend='structrewrite'). For inference, call the compiled model under "
+                "torch.no_grad() or torch.inference_mode().")
+        new = rewrite_graph(gm, example_inputs, policy)
+        if new:
+            _announce_frozen(new)
+            gm = _without_param_sources(gm)
+        log.info("structrewrite backend: rewrote %d site(s): %s", len(new), sorted(new))
+
+    if compiler == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(options)
+    if mode and mode != "default":
+        from torch._inductor import list_mode_options
+        patches = {**list_mode_options(mode), **patches}
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
