@@ -1,0 +1,7 @@
+import sys
+from pathlib import Path
+
+# examples/ and benchmarks/ are importable from the tests (they live beside the package).
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
