@@ -25,7 +25,7 @@ EXIT_USAGE = 2
 # Further sub-commands: "module:function" of a function(subparsers) that adds the
 # command's parser and sets `func` on it. A feature brings its own command; it is
 # imported only when the parser is built.
-EXTRA_COMMANDS: list[str] = []
+EXTRA_COMMANDS: list[str] = ["structrewrite.codegen.onnx.cli:add_parser"]
 
 
 class CliError(Exception):

@@ -145,3 +145,20 @@ def test_op_without_translation_names_op_and_site(tmp_path):
                        match=r"structrewrite::onnx_test_untranslated at odd \(_Untranslated\)"):
         export_onnx(model, (torch.randn(2, 3, 4),), tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_export_onnx_rewrites_exports_and_checks(tmp_path, capsys):
+    from structrewrite.cli import main
+
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(
+        '{"version": 1, "rules": [{"match": "model.layers.*.mlp.*_proj", '
+        '"rewrite": "sparse_lowrank", "with": {"rank": 8, "density": 0.05}}]}')
+    out = tmp_path / "cli" / "model.onnx"
+    code = main(["export-onnx", "examples.models:llama_small", "--policy", str(policy_file),
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "(12 structured op nodes)" in printed       # 4 layers x gate/up/down
+    assert "ok" in printed.splitlines()[-1]
+    check_file(out, 12)

@@ -141,6 +141,23 @@ def _rename_default_axes(program, args: tuple, kwargs: dict) -> None:
         program.rename_axes(mapping)
 
 
+def export_kwargs(model: torch.nn.Module, kwargs: Optional[dict] = None) -> dict:
+    """The keyword arguments ``export_onnx`` calls the model with: the given ones, plus
+    ``use_cache=False`` for a model whose config enables a KV cache (Hugging Face models),
+    unless the caller chose ``use_cache`` itself. The exported forward then returns the
+    logits without cache objects, which have no ONNX form here."""
+    kwargs = dict(kwargs or {})
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) and "use_cache" not in kwargs:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "use_cache" in params:
+            kwargs["use_cache"] = False
+    return kwargs
+
+
 def export_onnx(model: torch.nn.Module, args: Any, path: str | os.PathLike,
                 kwargs: Optional[dict] = None, dynamic_shapes: Any = None,
                 opset_version: Optional[int] = None, external_data: Optional[bool] = None):
@@ -151,9 +168,11 @@ def export_onnx(model: torch.nn.Module, args: Any, path: str | os.PathLike,
     tensor input of rank >= 2 are dynamic (named ``batch`` and ``seq`` in the file). Use
     example inputs with those dims >= 2 (size-1 dims are specialised by ``torch.export``).
     The model is exported in its current mode: call ``model.eval()`` first for inference.
+    A model whose config enables a KV cache is exported with ``use_cache=False`` (see
+    ``export_kwargs``).
     """
     args = args if isinstance(args, tuple) else (args,)
-    kwargs = dict(kwargs or {})
+    kwargs = export_kwargs(model, kwargs)
     default_dims = dynamic_shapes is None
     if default_dims:
         dynamic_shapes = default_dynamic_shapes(model, args, kwargs)
@@ -170,8 +189,17 @@ def export_onnx(model: torch.nn.Module, args: Any, path: str | os.PathLike,
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         nbytes += sum(b.numel() * b.element_size() for b in model.buffers())
         external_data = nbytes > _EXTERNAL_DATA_BYTES
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     program.save(os.fspath(path), external_data=external_data)
     return program
+
+
+def custom_node_count(path: str | os.PathLike) -> int:
+    """Number of ``com.structrewrite`` nodes in the main graph of a saved model."""
+    import onnx
+
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    return sum(1 for n in model.graph.node if n.domain == DOMAIN)
 
 
 def ort_inputs(session, args: Any, kwargs: Optional[dict] = None) -> dict:
