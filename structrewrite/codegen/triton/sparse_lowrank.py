@@ -285,6 +285,7 @@ def csc_of(col: torch.Tensor, row: torch.Tensor, in_features: int):
 # tile choice
 # ----------------------------------------------------------------------------------
 _TUNED: dict = {}
+_TUNE_LOG: dict = {}
 TUNE = os.environ.get("STRUCTREWRITE_TUNE", "1") != "0"
 
 
@@ -295,14 +296,16 @@ def _pick(kind: str, key: tuple, candidates, run):
         return _TUNED[full]
     default = SPMM_DEFAULT if kind == "spmm" else SDDMM_DEFAULT
     if not TUNE or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        _TUNED[full] = default
         return default
     best, best_t = default, float("inf")
+    log = _TUNE_LOG.setdefault(repr(full), {})
     for cfg in candidates:
         try:
             t = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
-        except Exception:  # a config the device cannot run (resources): skip it
+        except Exception as exc:  # a config the device cannot run (resources): skip it
+            log[repr(cfg)] = f"failed: {type(exc).__name__}"
             continue
+        log[repr(cfg)] = t
         if t < best_t:
             best, best_t = cfg, t
     _TUNED[full] = best
@@ -310,8 +313,9 @@ def _pick(kind: str, key: tuple, candidates, run):
 
 
 def tuned_configs() -> dict:
-    """The configs chosen so far, by (kind, problem key): reported by the benchmarks."""
-    return {repr(k): v for k, v in _TUNED.items()}
+    """The configs chosen so far and the candidates' times (ms), by (kind, problem key)."""
+    return {repr(k): {"chosen": v, "candidates_ms": _TUNE_LOG.get(repr(k), {})}
+            for k, v in _TUNED.items()}
 
 
 def _bucket(M: int) -> int:

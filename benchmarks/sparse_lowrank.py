@@ -1,0 +1,415 @@
+"""Benchmark of ``structrewrite::sparse_lowrank_linear`` (y = s·(x Aᵀ)Bᵀ + x Sᵀ) on CUDA.
+
+``python -m benchmarks sparse_lowrank [--tokens M] [--layers L] [--out DIR] [--quick]``
+
+1. Correctness on the device: the Triton implementation against the reference op
+   (run on the CPU in float64), for bf16, fp16 and fp32, outputs poisoned with NaN.
+2. Per shape (bf16, M tokens, rank = in/4, density 0.03), fwd and fwd+bwd medians of
+   ours and of the peers, all in this run: dense cuBLAS ``F.linear``; the SLTrain-style
+   path (W = s·B@A with S scatter-added, then ``F.linear``; autograd through W); the
+   low-rank product alone. Ratios, achieved TFLOP/s and GB/s against the measured
+   ceilings, peak extra memory of fwd+bwd against the dense-free bound, and a
+   breakdown of our fwd+bwd into its kernels.
+3. End to end: one training step (fwd, bwd, AdamW) of a stack of LLaMA-1B-shaped
+   decoder layers (d=2048, ffn 5461, 16 heads), dense against every linear replaced by
+   SparseLowRankLinear (rank 512, density 0.03): tokens/s and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import Report, ceilings, environment, peak_extra, sync, timeit
+
+SHAPES = [(4096, 4096), (4096, 11008), (2048, 2048), (2048, 5461)]
+DENSITY = 0.03
+
+
+def _support(out_f, in_f, density, device, gen):
+    from structrewrite.nn.sparse_lowrank import csr_from_flat
+    nnz = int(math.floor(density * out_f * in_f + 0.5))
+    flat = torch.randperm(out_f * in_f, generator=gen)[:nnz]
+    crow, col, row = csr_from_flat(flat, out_f, in_f)
+    return crow.to(device), col.to(device), row.to(device)
+
+
+def _rel(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------
+# 1. correctness
+# ----------------------------------------------------------------------------------
+def check(report: Report) -> bool:
+    from structrewrite.codegen.triton import sparse_lowrank as sl
+
+    tol = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+    cases = [  # (M, in, out, rank, density, bias)
+        (1000, 1000, 1500, 64, 0.03, True), (333, 777, 555, 300, 0.1, False),
+        (4097, 512, 1030, 8, 0.0, True), (1, 256, 300, 128, 0.05, True),
+    ]
+    poisoned = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
+    saved, sl._empty = sl._empty, poisoned
+    tune, sl.TUNE = sl.TUNE, False        # default tiles here; the timed shapes check the tuned ones
+    rows, ok_all = [], True
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    try:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for M, in_f, out_f, rank, dens, has_bias in cases:
+                crow, col, row = _support(out_f, in_f, dens, "cuda", gen)
+                nnz = col.numel()
+                cpu = dict(x=torch.randn(M, in_f, generator=gen),
+                           A=torch.randn(rank, in_f, generator=gen) / in_f ** 0.5,
+                           B=torch.randn(out_f, rank, generator=gen) / rank ** 0.5,
+                           values=torch.randn(nnz, generator=gen) * 0.1,
+                           bias=torch.randn(out_f, generator=gen) if has_bias else None)
+                g = torch.randn(M, out_f, generator=gen)
+                scale = 32.0 / rank
+                dev = {k: (v.to("cuda", dtype) if v is not None else None) for k, v in cpu.items()}
+                # the reference sees the same (rounded) inputs, in float64, on the CPU
+                ref_in = {k: (v.to(dtype).double() if v is not None else None) for k, v in cpu.items()}
+                c3 = (crow.cpu(), col.cpu(), row.cpu())
+                y_ref = torch.ops.structrewrite.sparse_lowrank_linear(
+                    ref_in["x"], ref_in["A"], ref_in["B"], ref_in["values"], *c3, ref_in["bias"], scale)
+                grads_ref = torch.ops.structrewrite.sparse_lowrank_linear_backward(
+                    g.to(dtype).double(), ref_in["x"], ref_in["A"], ref_in["B"], ref_in["values"], *c3, scale)
+                y = torch.ops.structrewrite.sparse_lowrank_linear(
+                    dev["x"], dev["A"], dev["B"], dev["values"], crow, col, row, dev["bias"], scale)
+                grads = torch.ops.structrewrite.sparse_lowrank_linear_backward(
+                    g.to("cuda", dtype), dev["x"], dev["A"], dev["B"], dev["values"], crow, col, row, scale)
+                sync()
+                errs = [_rel(y, y_ref)] + [(_rel(a, b) if b.numel() else 0.0)
+                                           for a, b in zip(grads, grads_ref)]
+                finite = bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
+                ok = finite and max(errs) < tol[dtype]
+                ok_all &= ok
+                rows.append([str(dtype).replace("torch.", ""), f"{M}x{in_f}->{out_f}", rank, nnz,
+                             has_bias, *[f"{e:.1e}" for e in errs], "yes" if ok else "NO"])
+    finally:
+        sl._empty, sl.TUNE = saved, tune
+    report.table("Correctness on the device (relative Frobenius error against the reference in float64)",
+                 ["dtype", "M x in -> out", "rank", "nnz", "bias", "y", "dx", "dA", "dB", "dvalues", "pass"],
+                 rows, note="Outputs poisoned with NaN before each run; tolerances bf16 1e-2, "
+                            "fp16 5e-3, fp32 1e-4. Fresh random inputs each run.")
+    return ok_all
+
+
+# ----------------------------------------------------------------------------------
+# 2. op timings
+# ----------------------------------------------------------------------------------
+def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict]:
+    from structrewrite.codegen.triton import sparse_lowrank as sl
+
+    dtype, dev = torch.bfloat16, "cuda"
+    gen = torch.Generator().manual_seed(0)
+    cl = report.ceilings
+    results = []
+    for in_f, out_f in shapes:
+        rank = in_f // 4
+        scale = 32.0 / rank
+        crow, col, row = _support(out_f, in_f, DENSITY, dev, gen)
+        nnz = col.numel()
+        rowl, coll = row.long(), col.long()
+        p = lambda *s: torch.nn.Parameter(torch.randn(*s, device=dev, dtype=dtype) / math.sqrt(s[-1]))  # noqa: E731
+        A, B, values, W = p(rank, in_f), p(out_f, rank), p(nnz), p(out_f, in_f)
+        xs = [torch.randn(M, in_f, device=dev, dtype=dtype, requires_grad=True) for _ in range(nsets)]
+        gs = [torch.randn(M, out_f, device=dev, dtype=dtype) for _ in range(nsets)]
+
+        def ours(x):
+            return torch.ops.structrewrite.sparse_lowrank_linear(x, A, B, values, crow, col, row, None, scale)
+
+        def dense(x):
+            return F.linear(x, W)
+
+        def sltrain(x):
+            Wm = (B @ A) * scale
+            Wm = Wm.index_put((rowl, coll), values, accumulate=True)
+            return F.linear(x, Wm)
+
+        def lowrank(x):
+            return F.linear(F.linear(x, A), B)
+
+        peers = {"ours": (ours, [A, B, values]), "dense": (dense, [W]),
+                 "sltrain": (sltrain, [A, B, values]), "lowrank": (lowrank, [A, B])}
+        case = {"in": in_f, "out": out_f, "M": M, "rank": rank, "nnz": nnz, "density": DENSITY}
+        for name, (fn, params) in peers.items():
+            def fwd(i, fn=fn):
+                with torch.no_grad():
+                    return fn(xs[i])
+
+            def fwdbwd(i, fn=fn, params=params):
+                y = fn(xs[i])
+                return torch.autograd.grad(y, [xs[i], *params], gs[i])
+
+            fwdbwd(0)  # first call: compile and pick tiles
+            case[f"{name}_fwd"] = timeit(fwd, nsets, reps=reps)
+            case[f"{name}_fwdbwd"] = timeit(fwdbwd, nsets, reps=reps)
+            case[f"{name}_peak_extra_bytes"] = peak_extra(lambda: fwdbwd(0))
+        with torch.no_grad():  # the tuned tiles at this shape, against the materialised weight
+            case["rel_err_vs_sltrain_fwd"] = _rel(ours(xs[0]), sltrain(xs[0]))
+        # breakdown of ours (same tiles as the op uses)
+        x0, g0 = xs[0].detach(), gs[0]
+        xt, gt = x0.t().contiguous(), g0.t().contiguous()
+        y = torch.empty(M, out_f, device=dev, dtype=dtype)
+        dx = torch.empty(M, in_f, device=dev, dtype=dtype)
+        base_y = torch.empty(M, out_f, device=dev, dtype=dtype)
+        base_x = torch.empty(M, in_f, device=dev, dtype=dtype)
+        cptr, cidx, cperm = sl.csc_of(col, row, in_f)
+        tuned = sl._TUNED
+        key = lambda kind, n1, n2: (kind, sl._bucket(M), n1, n2, nnz, dtype)  # noqa: E731
+        cfg_f = tuned.get(key("spmm", out_f, in_f), sl.SPMM_DEFAULT)
+        cfg_t = tuned.get(key("spmm_t", in_f, out_f), sl.SPMM_DEFAULT)
+        cfg_d = tuned.get(key("sddmm", out_f, in_f), sl.SDDMM_DEFAULT)
+        with torch.no_grad():
+            parts = {
+                "transpose x": lambda i: x0.t().contiguous(),
+                "fwd sparse+epilogue": lambda i: sl.gather_spmm(xt, crow, col, values, out_f, y, base=base_y, scale=scale, config=cfg_f),
+                "dx sparse+epilogue": lambda i: sl.gather_spmm(gt, cptr, cidx, values, in_f, dx, perm=cperm, base=base_x, config=cfg_t),
+                "dvalues sddmm": lambda i: sl.sddmm(gt, xt, row, col, config=cfg_d),
+                "low-rank GEMMs fwd+bwd (7)": lambda i: _lowrank_gemms(x0, g0, A, B),
+            }
+            case["breakdown"] = {k: timeit(f, 1, reps=reps)["median_ms"] for k, f in parts.items()}
+        case["configs"] = {"spmm": cfg_f, "spmm_t": cfg_t, "sddmm": cfg_d}
+        # FLOPs (useful) and the fewest bytes
+        lr = 2 * M * rank * (in_f + out_f)
+        case["flops"] = {"dense_fwd": 2 * M * in_f * out_f, "dense_fwdbwd": 6 * M * in_f * out_f,
+                         "ours_fwd": lr + 2 * M * nnz, "ours_fwdbwd": 3 * lr + 6 * M * nnz,
+                         "ours_lowrank_fwdbwd": 3 * lr}
+        es = 2
+        w_bytes = es * (rank * (in_f + out_f) + nnz) + 4 * (nnz + out_f + 1)
+        case["bytes"] = {"ours_fwd": es * M * (in_f + out_f) + w_bytes,
+                         "ours_fwdbwd": es * M * (in_f + out_f) * 2 + es * M * in_f + 3 * w_bytes + 4 * nnz}
+        # memory bound without any out x in temporary: the outputs of fwd+bwd (y, dx, dA,
+        # dB, dvalues) plus the two M x rank low-rank intermediates
+        case["dense_free_bound_bytes"] = es * (M * out_f + M * in_f + rank * (in_f + out_f) + nnz + 2 * M * rank)
+        case["dense_weight_bytes"] = es * in_f * out_f
+        for what in ("fwd", "fwdbwd"):
+            t = case[f"ours_{what}"]["median_ms"]
+            case[f"ours_{what}_tflops"] = case["flops"][f"ours_{what}"] / (t * 1e-3) / 1e12
+            case[f"ours_{what}_gbs"] = case["bytes"][f"ours_{what}"] / (t * 1e-3) / 1e9
+        case["flop_bound_ms"] = {"ours_fwdbwd": case["flops"]["ours_fwdbwd"] / (cl["matmul_bf16_tflops"] * 1e9),
+                                 "dense_fwdbwd": case["flops"]["dense_fwdbwd"] / (cl["matmul_bf16_tflops"] * 1e9),
+                                 "ours_fwd": case["flops"]["ours_fwd"] / (cl["matmul_bf16_tflops"] * 1e9),
+                                 "dense_fwd": case["flops"]["dense_fwd"] / (cl["matmul_bf16_tflops"] * 1e9)}
+        results.append(case)
+        print(_case_line(case), flush=True)
+        del xs, gs, A, B, values, W
+        torch.cuda.empty_cache()
+    return results
+
+
+def _lowrank_gemms(x, g, A, B):
+    """The seven cuBLAS GEMMs of our fwd+bwd (x Aᵀ is computed in both)."""
+    y = (x @ A.t()) @ B.t()
+    gB = g @ B
+    xA = x @ A.t()
+    return y, gB @ A, gB.t() @ x, g.t() @ xA
+
+
+def _case_line(c):
+    m = lambda k: c[k]["median_ms"]  # noqa: E731
+    return (f"{c['in']}->{c['out']} r={c['rank']}: fwd+bwd ours {m('ours_fwdbwd'):.3f} dense {m('dense_fwdbwd'):.3f} "
+            f"sltrain {m('sltrain_fwdbwd'):.3f} lowrank {m('lowrank_fwdbwd'):.3f} | ratio dense "
+            f"{m('ours_fwdbwd') / m('dense_fwdbwd'):.2f} | breakdown {c['breakdown']}")
+
+
+def tables(report: Report, cases: list[dict]):
+    cl = report.ceilings
+    m = lambda c, k: c[k]["median_ms"]  # noqa: E731
+    for what, title in (("fwdbwd", "fwd+bwd"), ("fwd", "forward only")):
+        rows = []
+        for c in cases:
+            o = m(c, f"ours_{what}")
+            rows.append([f"{c['in']}->{c['out']}", c["rank"], c["nnz"], o, m(c, f"dense_{what}"),
+                         m(c, f"sltrain_{what}"), m(c, f"lowrank_{what}"),
+                         o / m(c, f"dense_{what}"), m(c, f"sltrain_{what}") / o,
+                         c["flop_bound_ms"][f"ours_{what}"] / m(c, f"dense_{what}"),
+                         c[f"ours_{what}_tflops"], 100 * c[f"ours_{what}_tflops"] / cl["matmul_bf16_tflops"],
+                         c[f"ours_{what}_gbs"], 100 * c[f"ours_{what}_gbs"] / cl["copy_gbs"]])
+        report.table(f"{title}: median ms (bf16, M={cases[0]['M']}, rank=in/4, density {DENSITY})",
+                     ["in->out", "rank", "nnz", "ours", "dense", "sltrain", "lowrank",
+                      "ours/dense", "sltrain/ours", "FLOP bound/dense", "ours TFLOP/s",
+                      "% matmul ceiling", "ours GB/s", "% copy ceiling"], rows,
+                     note="dense: cuBLAS F.linear; sltrain: W = s·B@A + S materialised, then F.linear "
+                          "(autograd through W); lowrank: F.linear(F.linear(x, A), B). Target: "
+                          "ours/dense <= 0.75 and sltrain/ours >= 1.5 for fwd+bwd. FLOP bound: our "
+                          "useful FLOPs at the measured matmul rate.")
+    rows = []
+    for c in cases:
+        rows.append([f"{c['in']}->{c['out']}", *[c[f"{p}_peak_extra_bytes"] / 2**20 for p in ("ours", "dense", "sltrain", "lowrank")],
+                     c["dense_free_bound_bytes"] / 2**20, c["dense_weight_bytes"] / 2**20])
+    report.table("Peak extra memory of one fwd+bwd (MiB, gradients included)",
+                 ["in->out", "ours", "dense", "sltrain", "lowrank", "dense-free bound", "one out x in bf16 matrix"],
+                 rows, note="Dense-free bound: y, dx, dA, dB, dvalues and the two M x rank intermediates. "
+                            "Ours also holds xᵀ and gᵀ (M x in, M x out) and the cuBLAS low-rank outputs that "
+                            "the sparse epilogues read; no out x in temporary.")
+    keys = list(cases[0]["breakdown"])
+    report.table("Breakdown of our fwd+bwd (median ms of each part run alone)",
+                 ["in->out", *keys, "sum", "op fwd+bwd", "tiles (spmm, spmm_t, sddmm)"],
+                 [[f"{c['in']}->{c['out']}", *[c["breakdown"][k] for k in keys],
+                   sum(c["breakdown"].values()) + c["breakdown"]["transpose x"],
+                   m(c, "ours_fwdbwd"), f"{c['configs']['spmm']} {c['configs']['spmm_t']} {c['configs']['sddmm']}"]
+                  for c in cases],
+                 note="The op transposes x twice (fwd and bwd) and g once; 'sum' counts the x "
+                      "transpose twice and leaves out the g transpose and the small scalings.")
+
+
+# ----------------------------------------------------------------------------------
+# 3. end to end
+# ----------------------------------------------------------------------------------
+def llama_stack(layers: int, device, dtype):
+    from transformers import LlamaConfig, LlamaModel
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5461, num_attention_heads=16,
+                      num_key_value_heads=16, num_hidden_layers=layers, vocab_size=256,
+                      max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaModel(cfg).to(device=device, dtype=dtype)
+
+
+def sparsify(model, rank: int, density: float) -> int:
+    from structrewrite.nn.sparse_lowrank import SparseLowRankLinear
+    names = [n for n, mod in model.named_modules()
+             if isinstance(mod, torch.nn.Linear) and n.startswith("layers.")]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, attr)
+        new = SparseLowRankLinear.from_dense(lin.weight, lin.bias, rank, density, init="random", key=name)
+        with torch.no_grad():  # B starts at zero in SLTrain; time on random data instead
+            new.B.normal_(0.0, 0.02)
+        setattr(parent, attr, new)
+    return len(names)
+
+
+def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int) -> dict:
+    dev, dtype = "cuda", torch.bfloat16
+    out = {"layers": layers, "batch": batch, "seq": seq, "tokens_per_step": batch * seq,
+           "rank": rank, "density": DENSITY}
+    rows = []
+    for variant in ("dense", "sparse_lowrank"):
+        model = llama_stack(layers, dev, dtype)
+        if variant == "sparse_lowrank":
+            out["replaced_linears"] = sparsify(model, rank, DENSITY)
+        nparams = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        embs = [torch.randn(batch, seq, 2048, device=dev, dtype=dtype) for _ in range(2)]
+
+        def step(i):
+            opt.zero_grad(set_to_none=True)
+            h = model(inputs_embeds=embs[i], use_cache=False).last_hidden_state
+            h.float().square().mean().backward()
+            opt.step()
+
+        for i in range(3):
+            step(i % 2)
+        t = timeit(step, 2, warmup=1, reps=reps)
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        step(0)
+        sync()
+        peak = torch.cuda.max_memory_allocated()
+        out[variant] = {"step": t, "tokens_per_s": batch * seq / (t["median_ms"] * 1e-3),
+                        "peak_bytes": peak, "params": nparams}
+        rows.append([variant, nparams / 1e6, t["median_ms"], batch * seq / (t["median_ms"] * 1e-3),
+                     peak / 2**30])
+        print(f"e2e {variant}: {t['median_ms']:.2f} ms/step, peak {peak / 2**30:.2f} GiB", flush=True)
+        del model, opt, embs
+        torch.cuda.empty_cache()
+    out["speedup"] = out["dense"]["step"]["median_ms"] / out["sparse_lowrank"]["step"]["median_ms"]
+    report.table(f"End to end: one training step (fwd, bwd, AdamW) of {layers} LLaMA-1B-shaped decoder layers",
+                 ["model", "params (M)", "step ms (median)", "tokens/s", "peak memory (GiB)"], rows,
+                 note=f"transformers LlamaModel layers (d=2048, ffn 5461, 16 heads, sdpa attention), bf16 "
+                      f"parameters and AdamW, batch {batch} x seq {seq} = {batch * seq} tokens per step, "
+                      f"loss = mean square of the last hidden state. sparse_lowrank: all "
+                      f"{out.get('replaced_linears')} linears of the layers replaced (rank {rank}, density "
+                      f"{DENSITY}, random support). Dense / sparse_lowrank step time: {out['speedup']:.2f}x.")
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# plot and main
+# ----------------------------------------------------------------------------------
+def plot(cases: list[dict], path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{c['in']}->{c['out']}" for c in cases]
+    xs = range(len(cases))
+    for ax, what, title in ((axes[0], "fwdbwd", "fwd+bwd"), (axes[1], "fwd", "forward")):
+        for peer, style in (("ours", "o-"), ("dense", "s-"), ("sltrain", "^-"), ("lowrank", "v--")):
+            ax.plot(xs, [c[f"{peer}_{what}"]["median_ms"] for c in cases], style, label=peer)
+        ax.plot(xs, [c["flop_bound_ms"][f"ours_{what}"] for c in cases], "k:", label="FLOP bound (ours)")
+        ax.plot(xs, [c["flop_bound_ms"][f"dense_{what}"] for c in cases], color="gray", ls=":",
+                label="FLOP bound (dense)")
+        ax.set_xticks(list(xs), labels)
+        ax.set_ylabel("median time (ms)")
+        ax.set_title(f"{title}, bf16, M={cases[0]['M']}, rank=in/4, density {DENSITY}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks sparse_lowrank")
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--sets", type=int, default=3, help="input sets cycled (beyond L2)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--e2e-rank", type=int, default=512)
+    ap.add_argument("--shapes", default=",".join(f"{a}x{b}" for a, b in SHAPES))
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--out", default=None, help="directory for the results (default benchmarks/results)")
+    ap.add_argument("--name", default="sparse_lowrank")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sparse_lowrank benchmark needs a CUDA device", file=sys.stderr)
+        return 2
+    import structrewrite.ops  # noqa: F401
+    from structrewrite.codegen import triton as tr
+    from structrewrite.codegen.triton import sparse_lowrank as sl
+    if not tr.REGISTERED:
+        print("Triton kernels not registered", file=sys.stderr)
+        return 2
+    command = "python -m benchmarks sparse_lowrank " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    report = Report(args.name, command.strip())
+    report.env = environment(report.command)
+    report.ceilings = ceilings()
+    print("ceilings", report.ceilings, flush=True)
+    ok = True
+    if not args.skip_check:
+        ok = check(report)
+        print("check", "passed" if ok else "FAILED", flush=True)
+        print(report.markdown(), flush=True)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+    cases = []
+    try:
+        cases = op_cases(report, args.tokens, shapes, args.sets, args.reps)
+        tables(report, cases)
+    except Exception:
+        traceback.print_exc()
+        ok = False
+    report.data["cases"] = cases
+    if not args.skip_e2e:
+        try:
+            report.data["e2e"] = e2e(report, args.layers, args.batch, args.seq, args.e2e_rank, max(5, args.reps // 3))
+        except Exception:
+            traceback.print_exc()
+            ok = False
+    report.data["tuning"] = sl.tuned_configs()
+    outdir = report.write(args.out, plot=(lambda p: plot(cases, p)) if cases else None)
+    print(report.markdown())
+    print(f"written to {outdir}")
+    return 0 if ok else 1
