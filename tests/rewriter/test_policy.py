@@ -290,3 +290,52 @@ def test_fuzz_yaml_text(tmp_path_factory, text):
         sr.plan(_FUZZ_NET, path)
     except sr.PolicyError:
         pass
+
+
+_VALID = {"version": 1, "defaults": {"seed": 1, "density": 0.05}, "rules": [
+    {"match": "layers.*.attn", "rewrite": "sparse_lowrank", "with": {"rank": 4, "init": "svd"}},
+    {"match": {"name": "layers.*.*", "type": "Linear", "every": 2}, "rewrite": "sparse_lowrank",
+     "with": {"params": 0.5, "init": "lost"}},
+    {"match": "head", "rewrite": None, "optional": True}]}
+
+_path = st.lists(st.sampled_from(["rules", 0, 1, 2, "with", "match", "rewrite", "defaults", "rank",
+                                  "init", "params", "every", "name", "type", "optional", "version"]),
+                 min_size=1, max_size=4)
+
+
+def _mutate(data, path, value, op):
+    node = data
+    for key in path[:-1]:
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and isinstance(key, int) and key < len(node):
+            node = node[key]
+        else:
+            return data
+    key = path[-1]
+    if isinstance(node, dict):
+        if op == "delete":
+            node.pop(key, None)
+        else:
+            node[key] = value
+    elif isinstance(node, list) and isinstance(key, int) and key < len(node):
+        if op == "delete":
+            del node[key]
+        else:
+            node[key] = value
+    return data
+
+
+@settings(max_examples=200, deadline=None)
+@given(mutations=st.lists(st.tuples(_path, _scalars, st.sampled_from(["set", "delete"])),
+                          min_size=1, max_size=3))
+def test_fuzz_mutated_valid_policy(mutations):
+    import copy as _copy
+    data = _copy.deepcopy(_VALID)
+    assert len(sr.plan(_FUZZ_NET, data)) > 0           # the seed policy is valid
+    for path, value, op in mutations:
+        data = _mutate(data, path, value, op)
+    try:
+        sr.plan(_FUZZ_NET, data)
+    except sr.PolicyError as e:
+        assert "Fix: " in str(e)
