@@ -83,10 +83,22 @@ class CapturedBlock:
     graph_module: fx.GraphModule
     method: str                       # "symbolic_trace" or "export"
     dropped_kwargs: tuple[str, ...]   # recorded kwargs that could not be traced (caches, ...)
+    canonicalized: tuple = ()         # results of the canonicalization passes run on the graph
 
 
-def capture_block(module: nn.Module, fqn: str = "", recorded: Optional[tuple] = None) -> CapturedBlock:
-    """An FX graph of ``module``: symbolic_trace, else torch.export on the recorded inputs."""
+def capture_block(module: nn.Module, fqn: str = "", recorded: Optional[tuple] = None,
+                  canonicalize: bool = True) -> CapturedBlock:
+    """An FX graph of ``module``: symbolic_trace, else torch.export on the recorded inputs.
+    With ``canonicalize`` the canonicalization passes run on it (eager softmax attention
+    becomes scaled_dot_product_attention), so later passes see one form."""
+    block = _capture(module, fqn, recorded)
+    if canonicalize:
+        from structrewrite.passes import CANONICALIZATIONS
+        block.canonicalized = tuple(p(block.graph_module) for p in CANONICALIZATIONS)
+    return block
+
+
+def _capture(module: nn.Module, fqn: str, recorded: Optional[tuple]) -> CapturedBlock:
     try:
         return CapturedBlock(fqn, fx.symbolic_trace(module), "symbolic_trace", ())
     except Exception as trace_error:  # symbolic tracing fails on data-dependent Python
