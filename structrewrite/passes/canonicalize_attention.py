@@ -30,6 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from structrewrite.rewriter.passbase import PassResult
+
 aten = torch.ops.aten
 
 _MATMUL = {aten.matmul.default, torch.matmul, operator.matmul, "matmul"}
@@ -122,19 +124,6 @@ def match(softmax: fx.Node):
         node = nxt
 
 
-@dataclass
-class PassResult:
-    name: str
-    matched: int
-    created: int
-    erased: int
-    seconds: float
-
-    @property
-    def modified(self) -> bool:
-        return self.created > 0
-
-
 def _erase_dead(graph: fx.Graph, start: list) -> None:
     """Erase the nodes upstream of a replaced one that nothing else uses any more (a shape
     assertion on a dead value goes with it); live values, inputs and outputs stay."""
@@ -183,4 +172,5 @@ def canonicalize_attention(gm: fx.GraphModule) -> PassResult:
         graph.lint()
         gm.recompile()
     erased = before - (len(graph.nodes) - created)
-    return PassResult(NAME, len(candidates), created, erased, time.perf_counter() - t0)
+    return PassResult(NAME, sites=len(candidates), created=created, erased=erased,
+                      seconds=time.perf_counter() - t0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn as nn
 
 from structrewrite.rewriter import registry
 from structrewrite.rewriter.policy import Plan, PlanEntry
-from structrewrite.rewriter.passbase import SiteContext
+from structrewrite.rewriter.passbase import PassResult, SiteContext
 from structrewrite.rewriter.report import Report, SiteReport
 
 # Relative tolerance of the numerical check of exact rewrites (float32 compute).
@@ -37,20 +36,6 @@ class RewriteError(RuntimeError):
 
 class VerificationError(RewriteError):
     pass
-
-
-@dataclass
-class PassResult:
-    name: str
-    sites: int = 0
-    created: int = 0
-    erased: int = 0
-    unchanged: int = 0
-    seconds: float = 0.0
-
-    @property
-    def modified(self) -> bool:
-        return self.created > 0
 
 
 def set_submodule(root: nn.Module, fqn: str, new: nn.Module) -> None:

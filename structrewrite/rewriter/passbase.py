@@ -129,6 +129,23 @@ def _num(expr) -> float:
     return int(v) if v.is_integer() else v
 
 
+# -- results -----------------------------------------------------------------------
+
+@dataclass
+class PassResult:
+    """What a pass did: sites matched, nodes/modules created and erased, time."""
+    name: str
+    sites: int = 0
+    created: int = 0
+    erased: int = 0
+    unchanged: int = 0
+    seconds: float = 0.0
+
+    @property
+    def modified(self) -> bool:
+        return self.created > 0
+
+
 # -- context -----------------------------------------------------------------------
 
 @dataclass

@@ -48,7 +48,7 @@ def test_symbolic_traced_eager_attention_becomes_sdpa(scale_kind):
     ref = mod(x, mask)
     assert count(gm, {F.softmax}) == 1
     res = canonicalize_attention(gm)
-    assert res.matched == 1 and res.created == 1 and res.modified
+    assert res.sites == 1 and res.created == 1 and res.modified
     assert count(gm, {F.scaled_dot_product_attention}) == 1
     assert count(gm, {F.softmax, torch.matmul, F.dropout}) == 0       # the eager chain is gone
     sdpa = next(n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention)
@@ -57,7 +57,7 @@ def test_symbolic_traced_eager_attention_becomes_sdpa(scale_kind):
     (att,) = find_attention(gm)
     assert (att.q_proj, att.k_proj, att.v_proj, att.o_proj) == ("q", "k", "v", "o")
     again = canonicalize_attention(gm)                                   # idempotent
-    assert again.matched == 0 and not again.modified
+    assert again.sites == 0 and not again.modified
 
 
 def test_near_misses_are_left_alone():
