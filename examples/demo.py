@@ -126,7 +126,7 @@ def export_and_check(model, out: Path) -> bool:
     if not hasattr(sr, "export_onnx"):
         print("== ONNX export: not available in this build")
         return True
-    from structrewrite.codegen.onnx import ort_session
+    from structrewrite.codegen.onnx import custom_node_count, ort_inputs, ort_session
     import numpy as np
     model.eval()
     ids = torch.randint(0, 256, (2, 40))
@@ -134,13 +134,14 @@ def export_and_check(model, out: Path) -> bool:
     print(f"== ONNX export to {path}")
     sr.export_onnx(model, (ids,), path)
     sess = ort_session(path)
+    print(f"   {custom_node_count(path)} com.structrewrite nodes (one per rewritten site), "
+          f"{path.stat().st_size / 1e6:.1f} MB")
     other = torch.randint(0, 256, (3, 17))     # dynamic batch and sequence length
     worst = 0.0
     for x in (ids, other):
         with torch.no_grad():
             ref = model(x).logits.numpy()
-        feed = {sess.get_inputs()[0].name: x.numpy()}
-        got = sess.run(None, feed)[0]
+        got = sess.run(None, ort_inputs(sess, (x,)))[0]
         worst = max(worst, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)))
     ok = worst < 1e-4
     print(f"   ONNX Runtime vs PyTorch: max relative difference {worst:.2e} "
