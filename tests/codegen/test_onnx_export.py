@@ -121,6 +121,23 @@ def test_op_with_and_without_bias_exact_at_full_rank(tmp_path, bias):
         np.testing.assert_allclose(y, dense.numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.004, 1.0])
+def test_empty_single_and_full_support(tmp_path, density):
+    """No sparse entry, one entry (most rows empty) and every entry (no row padded)."""
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(24, 16)
+    layer = SparseLowRankLinear.from_dense(lin.weight, lin.bias, rank=4, density=density).eval()
+    assert layer.nnz == round(density * 24 * 16)
+    path = tmp_path / "layer.onnx"
+    export_onnx(layer, (torch.randn(2, 3, 24),), path)
+    check_file(path, 1)
+    sess = ort_session(path)
+    x = torch.randn(4, 5, 24)
+    (y,) = sess.run(None, ort_inputs(sess, (x,)))
+    with torch.no_grad():
+        np.testing.assert_allclose(y, layer(x).numpy(), atol=1e-5, rtol=1e-5)
+
+
 @torch.library.custom_op("structrewrite::onnx_test_untranslated", mutates_args=())
 def _untranslated(x: torch.Tensor) -> torch.Tensor:
     return x * 2
