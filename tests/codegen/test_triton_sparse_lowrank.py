@@ -24,8 +24,11 @@ from structrewrite.nn.sparse_lowrank import csr_from_flat  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # small tiles so that a few dozen rows/tokens already span several tiles and splits
-SPMM_CONFIGS = [(16, 16, 0, 4), (32, 16, 3, 4), (16, 32, 1, 4)]
-SDDMM_CONFIGS = [(16, 16, 0, 4), (32, 32, 2, 4), (16, 64, 3, 4)]
+# (BM, BN, feature chunk, nsplit, warps); chunks of 8/16 features split every row
+SPMM_CONFIGS = [(16, 16, 0, 0, 4), (32, 16, 8, 3, 4), (16, 32, 16, 1, 4), (16, 16, 16, 0, 4)]
+# gather: (BK, BM, token chunks, warps); mm: (BR, BC, BK, warps, stages)
+SDDMM_CONFIGS = [("gather", 16, 16, 0, 4), ("gather", 32, 32, 2, 4), ("mm", 16, 16, 16, 4, 2),
+                 ("mm", 32, 16, 16, 4, 2), ("mm", 16, 32, 32, 4, 2)]
 
 
 def _poisoned_empty(shape, dtype, device):
@@ -112,16 +115,18 @@ def test_gather_spmm_uneven_rows(dtype):
     vals = torch.randn(flat.numel(), generator=g).to(dtype)
     x = torch.randn(M, nfeat, generator=g).to(dtype)
     out = torch.full((M, nrows), float("nan"), dtype=dtype)
-    sl.gather_spmm(x.t().contiguous(), crow, col, vals, nrows, out, config=(16, 8, 2, 4))
+    chunk = random.choice([0, 4, 16])
+    sl.gather_spmm(sl.transpose(x), crow, col, vals, nrows, out, config=(16, 8, chunk, 2, 4), owner=row)
     S = torch.zeros(nrows, nfeat, dtype=torch.float64)
     S[row.long(), col.long()] = vals.double()
     ref = x.double() @ S.t()
     assert torch.isfinite(out).all(), f"seed {seed}"
-    assert _rel(out, ref) < TOL[dtype], f"seed {seed}"
+    assert _rel(out, ref) < TOL[dtype], f"seed {seed}, chunk {chunk}"
 
 
+@pytest.mark.parametrize("config", SDDMM_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sddmm_against_dense_sample(dtype):
+def test_sddmm_against_dense_sample(dtype, config):
     seed = random.randrange(2**31)
     g = torch.Generator().manual_seed(seed)
     M, nrows, nfeat, nnz = 45, 19, 33, 57
@@ -129,7 +134,8 @@ def test_sddmm_against_dense_sample(dtype):
     crow, col, row = csr_from_flat(flat, nrows, nfeat)
     gy = torch.randn(M, nrows, generator=g).to(dtype)
     x = torch.randn(M, nfeat, generator=g).to(dtype)
-    dv = sl.sddmm(gy.t().contiguous(), x.t().contiguous(), row, col, config=(16, 16, 3, 4))
+    dv = sl.sddmm(gy, x, crow, col, row, config=config)
+    assert torch.isfinite(dv).all(), f"seed {seed}"
     ref = (gy.double().t() @ x.double())[row.long(), col.long()]
     assert _rel(dv, ref) < 1e-5, f"seed {seed}"   # float32 accumulation of exact products
 
@@ -138,12 +144,26 @@ def test_csc_cache_follows_the_support():
     crow, col, row = csr_from_flat(torch.tensor([1, 4, 5, 9, 10]), 3, 4)
     p1 = sl.csc_of(col, row, 4)
     assert sl.csc_of(col, row, 4)[0] is p1[0]               # cached
-    ptr, idx, perm = p1
+    ptr, idx, perm, owner = p1
     # entries (row, col) in CSR order: (0,1) (1,0) (1,1) (2,1) (2,2)
     assert ptr.tolist() == [0, 1, 4, 5, 5]
     assert idx.tolist() == [1, 0, 1, 2, 2] and perm.tolist() == [1, 0, 2, 3, 4]
+    assert owner.tolist() == [0, 1, 1, 1, 2]
     col[0] = 2                                               # in-place edit bumps the version
     assert sl.csc_of(col, row, 4)[0] is not p1[0]
+
+
+def test_segments_split_rows_by_feature_chunk():
+    # rows: 0 -> cols 1, 6, 7; 1 -> none; 2 -> cols 0, 9
+    crow, col, row = csr_from_flat(torch.tensor([1, 6, 7, 20, 29]), 3, 10)
+    seg = sl.segments(crow, col, row, 10, 4)             # chunks [0,4) [4,8) [8,10)
+    assert seg.tolist() == [[0, 1, 3, 3], [3, 3, 3, 3], [3, 4, 4, 5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transpose(dtype):
+    a = torch.randn(random.randint(1, 150), random.randint(1, 150)).to(dtype)
+    assert torch.equal(sl.transpose(a), a.t())
 
 
 def test_registration_is_a_noop_without_cuda():

@@ -71,11 +71,12 @@ OP_BACKWARD = "structrewrite::sparse_lowrank_linear_backward"
 # ----------------------------------------------------------------------------------
 @triton.jit
 def _gather_spmm_kernel(
-    pt_ptr, stride_pf, stride_pm,          # dense operand, transposed: (feature, token)
-    ptr_ptr, idx_ptr, val_ptr, perm_ptr,   # sparse Q: row pointers, feature per entry, values[, perm]
-    base_ptr, stride_bm, stride_bn,        # optional dense term, scaled by `scale`
+    pt_ptr, stride_pf,                     # dense operand, transposed: (feature, token), tokens contiguous
+    seg_ptr, NCH,                          # (NROWS, NCH + 1) entry offsets per row and feature chunk
+    idx_ptr, val_ptr, perm_ptr,            # feature per entry, values[, perm into values]
+    base_ptr, stride_bm,                   # optional dense term (rows contiguous), scaled by `scale`
     bias_ptr,                              # optional (NROWS,)
-    out_ptr, stride_om, stride_on,         # (M, NROWS)
+    out_ptr, stride_om,                    # (M, NROWS), rows contiguous
     M, NROWS, scale,
     BM: tl.constexpr, BN: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -94,39 +95,94 @@ def _gather_spmm_kernel(
     for n0 in range(row_lo, row_hi, BN):
         offs_n = n0 + tl.arange(0, BN)
         mask_n = offs_n < row_hi
-        start = tl.load(ptr_ptr + offs_n, mask=mask_n, other=0)
-        stop = tl.load(ptr_ptr + offs_n + 1, mask=mask_n, other=0)
-        lens = stop - start
-        longest = tl.max(lens, axis=0)
-        acc = tl.zeros([BN, BM], dtype=tl.float32)
-        for j in range(0, longest):
-            live = j < lens
-            k = start + j
-            f = tl.load(idx_ptr + k, mask=live, other=0).to(tl.int64)
-            if HAS_PERM:
-                kv = tl.load(perm_ptr + k, mask=live, other=0)
-                v = tl.load(val_ptr + kv, mask=live, other=0.0).to(tl.float32)
-            else:
-                v = tl.load(val_ptr + k, mask=live, other=0.0).to(tl.float32)
-            blk = tl.load(pt_ptr + f[:, None] * stride_pf + offs_m64[None, :] * stride_pm,
-                          mask=live[:, None] & mask_m[None, :], other=0.0)
-            acc += v[:, None] * blk.to(tl.float32)
         offs_n64 = offs_n.to(tl.int64)
+        seg_row = seg_ptr + offs_n64 * (NCH + 1)
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        # feature chunk by chunk: the gathers of one chunk touch NCH-th of the tile (L1)
+        for cc in range(0, NCH):
+            start = tl.load(seg_row + cc, mask=mask_n, other=0)
+            stop = tl.load(seg_row + cc + 1, mask=mask_n, other=0)
+            lens = stop - start
+            longest = tl.max(lens, axis=0)
+            for j in range(0, longest):
+                live = j < lens
+                k = start + j
+                f = tl.load(idx_ptr + k, mask=live, other=0).to(tl.int64)
+                if HAS_PERM:
+                    kv = tl.load(perm_ptr + k, mask=live, other=0)
+                    v = tl.load(val_ptr + kv, mask=live, other=0.0).to(tl.float32)
+                else:
+                    v = tl.load(val_ptr + k, mask=live, other=0.0).to(tl.float32)
+                # int32 token offsets added last keep the loads vectorised along tokens
+                blk = tl.load((pt_ptr + f * stride_pf)[:, None] + offs_m[None, :],
+                              mask=live[:, None] & mask_m[None, :], other=0.0)
+                acc += v[:, None] * blk.to(tl.float32)
         mask = mask_n[:, None] & mask_m[None, :]
         if HAS_BASE:
-            b = tl.load(base_ptr + offs_m64[None, :] * stride_bm + offs_n64[:, None] * stride_bn,
+            b = tl.load((base_ptr + offs_m64 * stride_bm)[None, :] + offs_n[:, None],
                         mask=mask, other=0.0)
             acc += scale * b.to(tl.float32)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + offs_m64[None, :] * stride_om + offs_n64[:, None] * stride_on,
+        tl.store((out_ptr + offs_m64 * stride_om)[None, :] + offs_n[:, None],
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _sddmm_mm_kernel(
+    g_ptr, stride_gm, stride_gr,           # g (M, out)
+    x_ptr, stride_xm, stride_xc,           # x (M, in)
+    seg_ptr, NCH,                          # (out, NCH + 1): CSR offsets per row and BC-wide column chunk
+    col_ptr, dv_ptr,                       # (nnz,) columns, float32 output
+    M, NOUT, NIN,
+    BR: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nr = tl.cdiv(NOUT, BR)
+    nc = tl.cdiv(NIN, BC)
+    # grouped order: GROUP row blocks share their column blocks while in flight (L2)
+    width = GROUP * nc
+    first = (pid // width) * GROUP
+    rows_in_group = tl.minimum(nr - first, GROUP)
+    rb = first + (pid % width) % rows_in_group
+    cb = (pid % width) // rows_in_group
+
+    offs_r = rb * BR + tl.arange(0, BR)
+    offs_c = cb * BC + tl.arange(0, BC)
+    mask_r = offs_r < NOUT
+    mask_c = offs_c < NIN
+    acc = tl.zeros([BR, BC], dtype=tl.float32)
+    for m0 in range(0, M, BK):
+        offs_k = m0 + tl.arange(0, BK)
+        mk = offs_k < M
+        a = tl.load(g_ptr + offs_k[None, :].to(tl.int64) * stride_gm + offs_r[:, None] * stride_gr,
+                    mask=mask_r[:, None] & mk[None, :], other=0.0)
+        b = tl.load(x_ptr + offs_k[:, None].to(tl.int64) * stride_xm + offs_c[None, :] * stride_xc,
+                    mask=mk[:, None] & mask_c[None, :], other=0.0)
+        if IEEE:  # float32 operands (or any, under the interpreter): full-precision products
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    # sample the tile at the support: the entries of row r in this column chunk
+    seg_row = seg_ptr + offs_r.to(tl.int64) * (NCH + 1) + cb
+    start = tl.load(seg_row, mask=mask_r, other=0)
+    stop = tl.load(seg_row + 1, mask=mask_r, other=0)
+    lens = stop - start
+    longest = tl.max(lens, axis=0)
+    local = tl.arange(0, BC)
+    for j in range(0, longest):
+        live = j < lens
+        k = start + j
+        c = tl.load(col_ptr + k, mask=live, other=0) - cb * BC
+        val = tl.sum(tl.where(local[None, :] == c[:, None], acc, 0.0), axis=1)
+        tl.store(dv_ptr + k, val, mask=live)
+
+
+@triton.jit
 def _sddmm_kernel(
-    gt_ptr, stride_gf, stride_gm,          # gᵀ (out, M)
-    xt_ptr, stride_xf, stride_xm,          # xᵀ (in, M)
+    gt_ptr, stride_gf,                     # gᵀ (out, M), tokens contiguous
+    xt_ptr, stride_xf,                     # xᵀ (in, M), tokens contiguous
     row_ptr, col_ptr,                      # entries (nnz,)
     part_ptr,                              # (nchunk, nnz) float32
     NNZ, M,
@@ -144,10 +200,10 @@ def _sddmm_kernel(
     m_hi = tl.minimum(m_lo + per, M)
     acc = tl.zeros([BK, BM], dtype=tl.float32)
     for m0 in range(m_lo, m_hi, BM):
-        offs_m = (m0 + tl.arange(0, BM)).to(tl.int64)
+        offs_m = m0 + tl.arange(0, BM)
         mask = mask_k[:, None] & (offs_m < m_hi)[None, :]
-        a = tl.load(gt_ptr + r[:, None] * stride_gf + offs_m[None, :] * stride_gm, mask=mask, other=0.0)
-        b = tl.load(xt_ptr + c[:, None] * stride_xf + offs_m[None, :] * stride_xm, mask=mask, other=0.0)
+        a = tl.load((gt_ptr + r * stride_gf)[:, None] + offs_m[None, :], mask=mask, other=0.0)
+        b = tl.load((xt_ptr + c * stride_xf)[:, None] + offs_m[None, :], mask=mask, other=0.0)
         acc += a.to(tl.float32) * b.to(tl.float32)
     tl.store(part_ptr + pid_c.to(tl.int64) * NNZ + offs_k, tl.sum(acc, axis=1), mask=mask_k)
 
@@ -155,19 +211,29 @@ def _sddmm_kernel(
 # ----------------------------------------------------------------------------------
 # launchers (CPU tensors work under TRITON_INTERPRET=1)
 # ----------------------------------------------------------------------------------
-# gather_spmm config: (BM, BN, nsplit, num_warps); nsplit=0 -> chosen from the grid size
+# gather_spmm config: (BM, BN, CB, nsplit, num_warps). CB: width of the feature chunks
+# (0: one chunk); nsplit: row ranges of the grid (0: chosen from the grid size).
 SPMM_CANDIDATES = [
-    (16, 32, 0, 4), (32, 32, 0, 4), (64, 16, 0, 4), (64, 32, 0, 8),
-    (32, 64, 0, 8), (128, 16, 0, 8), (16, 64, 0, 4), (32, 16, 0, 2),
-    (32, 32, 32, 4), (64, 32, 1, 8),
+    (32, 32, 0, 32, 4), (64, 32, 0, 32, 4), (128, 32, 0, 32, 8), (64, 64, 0, 32, 8),
+    (128, 16, 0, 32, 4), (256, 16, 0, 32, 8), (128, 16, 0, 0, 8),
+    (128, 32, 1024, 16, 8), (128, 16, 512, 32, 4), (64, 32, 512, 32, 4),
 ]
-SPMM_DEFAULT = (32, 32, 0, 4)
-# sddmm config: (BK, BM, nchunk, num_warps); nchunk=0 -> chosen from the problem size
+SPMM_DEFAULT = (128, 32, 0, 32, 8)
+# sddmm configs: ("gather", BK, BM, nchunk, num_warps): entries x tokens, from xᵀ and gᵀ;
+# ("mm", BR, BC, BK, num_warps, num_stages): the dense gᵀ x tile on the tensor cores,
+# sampled at the support in the epilogue (cost independent of the density).
 SDDMM_CANDIDATES = [
-    (32, 64, 0, 4), (64, 64, 0, 4), (16, 128, 0, 4), (32, 128, 0, 8),
-    (64, 32, 0, 4), (128, 32, 0, 8),
+    ("gather", 32, 64, 0, 4), ("gather", 64, 32, 0, 4),
+    ("mm", 128, 128, 64, 8, 3), ("mm", 128, 128, 64, 4, 4), ("mm", 128, 256, 64, 8, 3),
+    ("mm", 64, 128, 64, 4, 4), ("mm", 128, 64, 64, 4, 4),
 ]
-SDDMM_DEFAULT = (32, 64, 0, 4)
+SDDMM_DEFAULT = ("mm", 128, 128, 64, 8, 3)
+
+
+def _interpreting() -> bool:
+    # Triton's CPU interpreter (3.9) computes bf16 x bf16 dots wrongly; there the operands
+    # go in as float32, which gives the same exact products as the tensor cores.
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _sm_count(device: torch.device) -> int:
@@ -177,7 +243,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _spmm_nsplit(cfg, M: int, nrows: int, device) -> int:
-    BM, BN, nsplit, _ = cfg
+    BM, BN, _, nsplit, _ = cfg
     if nsplit:
         return nsplit
     tiles = triton.cdiv(max(M, 1), BM)
@@ -185,29 +251,64 @@ def _spmm_nsplit(cfg, M: int, nrows: int, device) -> int:
     return max(1, min(triton.cdiv(nrows, BN), triton.cdiv(want, tiles) if tiles < want else 8))
 
 
+_SEG_CACHE: dict = {}
+
+
+def segments(ptr: torch.Tensor, idx: torch.Tensor, owner: torch.Tensor, nfeat: int,
+             width: int) -> torch.Tensor:
+    """(nrows, nch + 1) int32: entry offsets of each row at each ``width``-wide feature
+    chunk (chunk ``c`` of row ``n`` is ``seg[n, c]:seg[n, c + 1]``); ``owner`` is the row of
+    each entry. Entries are sorted by feature inside a row, so chunks are contiguous.
+    Cached on the identity and version of ``ptr`` and ``idx``."""
+    nrows = ptr.numel() - 1
+    nch = max(1, triton.cdiv(nfeat, width)) if width else 1
+    key = (ptr.data_ptr(), idx.data_ptr(), ptr._version, idx._version, idx.numel(), nfeat, nch)
+    hit = _SEG_CACHE.get(key)
+    if hit is not None and hit[0]() is ptr and hit[1]() is idx:
+        return hit[2]
+    if nch == 1:
+        seg = torch.stack((ptr[:-1], ptr[1:]), 1).contiguous()
+    else:
+        chunk = torch.div(idx.long(), width, rounding_mode="floor")
+        counts = torch.bincount(owner.long() * nch + chunk, minlength=nrows * nch).view(nrows, nch)
+        seg = torch.zeros((nrows, nch + 1), dtype=torch.int64, device=ptr.device)
+        seg[:, 1:] = torch.cumsum(counts, 1)
+        seg = (seg + ptr[:-1].long().unsqueeze(1)).int()
+    if len(_SEG_CACHE) >= 4096:
+        _SEG_CACHE.pop(next(iter(_SEG_CACHE)))
+    _SEG_CACHE[key] = (weakref.ref(ptr), weakref.ref(idx), seg)
+    return seg
+
+
 def gather_spmm(pt: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
                 nrows: int, out: torch.Tensor, perm: Optional[torch.Tensor] = None,
                 base: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                scale: float = 1.0, config=None) -> torch.Tensor:
+                scale: float = 1.0, config=None, owner: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out[m, n] = scale·base[m, n] + sum_{k in row n} values[perm[k]]·pt[idx[k], m] + bias[n].
 
     ``pt`` is (features, M), ``ptr`` (nrows + 1), ``idx``/``perm`` (nnz) int32, ``out``
-    (M, nrows). Every element of ``out`` is written."""
+    (M, nrows); ``owner`` (the row of each entry) is needed when the config chunks the
+    features. Every element of ``out`` is written."""
     M = pt.shape[1]
     if M == 0 or nrows == 0:
         return out
+    assert pt.stride(1) == 1 and out.stride(1) == 1 and (base is None or base.stride(1) == 1)
     cfg = config or SPMM_DEFAULT
-    BM, BN, _, warps = cfg
+    BM, BN, CB, _, warps = cfg
+    if owner is None:
+        CB = 0
+    seg = segments(ptr, idx, owner, pt.shape[0], CB)
     nsplit = _spmm_nsplit(cfg, M, nrows, pt.device)
     grid = (nsplit, triton.cdiv(M, BM))
     dummy = out
     _gather_spmm_kernel[grid](
-        pt, pt.stride(0), pt.stride(1),
-        ptr, idx, values, perm if perm is not None else idx,
+        pt, pt.stride(0),
+        seg, seg.shape[1] - 1,
+        idx, values, perm if perm is not None else idx,
         base if base is not None else dummy,
-        base.stride(0) if base is not None else 0, base.stride(1) if base is not None else 0,
+        base.stride(0) if base is not None else 0,
         bias if bias is not None else dummy,
-        out, out.stride(0), out.stride(1),
+        out, out.stride(0),
         M, nrows, float(scale),
         BM=BM, BN=BN, HAS_PERM=perm is not None, HAS_BASE=base is not None,
         HAS_BIAS=bias is not None, num_warps=warps,
@@ -216,7 +317,7 @@ def gather_spmm(pt: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, values: 
 
 
 def _sddmm_nchunk(cfg, M: int, nnz: int, nfeat: int, device) -> int:
-    BK, BM, nchunk, _ = cfg
+    _, BK, BM, nchunk, _ = cfg
     if nchunk:
         return nchunk
     blocks = triton.cdiv(nnz, BK)
@@ -227,31 +328,73 @@ def _sddmm_nchunk(cfg, M: int, nnz: int, nfeat: int, device) -> int:
     return max(1, min(triton.cdiv(M, BM), max(by_cache, by_fill)))
 
 
-def sddmm(gt: torch.Tensor, xt: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-          config=None) -> torch.Tensor:
-    """dv[k] = sum_m gt[row[k], m]·xt[col[k], m], in float32 (nnz,)."""
+def sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+          row: torch.Tensor, config=None, gt: Optional[torch.Tensor] = None,
+          xt: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dv[k] = sum_m g[m, row[k]]·x[m, col[k]] (g: M x out, x: M x in), float32 (nnz,).
+
+    The "gather" configs read gᵀ and xᵀ (made here unless given)."""
     nnz = row.numel()
-    M = gt.shape[1]
+    M, nout = g.shape
+    nin = x.shape[1]
     if nnz == 0:
-        return torch.zeros(0, dtype=torch.float32, device=gt.device)
+        return torch.zeros(0, dtype=torch.float32, device=g.device)
     if M == 0:
-        return torch.zeros(nnz, dtype=torch.float32, device=gt.device)
+        return torch.zeros(nnz, dtype=torch.float32, device=g.device)
     cfg = config or SDDMM_DEFAULT
-    BK, BM, _, warps = cfg
-    nchunk = _sddmm_nchunk(cfg, M, nnz, gt.shape[0] + xt.shape[0], gt.device)
-    part = torch.empty((nchunk, nnz), dtype=torch.float32, device=gt.device)
+    if cfg[0] == "mm":
+        _, BR, BC, BK, warps, stages = cfg
+        seg = segments(crow, col, row, nin, BC)
+        dv = _empty((nnz,), torch.float32, g.device)
+        grid = (triton.cdiv(nout, BR) * triton.cdiv(nin, BC),)
+        _sddmm_mm_kernel[grid](
+            g, g.stride(0), g.stride(1), x, x.stride(0), x.stride(1),
+            seg, seg.shape[1] - 1, col, dv, M, nout, nin,
+            BR=BR, BC=BC, BK=BK, GROUP=8, IEEE=g.dtype == torch.float32 or _interpreting(),
+            num_warps=warps, num_stages=stages,
+        )
+        return dv
+    _, BK, BM, _, warps = cfg
+    gt = transpose(g) if gt is None else gt
+    xt = transpose(x) if xt is None else xt
+    assert gt.stride(1) == 1 and xt.stride(1) == 1
+    nchunk = _sddmm_nchunk(cfg, M, nnz, nout + nin, g.device)
+    part = _empty((nchunk, nnz), torch.float32, g.device)
     _sddmm_kernel[(triton.cdiv(nnz, BK), nchunk)](
-        gt, gt.stride(0), gt.stride(1), xt, xt.stride(0), xt.stride(1),
+        gt, gt.stride(0), xt, xt.stride(0),
         row, col, part, nnz, M, BK=BK, BM=BM, num_warps=warps,
     )
     return part[0] if nchunk == 1 else part.sum(0)
+
+
+@triton.jit
+def _transpose_kernel(src_ptr, dst_ptr, R, C, stride_sr, stride_sc, stride_dc, stride_dr,
+                      TR: tl.constexpr, TC: tl.constexpr):
+    offs_r = tl.program_id(0) * TR + tl.arange(0, TR)
+    offs_c = tl.program_id(1) * TC + tl.arange(0, TC)
+    mask = (offs_r < R)[:, None] & (offs_c < C)[None, :]
+    r64 = offs_r.to(tl.int64)[:, None]
+    c64 = offs_c.to(tl.int64)[None, :]
+    tile = tl.load(src_ptr + r64 * stride_sr + c64 * stride_sc, mask=mask)
+    tl.store(dst_ptr + c64 * stride_dc + r64 * stride_dr, tile, mask=mask)
+
+
+def transpose(a: torch.Tensor) -> torch.Tensor:
+    """a (R x C) -> contiguous aᵀ (C x R), by tiles."""
+    R, C = a.shape
+    out = torch.empty((C, R), dtype=a.dtype, device=a.device)
+    if R and C:
+        _transpose_kernel[(triton.cdiv(R, 64), triton.cdiv(C, 64))](
+            a, out, R, C, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+            TR=64, TC=64, num_warps=4)
+    return out
 
 
 # ----------------------------------------------------------------------------------
 # CSC copy of the support (for dx), cached
 # ----------------------------------------------------------------------------------
 class _Csc:
-    __slots__ = ("ptr", "idx", "perm", "refs", "key")
+    __slots__ = ("ptr", "idx", "perm", "owner", "refs", "key")
 
 
 _CSC_CACHE: dict = {}
@@ -259,13 +402,14 @@ _CSC_CACHE_MAX = 1024
 
 
 def csc_of(col: torch.Tensor, row: torch.Tensor, in_features: int):
-    """(col_ptr (in+1), row of each entry (nnz), perm into values (nnz)), all int32, for
-    the support given in CSR order. Cached on the identity and version of the buffers."""
+    """(col_ptr (in+1), row of each entry, perm into values, column of each entry), all
+    int32, for the support given in CSR order: the same entries sorted by column, then
+    row. Cached on the identity and version of the buffers."""
     key = (col.data_ptr(), row.data_ptr(), col._version, row._version, col.numel(),
            in_features, col.device)
     hit = _CSC_CACHE.get(key)
     if hit is not None and hit.refs[0]() is col and hit.refs[1]() is row:
-        return hit.ptr, hit.idx, hit.perm
+        return hit.ptr, hit.idx, hit.perm, hit.owner
     colv = col.long()
     perm = torch.sort(colv, stable=True).indices        # rows stay ascending inside a column
     counts = torch.bincount(colv, minlength=in_features)
@@ -273,12 +417,13 @@ def csc_of(col: torch.Tensor, row: torch.Tensor, in_features: int):
     ptr[1:] = torch.cumsum(counts, 0)
     entry = _Csc()
     entry.ptr, entry.idx, entry.perm = ptr, row[perm].contiguous(), perm.int()
+    entry.owner = col[perm].contiguous()
     entry.refs = (weakref.ref(col), weakref.ref(row))
     entry.key = key
     if len(_CSC_CACHE) >= _CSC_CACHE_MAX:
         _CSC_CACHE.pop(next(iter(_CSC_CACHE)))
     _CSC_CACHE[key] = entry
-    return entry.ptr, entry.idx, entry.perm
+    return entry.ptr, entry.idx, entry.perm, entry.owner
 
 
 # ----------------------------------------------------------------------------------
@@ -294,7 +439,7 @@ def _pick(kind: str, key: tuple, candidates, run):
     full = (kind,) + key
     if full in _TUNED:
         return _TUNED[full]
-    default = SPMM_DEFAULT if kind == "spmm" else SDDMM_DEFAULT
+    default = SDDMM_DEFAULT if kind == "sddmm" else SPMM_DEFAULT
     if not TUNE or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return default
     best, best_t = default, float("inf")
@@ -339,14 +484,16 @@ def forward(x, A, B, values, crow, col, row, bias, scale, config=None):
     if M == 0:
         return y.reshape(*x.shape[:-1], out_features)
     base = (x2 @ A.t()) @ B.t()                       # cuBLAS; scaled in the epilogue
-    xt = x2.t().contiguous()
+    xt = transpose(x2)
+
+    def run(c):
+        return gather_spmm(xt, crow, col, values, out_features, y, base=base, bias=bias,
+                           scale=scale, config=c, owner=row)
+
     if config is None:
         config = _pick("spmm", (_bucket(M), out_features, in_features, values.numel(), x.dtype),
-                       SPMM_CANDIDATES,
-                       lambda c: gather_spmm(xt, crow, col, values, out_features, y,
-                                             base=base, bias=bias, scale=scale, config=c))
-    gather_spmm(xt, crow, col, values, out_features, y, base=base, bias=bias, scale=scale,
-                config=config)
+                       SPMM_CANDIDATES, run)
+    run(config)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -356,30 +503,40 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
     M = x2.shape[0]
+    if M == 0:
+        return (_empty(x.shape, x.dtype, x.device).zero_(), torch.zeros_like(A),
+                torch.zeros_like(B), torch.zeros_like(values))
     gBs = (g2 @ B).mul_(scale)                        # M x r, scale folded in
     xAs = (x2 @ A.t()).mul_(scale)
     dA = gBs.t() @ x2
     dB = g2.t() @ xAs
     dx = _empty(x2.shape, x.dtype, x.device)
     nnz = values.numel()
-    if M == 0:
-        return dx.reshape(x.shape), torch.zeros_like(A), torch.zeros_like(B), torch.zeros_like(values)
     base = gBs @ A
-    gt = g2.t().contiguous()
-    cptr, cidx, cperm = csc_of(col, row, in_features)
+    gt = transpose(g2)
+    cptr, cidx, cperm, cowner = csc_of(col, row, in_features)
+    values_csc = values[cperm]                        # nnz elements: cheaper than a perm load per step
+
+    def run_dx(c):
+        return gather_spmm(gt, cptr, cidx, values_csc, in_features, dx, base=base,
+                           config=c, owner=cowner)
+
     if spmm_config is None:
         spmm_config = _pick("spmm_t", (_bucket(M), in_features, out_features, nnz, x.dtype),
-                            SPMM_CANDIDATES,
-                            lambda c: gather_spmm(gt, cptr, cidx, values, in_features, dx,
-                                                  perm=cperm, base=base, config=c))
-    gather_spmm(gt, cptr, cidx, values, in_features, dx, perm=cperm, base=base,
-                config=spmm_config)
+                            SPMM_CANDIDATES, run_dx)
+    run_dx(spmm_config)
     if nnz:
-        xt = x2.t().contiguous()
+        xt = []                                       # made once, only for "gather" configs
+
+        def run_dv(c):
+            if c[0] == "gather" and not xt:
+                xt.append(transpose(x2))
+            return sddmm(g2, x2, crow, col, row, config=c, gt=gt, xt=xt[0] if xt else None)
+
         if sddmm_config is None:
             sddmm_config = _pick("sddmm", (_bucket(M), out_features, in_features, nnz, x.dtype),
-                                 SDDMM_CANDIDATES, lambda c: sddmm(gt, xt, row, col, config=c))
-        dv = sddmm(gt, xt, row, col, config=sddmm_config).to(values.dtype)
+                                 SDDMM_CANDIDATES, run_dv)
+        dv = run_dv(sddmm_config).to(values.dtype)
     else:
         dv = torch.zeros_like(values)
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
