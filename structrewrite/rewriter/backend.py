@@ -26,7 +26,8 @@ see the name twice).
    * every rewritten site's new module is installed into the GraphModule and its calls are
      redirected to it. Its parameters are frozen (``requires_grad=False``): the graph is an
      inference graph with weights computed at compile time. Later changes to the eager
-     model's weights are not seen by the compiled function.
+     model's weights are not seen by the compiled function. A recompile (new input
+     shapes) reuses the modules computed for the same weights, policy and site.
 
    Only module-level passes whose sites are linear layers apply here; block-level rewrites
    (attention, FFN blocks) need ``sr.rewrite`` on the eager model. A graph that needs
@@ -40,6 +41,7 @@ Inductor: quick, for checking a policy); every other key is an Inductor config p
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -49,6 +51,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +174,18 @@ def _install(root: nn.Module, fqn: str, module: nn.Module) -> None:
     node.add_module(name, module)
 
 
+# Rewritten modules by weight tensor, so that a recompile of the same model (a new input
+# shape, a guard failure) reuses them instead of recomputing the SVDs. Keyed weakly by the
+# parameter object; the entry also records the policy, the site and the weight's version,
+# so an in-place update of the weight or another policy rewrites again.
+_REWRITTEN = WeakIdKeyDictionary()
+
+
+def _cache_key(fingerprint: str, site: LinearSite) -> tuple:
+    bias_version = site.bias._version if site.bias is not None else None
+    return (fingerprint, site.fqn, site.weight._version, bias_version)
+
+
 def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str, nn.Module]:
     """Apply ``policy`` to the linear sites of ``gm`` in place; returns FQN -> new module."""
     from structrewrite.rewriter.api import rewrite
@@ -179,16 +194,29 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str,
     sites = find_linear_sites(gm, example_inputs)
     if not sites:
         return {}
+    pol = Policy.coerce(policy)
+    fingerprint = json.dumps(pol.to_dict(), sort_keys=True, default=str)
+    new = {}
     root = nn.Module()
     stand_ins = {}
     for fqn, site in sites.items():
-        if fqn:
+        if not fqn:
+            continue
+        hit = _REWRITTEN.get(site.weight, {}).get(_cache_key(fingerprint, site))
+        if hit is not None:
+            new[fqn] = hit
+        else:
             stand_ins[fqn] = _stand_in(site)
             _install(root, fqn, stand_ins[fqn])
-    with torch.no_grad():
-        rewrite(root, Policy.coerce(policy).relaxed(), inplace=True)
-    modules = dict(root.named_modules())
-    new = {fqn: modules[fqn] for fqn, old in stand_ins.items() if modules.get(fqn) is not old}
+    if stand_ins:
+        with torch.no_grad():
+            rewrite(root, pol.relaxed(), inplace=True)
+        modules = dict(root.named_modules())
+        for fqn, old in stand_ins.items():
+            if modules.get(fqn) is not old:
+                new[fqn] = modules[fqn]
+                _REWRITTEN.setdefault(sites[fqn].weight, {})[
+                    _cache_key(fingerprint, sites[fqn])] = modules[fqn]
     for fqn, module in new.items():
         module.requires_grad_(False)
         module.eval()

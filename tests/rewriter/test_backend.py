@@ -136,6 +136,70 @@ def test_policy_gpt2_conv1d_sites_and_full_rank_exact():
         assert not any(n.target is torch.addmm for gm in graph_modules for n in gm.graph.nodes)
 
 
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(16, 32)
+        self.down = torch.nn.Linear(32, 16, bias=False)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(4))
+        self.head = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def compile_and_collect(model, options):
+    graph_modules = []
+
+    def keep(gm, example_inputs, **kwargs):
+        compiled = backend_mod.structrewrite_backend(gm, example_inputs, **kwargs)
+        graph_modules.append(gm)
+        return compiled
+
+    return torch.compile(model, backend=keep, options=options), graph_modules
+
+
+def installed(graph_modules):
+    return {n.target: gm.get_submodule(n.target) for gm in graph_modules
+            for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("structrewrite__")}
+
+
+def test_policy_resolves_like_sr_rewrite_and_recompile_reuses_modules():
+    """Exact names, every-k-th block, keep rules and type selectors resolve on the graph as
+    on the eager model; a recompile for a new shape reuses the rewritten modules."""
+    torch.manual_seed(0)
+    model = Toy().eval()
+    pol = {"version": 1, "rules": [
+        {"match": "blocks.2.up", "rewrite": None},
+        {"match": {"every": 2}, "rewrite": "sparse_lowrank",
+         "with": {"rank": 4, "density": 0.1, "init": "lost"}},
+        {"match": "blocks.*.up", "rewrite": "sparse_lowrank", "with": {"rank": 2, "density": 0.2}},
+        {"match": {"type": "Linear"}, "rewrite": None}]}
+    eager = sr.rewrite(model, pol).model
+    expected = {n for n, m in eager.named_modules() if isinstance(m, SparseLowRankLinear)}
+    compiled, graph_modules = compile_and_collect(model, {"policy": pol, "compiler": "eager"})
+    with torch.no_grad():
+        for shape in [(2, 5, 16), (3, 7, 16)]:
+            x = torch.randn(shape)
+            torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+    assert len(graph_modules) == 2          # the second shape recompiled
+    first, second = installed(graph_modules[:1]), installed(graph_modules[1:])
+    assert {t.replace("structrewrite__", "").replace("__", ".") for t in first} == expected
+    assert first.keys() == second.keys()
+    assert all(first[k] is second[k] for k in first)
+    assert all(not p.requires_grad for m in first.values() for p in m.parameters())
+
+
 def test_policy_on_training_graph_is_refused():
     model = tiny_llama().train()
     compiled = torch.compile(model, backend="structrewrite",
