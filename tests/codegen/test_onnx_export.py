@@ -79,6 +79,8 @@ def test_llama_rewritten_runs_in_onnxruntime(tmp_path):
     path = tmp_path / "llama.onnx"
     export_onnx(model, (torch.randint(0, 128, (2, 7)),), path)
     onnx_model = check_file(path, n_sites)
+    assert sorted(n.name for n in custom_nodes(onnx_model)) == sorted(
+        f"{s.site}/{OP_TYPE}" for s in result.report.sites)
     ids_input = onnx_model.graph.input[0]
     dims = [d.dim_param for d in ids_input.type.tensor_type.shape.dim]
     assert dims == ["batch", "seq"]

@@ -12,7 +12,8 @@ Pipeline (each step is one function below):
    node in domain ``com.structrewrite``.
 4. ``attach_functions``: the FunctionProto of each custom op used is added to the model
    (its body in standard ONNX operators), so stock ONNX Runtime runs the file with no
-   plugin. The model imports ``com.structrewrite`` version 1.
+   plugin. The model imports ``com.structrewrite`` version 1. ``name_custom_nodes``
+   names each custom node after its site (``model.layers.0.mlp.up_proj/SparseLowRankLinear``).
 5. Save. Weights go into the file itself unless they exceed ``_EXTERNAL_DATA_BYTES``.
 """
 from __future__ import annotations
@@ -121,6 +122,36 @@ def attach_functions(model_ir) -> list[str]:
     return used
 
 
+def name_custom_nodes(model_ir) -> dict[str, str]:
+    """Name each custom-domain node after its site (the FQN of the module that called the
+    op, from the exporter's name scopes) and record the site in the node's metadata as
+    ``structrewrite.site``. Returns node name -> site."""
+    import ast
+
+    sites, seen = {}, set()
+    for node in model_ir.graph.all_nodes():
+        if node.domain != DOMAIN:
+            continue
+        site = ""
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if scopes:
+            try:
+                names = ast.literal_eval(scopes)
+                site = names[-2] if len(names) >= 2 else ""
+            except (ValueError, SyntaxError):
+                site = ""
+        base = f"{site or '<root>'}/{node.op_type}"
+        name, k = base, 1
+        while name in seen:
+            k += 1
+            name = f"{base}_{k}"
+        seen.add(name)
+        node.name = name
+        node.metadata_props["structrewrite.site"] = site
+        sites[name] = site
+    return sites
+
+
 def _rename_default_axes(program, args: tuple, kwargs: dict) -> None:
     """Name the symbolic dims at positions 0 / 1 of the inputs ``batch`` / ``seq`` where
     that naming is unambiguous (one symbol per position)."""
@@ -183,6 +214,7 @@ def export_onnx(model: torch.nn.Module, args: Any, path: str | os.PathLike,
                                 custom_translation_table=_translation_table(),
                                 opset_version=opset_version, verbose=False)
     attach_functions(program.model)
+    name_custom_nodes(program.model)
     if default_dims:
         _rename_default_axes(program, args, kwargs)
     if external_data is None:
