@@ -72,13 +72,13 @@ OP_BACKWARD = "structrewrite::sparse_lowrank_linear_backward"
 @triton.jit
 def _gather_spmm_kernel(
     pt_ptr, stride_pf,                     # dense operand, transposed: (feature, token), tokens contiguous
-    seg_ptr, NCH,                          # (NROWS, NCH + 1) entry offsets per row and feature chunk
+    seg_ptr, NCH, CHUNK,                   # (NROWS, NCH + 1) entry offsets per row and CHUNK-wide feature chunk
     idx_ptr, val_ptr, perm_ptr,            # feature per entry, values[, perm into values]
     base_ptr, stride_bm,                   # optional dense term (rows contiguous), scaled by `scale`
     bias_ptr,                              # optional (NROWS,)
     out_ptr, stride_om,                    # (M, NROWS), rows contiguous
     M, NROWS, scale,
-    BM: tl.constexpr, BN: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, EVEN_M: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -107,25 +107,30 @@ def _gather_spmm_kernel(
             for j in range(0, longest):
                 live = j < lens
                 k = start + j
-                f = tl.load(idx_ptr + k, mask=live, other=0).to(tl.int64)
+                # a row that has run out reads the chunk's first feature with value 0: its
+                # gather needs no mask (and hits L1), only the scalar loads are masked
+                f = tl.load(idx_ptr + k, mask=live, other=cc * CHUNK).to(tl.int64)
                 if HAS_PERM:
                     kv = tl.load(perm_ptr + k, mask=live, other=0)
                     v = tl.load(val_ptr + kv, mask=live, other=0.0).to(tl.float32)
                 else:
                     v = tl.load(val_ptr + k, mask=live, other=0.0).to(tl.float32)
                 # int32 token offsets added last keep the loads vectorised along tokens
-                blk = tl.load((pt_ptr + f * stride_pf)[:, None] + offs_m[None, :],
-                              mask=live[:, None] & mask_m[None, :], other=0.0)
+                src = (pt_ptr + f * stride_pf)[:, None] + offs_m[None, :]
+                if EVEN_M:
+                    blk = tl.load(src, eviction_policy="evict_last")
+                else:
+                    blk = tl.load(src, mask=mask_m[None, :], other=0.0, eviction_policy="evict_last")
                 acc += v[:, None] * blk.to(tl.float32)
         mask = mask_n[:, None] & mask_m[None, :]
         if HAS_BASE:
             b = tl.load((base_ptr + offs_m64 * stride_bm)[None, :] + offs_n[:, None],
-                        mask=mask, other=0.0)
+                        mask=mask, other=0.0, eviction_policy="evict_first")
             acc += scale * b.to(tl.float32)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         tl.store((out_ptr + offs_m64 * stride_om)[None, :] + offs_n[:, None],
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+                 acc.to(out_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -214,11 +219,11 @@ def _sddmm_kernel(
 # gather_spmm config: (BM, BN, CB, nsplit, num_warps). CB: width of the feature chunks
 # (0: one chunk); nsplit: row ranges of the grid (0: chosen from the grid size).
 SPMM_CANDIDATES = [
-    (32, 32, 0, 32, 4), (64, 32, 0, 32, 4), (128, 32, 0, 32, 8), (64, 64, 0, 32, 8),
-    (128, 16, 0, 32, 4), (256, 16, 0, 32, 8), (128, 16, 0, 0, 8),
-    (128, 32, 1024, 16, 8), (128, 16, 512, 32, 4), (64, 32, 512, 32, 4),
+    (64, 32, 0, 32, 4), (128, 32, 0, 32, 8), (256, 16, 0, 32, 8), (128, 16, 0, 32, 4),
+    (64, 64, 0, 32, 8), (32, 32, 0, 32, 4), (32, 16, 0, 64, 2),
+    (128, 16, 1024, 32, 4), (128, 32, 1024, 16, 8), (64, 32, 512, 32, 4),
 ]
-SPMM_DEFAULT = (128, 32, 0, 32, 8)
+SPMM_DEFAULT = (64, 32, 0, 32, 4)
 # sddmm configs: ("gather", BK, BM, nchunk, num_warps): entries x tokens, from xᵀ and gᵀ;
 # ("mm", BR, BC, BK, num_warps, num_stages): the dense gᵀ x tile on the tensor cores,
 # sampled at the support in the epilogue (cost independent of the density).
@@ -303,14 +308,14 @@ def gather_spmm(pt: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, values: 
     dummy = out
     _gather_spmm_kernel[grid](
         pt, pt.stride(0),
-        seg, seg.shape[1] - 1,
+        seg, seg.shape[1] - 1, CB if seg.shape[1] > 2 else 0,
         idx, values, perm if perm is not None else idx,
         base if base is not None else dummy,
         base.stride(0) if base is not None else 0,
         bias if bias is not None else dummy,
         out, out.stride(0),
         M, nrows, float(scale),
-        BM=BM, BN=BN, HAS_PERM=perm is not None, HAS_BASE=base is not None,
+        BM=BM, BN=BN, EVEN_M=M % BM == 0, HAS_PERM=perm is not None, HAS_BASE=base is not None,
         HAS_BIAS=bias is not None, num_warps=warps,
     )
     return out
