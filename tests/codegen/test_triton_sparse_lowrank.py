@@ -25,7 +25,8 @@ from structrewrite.nn.sparse_lowrank import csr_from_flat  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # small tiles so that a few dozen rows/tokens already span several tiles and splits
 # (BM, BN, feature chunk, nsplit, warps); chunks of 8/16 features split every row
-SPMM_CONFIGS = [(16, 16, 0, 0, 4), (32, 16, 8, 3, 4), (16, 32, 16, 1, 4), (16, 16, 16, 0, 4)]
+SPMM_CONFIGS = [(16, 16, 0, 0, 4), (32, 16, 8, 3, 4), (16, 32, 16, 1, 4), (16, 16, 16, 0, 4, 2),
+                (16, 16, 0, 2, 4, 3)]
 # gather: (BK, BM, token chunks, warps); mm: (BR, BC, BK, warps, stages)
 SDDMM_CONFIGS = [("gather", 16, 16, 0, 4), ("gather", 32, 32, 2, 4), ("mm", 16, 16, 16, 4, 2),
                  ("mm", 32, 16, 16, 4, 2), ("mm", 16, 32, 32, 4, 2)]
@@ -120,7 +121,7 @@ def test_gather_spmm_uneven_rows(dtype):
     stored = torch.empty_like(vals)
     stored[perm.long()] = vals
     sl.gather_spmm(sl.transpose(x), crow, col, stored, nrows, out, perm=perm,
-                   config=(16, 8, chunk, 2, 4), owner=row)
+                   config=(16, 8, chunk, 2, 4, random.choice([1, 2])), owner=row)
     S = torch.zeros(nrows, nfeat, dtype=torch.float64)
     S[row.long(), col.long()] = vals.double()
     ref = x.double() @ S.t()

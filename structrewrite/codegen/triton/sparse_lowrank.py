@@ -78,7 +78,7 @@ def _gather_spmm_kernel(
     bias_ptr,                              # optional (NROWS,)
     out_ptr, stride_om,                    # (M, NROWS), rows contiguous
     M, NROWS, scale,
-    BM: tl.constexpr, BN: tl.constexpr, EVEN_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, EVEN_M: tl.constexpr, UNROLL: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -104,24 +104,27 @@ def _gather_spmm_kernel(
             stop = tl.load(seg_row + cc + 1, mask=mask_n, other=0)
             lens = stop - start
             longest = tl.max(lens, axis=0)
-            for j in range(0, longest):
-                live = j < lens
-                k = start + j
-                # a row that has run out reads the chunk's first feature with value 0: its
-                # gather needs no mask (and hits L1), only the scalar loads are masked
-                f = tl.load(idx_ptr + k, mask=live, other=cc * CHUNK).to(tl.int64)
-                if HAS_PERM:
-                    kv = tl.load(perm_ptr + k, mask=live, other=0)
-                    v = tl.load(val_ptr + kv, mask=live, other=0.0).to(tl.float32)
-                else:
-                    v = tl.load(val_ptr + k, mask=live, other=0.0).to(tl.float32)
-                # int32 token offsets added last keep the loads vectorised along tokens
-                src = (pt_ptr + f * stride_pf)[:, None] + offs_m[None, :]
-                if EVEN_M:
-                    blk = tl.load(src, eviction_policy="evict_last")
-                else:
-                    blk = tl.load(src, mask=mask_m[None, :], other=0.0, eviction_policy="evict_last")
-                acc += v[:, None] * blk.to(tl.float32)
+            # UNROLL entries of every row per step: more gathers in flight per warp
+            for j0 in range(0, longest, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    j = j0 + u
+                    live = j < lens
+                    k = start + j
+                    # a row that has run out reads the chunk's first feature with value 0:
+                    # its gather needs no mask (and hits L1); only the scalar loads are masked
+                    f = tl.load(idx_ptr + k, mask=live, other=cc * CHUNK).to(tl.int64)
+                    if HAS_PERM:
+                        kv = tl.load(perm_ptr + k, mask=live, other=0)
+                        v = tl.load(val_ptr + kv, mask=live, other=0.0).to(tl.float32)
+                    else:
+                        v = tl.load(val_ptr + k, mask=live, other=0.0).to(tl.float32)
+                    # int32 token offsets added last keep the loads vectorised along tokens
+                    src = (pt_ptr + f * stride_pf)[:, None] + offs_m[None, :]
+                    if EVEN_M:
+                        blk = tl.load(src, eviction_policy="evict_last")
+                    else:
+                        blk = tl.load(src, mask=mask_m[None, :], other=0.0, eviction_policy="evict_last")
+                    acc += v[:, None] * blk.to(tl.float32)
         mask = mask_n[:, None] & mask_m[None, :]
         if HAS_BASE:
             b = tl.load((base_ptr + offs_m64 * stride_bm)[None, :] + offs_n[:, None],
@@ -216,14 +219,15 @@ def _sddmm_kernel(
 # ----------------------------------------------------------------------------------
 # launchers (CPU tensors work under TRITON_INTERPRET=1)
 # ----------------------------------------------------------------------------------
-# gather_spmm config: (BM, BN, CB, nsplit, num_warps). CB: width of the feature chunks
-# (0: one chunk); nsplit: row ranges of the grid (0: chosen from the grid size).
+# gather_spmm config: (BM, BN, CB, nsplit, num_warps[, unroll]). CB: width of the feature
+# chunks (0: one chunk); nsplit: row ranges of the grid (0: chosen from the grid size);
+# unroll: entries of each row taken per step (default 1).
 SPMM_CANDIDATES = [
-    (64, 32, 0, 32, 4), (128, 32, 0, 32, 8), (256, 16, 0, 32, 8), (128, 16, 0, 32, 4),
-    (64, 64, 0, 32, 8), (32, 32, 0, 32, 4), (32, 16, 0, 64, 2),
-    (128, 16, 1024, 32, 4), (128, 32, 1024, 16, 8), (64, 32, 512, 32, 4),
+    (64, 32, 0, 32, 4, 4), (64, 32, 0, 32, 4, 2), (128, 16, 0, 32, 4, 4), (128, 32, 0, 32, 8, 2),
+    (128, 32, 0, 32, 8, 4), (256, 16, 0, 32, 8, 2), (128, 8, 0, 64, 2, 4), (64, 64, 0, 32, 8, 2),
+    (32, 32, 0, 32, 4, 4), (128, 16, 1024, 32, 4, 2), (64, 32, 512, 32, 4, 2),
 ]
-SPMM_DEFAULT = (64, 32, 0, 32, 4)
+SPMM_DEFAULT = (64, 32, 0, 32, 4, 4)
 # sddmm configs: ("gather", BK, BM, nchunk, num_warps): entries x tokens, from xᵀ and gᵀ;
 # ("mm", BR, BC, BK, num_warps, num_stages): the dense gᵀ x tile on the tensor cores,
 # sampled at the support in the epilogue (cost independent of the density).
@@ -248,7 +252,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _spmm_nsplit(cfg, M: int, nrows: int, device) -> int:
-    BM, BN, _, nsplit, _ = cfg
+    BM, BN, _, nsplit, _ = cfg[:5]
     if nsplit:
         return nsplit
     tiles = triton.cdiv(max(M, 1), BM)
@@ -299,7 +303,8 @@ def gather_spmm(pt: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, values: 
         return out
     assert pt.stride(1) == 1 and out.stride(1) == 1 and (base is None or base.stride(1) == 1)
     cfg = config or SPMM_DEFAULT
-    BM, BN, CB, _, warps = cfg
+    BM, BN, CB, _, warps = cfg[:5]
+    unroll = cfg[5] if len(cfg) > 5 else 1
     if owner is None:
         CB = 0
     seg = segments(ptr, idx, owner, pt.shape[0], CB)
@@ -315,7 +320,7 @@ def gather_spmm(pt: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, values: 
         bias if bias is not None else dummy,
         out, out.stride(0),
         M, nrows, float(scale),
-        BM=BM, BN=BN, EVEN_M=M % BM == 0, HAS_PERM=perm is not None, HAS_BASE=base is not None,
+        BM=BM, BN=BN, EVEN_M=M % BM == 0, UNROLL=unroll, HAS_PERM=perm is not None, HAS_BASE=base is not None,
         HAS_BIAS=bias is not None, num_warps=warps,
     )
     return out
@@ -451,7 +456,7 @@ def _pick(kind: str, key: tuple, candidates, run):
     log = _TUNE_LOG.setdefault(repr(full), {})
     for cfg in candidates:
         try:
-            t = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+            t = triton.testing.do_bench(lambda: run(cfg), warmup=10, rep=40, return_mode="median")
         except Exception as exc:  # a config the device cannot run (resources): skip it
             log[repr(cfg)] = f"failed: {type(exc).__name__}"
             continue
