@@ -2,55 +2,75 @@
 
 The op computes ``y = s·(x Aᵀ) Bᵀ + x Sᵀ + bias`` with ``x`` (M x in), ``A`` (r x in),
 ``B`` (out x r) and ``S`` (out x in) sparse in CSR by output row (``crow``, ``col``,
-``row``, ``values``). Nothing here ever forms an out x in matrix.
+``row``, ``values``). Nothing here forms an out x in matrix, in forward or backward.
 
 Split of the work
 -----------------
-The low-rank products are plain dense GEMMs with a large inner or outer dimension
-(``r`` is 8..in/2); cuBLAS (``torch.matmul``) runs them. Triton does what cuBLAS cannot:
+The six low-rank products (plus ``x Aᵀ`` recomputed in the backward) are dense GEMMs
+with ``r`` = 8..in/2 on one side; cuBLAS (``torch.matmul``) runs them. Triton runs the
+rest, as three kernels:
 
 ``gather_spmm``  ``out = s·base + P Qᵀ + bias`` for a sparse ``Q`` walked row by row.
-    Forward: ``base = (x Aᵀ) Bᵀ`` from cuBLAS, ``P = x``, ``Q = S`` (CSR). The scale, the
-    sparse product and the bias are fused into one pass that reads ``base`` once and
-    writes ``y`` once (the epilogue of the second GEMM, done as its own kernel).
-    Backward for dx: ``base = (g B) A`` (with the scale folded into ``g B``), ``P = g``,
-    ``Q = Sᵀ``, walked through a cached CSC copy of the support (see below).
-``sddmm``  ``d values[k] = sum_m g[m, row[k]] · x[m, col[k]]``: the dense gradient
-    ``gᵀ x`` sampled at the support only.
+    Forward: ``base = (x Aᵀ) Bᵀ`` from cuBLAS, ``P = x``, ``Q = S``. Fused: the scale, the
+    whole sparse product and the bias, in one pass that reads ``base`` once and writes
+    ``y`` once (the epilogue of the second GEMM, as a kernel of its own).
+    Backward, dx: ``base = (g B) A`` (scale folded into ``g B``), ``P = g``, ``Q = Sᵀ``
+    walked through a cached CSC copy of the support (below); fused likewise.
+``sddmm``  ``d values[k] = sum_m g[m, row[k]] · x[m, col[k]]``, the gradient ``gᵀ x``
+    at the support only. Two implementations, picked by timing per shape:
+    ``mm``: the tensor cores compute each (BR x BC) tile of ``gᵀ x`` over all tokens in
+    registers and the epilogue reads off the tile's entries (ELL walk over the rows'
+    entries in that column chunk); the tile is never stored. Costs one dense GEMM's
+    FLOPs whatever the density, and wins at 3% on aligned shapes.
+    ``gather``: blocks of entries times token ranges, dot products of gathered rows of
+    ``gᵀ`` and ``xᵀ``; wins at low density and on shapes cuBLAS-style tiles handle badly.
+``transpose``  ``xᵀ`` and ``gᵀ`` (features x tokens, contiguous along tokens).
 
 Layout
 ------
-Both kernels read the dense operand transposed, ``Pᵀ`` (features x tokens, contiguous
-along tokens), made once per call by one copy (``x.t().contiguous()``; M·in elements,
-small next to the GEMMs). Gathering feature ``c`` for a tile of BM tokens is then one
-contiguous load of BM elements, instead of BM loads strided by ``in``.
+``gather_spmm`` reads the dense operand transposed, so that gathering feature ``c`` for
+a tile of BM tokens is one contiguous, vectorised load of BM elements. The grid is
+(``nsplit`` output-row ranges) x (token tiles), row ranges varying fastest, so that the
+programs in flight share few token tiles and their gathers hit L2. A program takes its
+rows BN at a time in ELL fashion: a step loads the next ``unroll`` entries of each of
+the BN rows, gathers the (BN x BM) blocks of ``Pᵀ`` and accumulates ``value · block`` in
+float32. A row that has run out reads a valid feature with value 0, so the gathers
+need no mask. Optionally (``CB`` > 0) a row's entries are taken feature chunk by feature
+chunk (``segments``: per row, the offsets where each CB-wide feature chunk starts), so
+that a program's gathers stay within a CB x BM slice (L1); on the H200 this cut L2
+traffic 3x but cost more instructions than it saved, and the tuner rarely picks it.
 
-``gather_spmm`` runs a 2-D grid: axis 0 splits the output rows into ``nsplit`` ranges,
-axis 1 walks token tiles of BM. Axis 0 varies fastest, so the programs in flight share
-few token tiles and their gathers hit L2. A program takes its rows BN at a time in
-ELL fashion: step ``j`` loads the ``j``-th entry of each of the BN rows (masked where a
-row is shorter), gathers ``Pᵀ[col, tile]`` as a (BN x BM) block and accumulates
-``value · block`` in float32. Rows of any length and ``nnz = 0`` need nothing special.
-
-``sddmm`` runs over blocks of BK entries (in CSR order, so the entries of a block mostly
-share their output row and its ``gᵀ`` row is served from L1) times ``nchunk`` token
-ranges; each chunk writes its float32 partial sums and the partials are summed.
-
-The CSC copy of the support used for dx (column pointers, the row of each entry and the
-permutation into ``values``) is derived from ``col``/``row`` once and cached, keyed on
-the buffers' identity, data pointers and versions; the values are gathered through the
-permutation at run time, so training updates need no rebuild.
+The CSC copy of the support used for dx (column pointers, the row of each entry, the
+permutation into ``values`` and the column of each entry) and the chunk offsets are
+derived once from ``crow``/``col``/``row`` and cached, keyed on the buffers' identity,
+data pointers and versions (never an out x in index map). The values are permuted
+into CSC order at each backward (nnz elements), so training updates need no rebuild.
 
 Precision
 ---------
-Operands in bf16, fp16 or fp32; every sum is accumulated in float32 and rounded once to
-the output dtype, except that the low-rank part arrives from cuBLAS already rounded to
-the operand dtype (one extra rounding of ``base``). Measured against the reference op,
-relative errors are below 1e-5 in float32 and below 1e-2 in bf16 (see the tests).
+bf16, fp16 or fp32 operands; every sum accumulates in float32 and is rounded once to the
+output dtype, except that the low-rank part arrives from cuBLAS already rounded to the
+operand dtype (one extra rounding of ``base``). ``sddmm`` ``mm`` uses bf16/fp16 tensor-core
+products (exact) with float32 accumulation, and IEEE float32 products for fp32 inputs.
+Tested tolerances (relative Frobenius error against the reference op): float32 1e-5 on
+the CPU interpreter and 1e-4 on the GPU; bf16 1e-2; fp16 5e-3 (GPU). Measured on the
+H200: bf16 ~2-3e-3, fp16 ~3e-4, fp32 ~3e-7 (``benchmarks/results/sparse_lowrank.md``).
 
-Tiles (BM, BN, nsplit, warps for ``gather_spmm``; BK, BM, nchunk for ``sddmm``) are
-picked on CUDA by timing a few candidates once per problem shape (``_pick``); tests and
-callers can pass a config explicitly.
+Tiles
+-----
+On CUDA the tiles of each kernel are picked by timing the candidate configs once per
+(kind, token bucket, shape, nnz, dtype) (``_pick``; ``STRUCTREWRITE_TUNE=0`` uses the
+defaults). The first call at a new shape therefore takes a few hundred ms, and it must
+not happen inside CUDA-graph capture. Tests and callers can pass configs explicitly.
+
+Speed (H200, bf16, M=16384, rank in/4, density 3%; see benchmarks/)
+-------------------------------------------------------------------
+fwd+bwd at 4096x4096: 6.9 ms, against dense cuBLAS 2.5 ms and the SLTrain path 3.0 ms.
+The gathers are the cost: ``x Sᵀ`` and ``g S`` each move nnz·M gathered elements
+(8.2e9 at this shape) through L2 with one FMA each, about 2 ms apiece; ncu showed L2
+throughput at 50-85% of peak and instruction issue at 55-75%, so they are limited by
+L2 bandwidth and latency, not by arithmetic. Only where cuBLAS is slow on an
+unaligned dimension (2048 -> 5461) is the op faster than dense.
 """
 from __future__ import annotations
 
