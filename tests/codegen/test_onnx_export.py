@@ -123,13 +123,18 @@ def test_op_with_and_without_bias_exact_at_full_rank(tmp_path, bias):
         np.testing.assert_allclose(y, dense.numpy(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("density", [0.0, 0.004, 1.0])
-def test_empty_single_and_full_support(tmp_path, density):
-    """No sparse entry, one entry (most rows empty) and every entry (no row padded)."""
+@pytest.mark.parametrize("init", ["svd", "lost"])
+@pytest.mark.parametrize("density", [0.0, 0.004, 0.1, 1.0])
+def test_empty_single_and_full_support(tmp_path, density, init):
+    """No sparse entry, one entry (most rows empty), a scattered (svd: ELL layout) or
+    channel-wise (lost: channel layout) support, and every entry."""
+    from structrewrite.nn.sparse_lowrank import support_size
+
     torch.manual_seed(2)
     lin = torch.nn.Linear(24, 16)
-    layer = SparseLowRankLinear.from_dense(lin.weight, lin.bias, rank=4, density=density).eval()
-    assert layer.nnz == round(density * 24 * 16)
+    layer = SparseLowRankLinear.from_dense(lin.weight, lin.bias, rank=4, density=density,
+                                           init=init).eval()
+    assert layer.nnz == support_size(16, 24, density, init)
     path = tmp_path / "layer.onnx"
     export_onnx(layer, (torch.randn(2, 3, 24),), path)
     check_file(path, 1)

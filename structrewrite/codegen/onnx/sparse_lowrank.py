@@ -9,15 +9,22 @@ runs it with no plugin) computes the reference semantics without forming the wei
 
 * low-rank part and bias: ``Gemm(Gemm(x2, A, transB=1), B, bias, alpha=scale, transB=1)``
   (Gemm's third input is optional, which is how the optional bias passes through);
-* sparse part: the CSR support is laid out as ELL (``out x kmax``, kmax = the longest
-  row; shorter rows padded with column 0 and value 0). This depends on the weights only,
-  so ONNX Runtime's constant folding computes it once at session creation when the
-  weights are initializers. Then, feature-major so that every gathered slice is a
-  contiguous row of tokens: ``xt = x2ᵀ`` (in x M); ``Gather(xt, ell_col)`` (out x kmax x M);
-  one batched ``MatMul`` with ``ell_val`` (out x 1 x kmax) contracts each output row's
-  entries. The cost is O(M · out · kmax), i.e. O(M · nnz) up to the padding, never
-  O(M · out · in). (A COO form, Gather + Mul + ScatterND-add, was measured slower in
-  ONNX Runtime on CPU: it makes three passes over the M x nnz temporary instead of two.)
+* sparse part, in one of two layouts, whichever stores less (the choice, like the layouts,
+  depends on the weights only, so ONNX Runtime's constant folding settles it once at
+  session creation when the weights are initializers):
+
+  - *channels*, when S uses at most kmax + 1 distinct input columns (LOST's channel-wise
+    support): ``x[:, used] · Blockᵀ`` with the dense (out x used) block of S, one Gemm
+    that also accumulates into the low-rank result;
+  - *ELL* otherwise (scattered support, SLTrain / ``svd``): each output row's entries
+    padded to the longest row kmax with column 0 / value 0; per call a ``Gather`` of the
+    transposed input (out x kmax x M) and one batched ``MatMul`` with the values.
+
+  The unused layout has size zero and costs nothing. Work is O(M · nnz) up to the padding,
+  never O(M · out · in) for a scattered support; nothing of size out x in is stored.
+  (Measured in ONNX Runtime on CPU: a COO form, Gather + Mul + ScatterND-add, is slower
+  than ELL; a dense (out x used) block for a scattered support is faster than ELL but
+  stores as much as the dense weight.)
 
 The body is written for opset 18 and uses only operators whose semantics are the same up
 to the opset the exporter targets; ``attach_functions`` rewrites its opset import to the
@@ -44,32 +51,54 @@ def SparseLowRankLinear(x, A, B, values, crow, col, row, bias: Optional[FLOAT], 
     out_features = op.Shape(B, start=0, end=1)
     lead = op.Shape(x, start=0, end=-1)
     x2 = op.Reshape(x, op.Concat(op.Constant(value_ints=[-1]), in_features, axis=0))
-    # scale * (x Aᵀ) Bᵀ + bias
-    y = op.Gemm(op.Gemm(x2, A, transB=1), B, bias, alpha=scale, transB=1)
-    # S in ELL layout (out x kmax, rows padded with column 0 / value 0); depends on the
-    # weights only, so ONNX Runtime folds it into constants when they are initializers
+    xt = op.Transpose(x2, perm=[1, 0])                              # in x M
+    zero = op.Constant(value_ints=[0])
+    one = op.Constant(value_ints=[1])
+    # -- layout of S: depends on the weights only (folded into constants by ORT) --------
     crow64 = op.Cast(crow, to=7)                                   # to=INT64
     row64 = op.Cast(row, to=7)
-    counts = op.Sub(op.Slice(crow64, op.Constant(value_ints=[1]), op.Constant(value_ints=[2**62])),
-                    op.Slice(crow64, op.Constant(value_ints=[0]), op.Constant(value_ints=[-1])))
-    kmax = op.ReduceMax(counts, keepdims=1)
+    col64 = op.Cast(col, to=7)
     nnz = op.Shape(values)
-    pos = op.Sub(op.Range(op.Constant(value_int=0), op.Squeeze(nnz), op.Constant(value_int=1)),
-                 op.Gather(crow64, row64, axis=0))
-    one = op.Constant(value_ints=[1])
-    where = op.Concat(op.Unsqueeze(row64, one), op.Unsqueeze(pos, one), axis=1)   # nnz x 2
-    ell = op.Concat(out_features, kmax, axis=0)
-    ell_col = op.ScatterND(op.Expand(op.Constant(value_int=0), ell), where, op.Cast(col, to=7))
-    ell_val = op.ScatterND(op.Expand(op.CastLike(op.Constant(value_float=0.0), values), ell),
-                           where, values)
-    # x Sᵀ, feature-major: gather the input features of each output row's entries
-    # (out x kmax x M) and contract them with the row's values in one batched MatMul
-    xt = op.Transpose(x2, perm=[1, 0])
-    gathered = op.Gather(xt, ell_col, axis=0)
-    sparse = op.MatMul(op.Unsqueeze(ell_val, one), gathered)          # out x 1 x M
+    entries = op.Range(op.Constant(value_int=0), op.Squeeze(nnz), op.Constant(value_int=1))
+    counts = op.Sub(op.Slice(crow64, one, op.Constant(value_ints=[2**62])),
+                    op.Slice(crow64, zero, op.Constant(value_ints=[-1])))
+    kmax = op.ReduceMax(op.Concat(counts, zero, axis=0), keepdims=1)      # longest row
+    # the input columns S uses (plus column 0, which keeps Unique's input non-empty)
+    used, first, inverse, _ = op.Unique(op.Concat(col64, zero, axis=0), sorted=1)
+    inverse = op.Slice(inverse, zero, nnz)
+    # the layout with less storage: channels (out x used) or ELL (out x kmax)
+    by_channel = op.Cast(op.LessOrEqual(op.Shape(used), op.Add(kmax, one)), to=7)
+    by_row = op.Sub(one, by_channel)
+    # channels: the columns S uses, gathered once, times a dense (out x n_used) block
+    n_ch = op.Mul(nnz, by_channel)
+    ch_cols = op.Slice(used, zero, op.Mul(op.Shape(used), by_channel))
+    ch_where = op.Concat(op.Unsqueeze(op.Slice(row64, zero, n_ch), one),
+                         op.Unsqueeze(op.Slice(inverse, zero, n_ch), one), axis=1)
+    ch_block = op.ScatterND(
+        op.Expand(op.CastLike(op.Constant(value_float=0.0), values),
+                  op.Concat(out_features, op.Shape(ch_cols), axis=0)),
+        ch_where, op.Slice(values, zero, n_ch))
+    # ELL: each output row's entries, padded to kmax with column 0 / value 0
+    n_ell = op.Mul(nnz, by_row)
+    ell_entries = op.Slice(entries, zero, n_ell)
+    ell_rows = op.Gather(row64, ell_entries, axis=0)
+    ell_pos = op.Sub(ell_entries, op.Gather(crow64, ell_rows, axis=0))
+    ell_where = op.Concat(op.Unsqueeze(ell_rows, one), op.Unsqueeze(ell_pos, one), axis=1)
+    ell_shape = op.Concat(out_features, op.Mul(kmax, by_row), axis=0)
+    ell_col = op.ScatterND(op.Expand(op.Constant(value_int=0), ell_shape), ell_where,
+                           op.Gather(col64, ell_entries, axis=0))
+    ell_val = op.ScatterND(op.Expand(op.CastLike(op.Constant(value_float=0.0), values), ell_shape),
+                           ell_where, op.Gather(values, ell_entries, axis=0))
+    # -- per call -----------------------------------------------------------------------
+    # scale * (x Aᵀ) Bᵀ + bias
+    y = op.Gemm(op.Gemm(x2, A, transB=1), B, bias, alpha=scale, transB=1)
+    # channel part: x[:, cols] · blockᵀ, accumulated into y by Gemm's C
+    y = op.Gemm(op.Gather(xt, ch_cols, axis=0), ch_block, y, transA=1, transB=1)
+    # ELL part: gather each row's input features (out x kmax x M), one batched MatMul
+    ell = op.MatMul(op.Unsqueeze(ell_val, one), op.Gather(xt, ell_col, axis=0))   # out x 1 x M
     tokens = op.Shape(x2, start=0, end=1)
-    sparse = op.Reshape(sparse, op.Concat(out_features, tokens, axis=0))
-    out = op.Add(y, op.Transpose(sparse, perm=[1, 0]))
+    ell = op.Transpose(op.Reshape(ell, op.Concat(out_features, tokens, axis=0)), perm=[1, 0])
+    out = op.Add(y, ell)
     return op.Reshape(out, op.Concat(lead, out_features, axis=0))
 
 
