@@ -69,7 +69,9 @@ fwd+bwd at 4096x4096: 6.9 ms, against dense cuBLAS 2.5 ms and the SLTrain path 3
 The gathers are the cost: ``x Sᵀ`` and ``g S`` each move nnz·M gathered elements
 (8.2e9 at this shape) through L2 with one FMA each, about 2 ms apiece; ncu showed L2
 throughput at 50-85% of peak and instruction issue at 55-75%, so they are limited by
-L2 bandwidth and latency, not by arithmetic. Only where cuBLAS is slow on an
+L2 bandwidth and latency, not by arithmetic. A tensor-core SpMM that built tiles of
+``Sᵀ`` in registers from the entries was correct but 5x to 150x slower than the gather
+and is not included (benchmarks/README.md lists what was tried). Only where cuBLAS is slow on an
 unaligned dimension (2048 -> 5461) is the op faster than dense.
 """
 from __future__ import annotations
