@@ -70,7 +70,7 @@ The gathers are the cost: ``x Sᵀ`` and ``g S`` each move nnz·M gathered eleme
 (8.2e9 at this shape) through L2 with one FMA each, about 2 ms apiece; ncu showed L2
 throughput at 50-85% of peak and instruction issue at 55-75%, so they are limited by
 L2 bandwidth and latency, not by arithmetic. A tensor-core SpMM that built tiles of
-``Sᵀ`` in registers from the entries was correct but 5x to 150x slower than the gather
+``Sᵀ`` in registers from the entries was correct but 4x to 150x slower than the gather
 and is not included (benchmarks/README.md lists what was tried). Only where cuBLAS is slow on an
 unaligned dimension (2048 -> 5461) is the op faster than dense.
 """
