@@ -98,6 +98,26 @@ def test_gpt2_conv1d_rewritten_runs_in_onnxruntime(tmp_path):
     assert_ort_matches(path, model, [(2, 5), (1, 9)], 128)
 
 
+def test_keyword_inputs_with_attention_mask(tmp_path):
+    """Inputs given as keywords (sliced views as examples); batch and sequence dynamic."""
+    result = sr.rewrite(tiny_gpt2(), policy("transformer.h.*.mlp.c_*"))
+    model = result.model
+    big_ids = torch.randint(0, 128, (4, 12))
+    big_mask = torch.ones(4, 12, dtype=torch.long)
+    path = tmp_path / "gpt2_kw.onnx"
+    export_onnx(model, (), path, kwargs={"input_ids": big_ids[:2, :6],
+                                         "attention_mask": big_mask[1:3, :6]})
+    onnx_model = check_file(path, 4)
+    assert [i.name for i in onnx_model.graph.input] == ["input_ids", "attention_mask"]
+    sess = ort_session(path)
+    ids, mask = torch.randint(0, 128, (3, 9)), torch.ones(3, 9, dtype=torch.long)
+    mask[0, 6:] = 0     # right padding: every query still sees a key
+    (logits,) = sess.run(None, ort_inputs(sess, (), {"input_ids": ids, "attention_mask": mask}))
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    np.testing.assert_allclose(logits, ref.numpy(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_op_with_and_without_bias_exact_at_full_rank(tmp_path, bias):
     torch.manual_seed(1)

@@ -204,6 +204,9 @@ def export_onnx(model: torch.nn.Module, args: Any, path: str | os.PathLike,
     """
     args = args if isinstance(args, tuple) else (args,)
     kwargs = export_kwargs(model, kwargs)
+    # views (e.g. slices) as example inputs trip torch.export's input guards
+    args, kwargs = pytree.tree_map(
+        lambda v: v.contiguous() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     default_dims = dynamic_shapes is None
     if default_dims:
         dynamic_shapes = default_dynamic_shapes(model, args, kwargs)
