@@ -186,6 +186,37 @@ def _cache_key(fingerprint: str, site: LinearSite) -> tuple:
     return (fingerprint, site.fqn, site.weight._version, bias_version)
 
 
+_LINEAR_TYPE_NAMES = ("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D")
+_WARNED_RULES: set = set()   # (policy fingerprint, rule index) already reported
+
+
+def unsupported_rules(policy) -> list:
+    """Rules whose pass does not rewrite linear layers: the backend cannot apply them."""
+    from structrewrite.rewriter import registry
+
+    out = []
+    for rule in policy.rules:
+        if rule.rewrite is None:
+            continue
+        types = getattr(registry.get_pass(rule.rewrite).pattern, "types", ())
+        if not any(t in _LINEAR_TYPE_NAMES for t in types):
+            out.append(rule)
+    return out
+
+
+def _warn_unsupported(policy, fingerprint: str) -> None:
+    rules = [r for r in unsupported_rules(policy) if (fingerprint, r.index) not in _WARNED_RULES]
+    if not rules:
+        return
+    _WARNED_RULES.update((fingerprint, r.index) for r in rules)
+    shown = "; ".join(f"rule {r.index} ({r.describe()})" for r in rules)
+    warnings.warn(
+        f"structrewrite backend: {shown} rewrite(s) blocks, which the compile backend does not "
+        "apply (it rewrites linear layers of the captured graph only); those sites stay as "
+        "they are. Rewrite the model eagerly with sr.rewrite(model, policy) and compile the "
+        "result to get them.", UserWarning, stacklevel=3)
+
+
 def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str, nn.Module]:
     """Apply ``policy`` to the linear sites of ``gm`` in place; returns FQN -> new module."""
     from structrewrite.rewriter.api import rewrite
@@ -196,6 +227,7 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str,
         return {}
     pol = Policy.coerce(policy)
     fingerprint = json.dumps(pol.to_dict(), sort_keys=True, default=str)
+    _warn_unsupported(pol, fingerprint)
     new = {}
     root = nn.Module()
     stand_ins = {}

@@ -200,6 +200,21 @@ def test_policy_resolves_like_sr_rewrite_and_recompile_reuses_modules():
     assert all(not p.requires_grad for m in first.values() for p in m.parameters())
 
 
+def test_block_level_rules_are_reported_as_not_applied(monkeypatch):
+    from types import SimpleNamespace
+
+    from structrewrite.rewriter import registry
+
+    kinds = {"sparse_lowrank": registry.get_pass("sparse_lowrank"),
+             "attention_pass": SimpleNamespace(pattern=SimpleNamespace(types=("LlamaAttention",)))}
+    monkeypatch.setattr(registry, "get_pass", kinds.__getitem__)
+    rules = [SimpleNamespace(index=0, rewrite="sparse_lowrank"),
+             SimpleNamespace(index=1, rewrite="attention_pass"),
+             SimpleNamespace(index=2, rewrite=None)]
+    found = backend_mod.unsupported_rules(SimpleNamespace(rules=rules))
+    assert [r.index for r in found] == [1]
+
+
 def test_policy_on_training_graph_is_refused():
     model = tiny_llama().train()
     compiled = torch.compile(model, backend="structrewrite",
