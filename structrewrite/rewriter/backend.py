@@ -302,8 +302,7 @@ def structrewrite_backend(gm: torch.fx.GraphModule, example_inputs, options: Opt
                           mode: Optional[str] = None, **kwargs):
     """``torch.compile`` backend; see the module docstring. Reached by name through the
     ``torch_dynamo_backends`` entry point, so it is never registered here."""
-    options = dict(options or {})
-    options.update(kwargs.pop("options", None) or {})
+    options = {**(options or {}), **kwargs}
     policy = options.pop("policy", None)
     compiler = options.pop("compiler", "inductor")
     if compiler not in ("inductor", "eager"):

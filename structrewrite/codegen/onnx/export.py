@@ -152,7 +152,7 @@ def name_custom_nodes(model_ir) -> dict[str, str]:
     return sites
 
 
-def _rename_default_axes(program, args: tuple, kwargs: dict) -> None:
+def _rename_default_axes(program) -> None:
     """Name the symbolic dims at positions 0 / 1 of the inputs ``batch`` / ``seq`` where
     that naming is unambiguous (one symbol per position)."""
     by_pos: dict[int, set] = {0: set(), 1: set()}
@@ -219,7 +219,7 @@ def export_onnx(model: torch.nn.Module, args: Any, path: str | os.PathLike,
     attach_functions(program.model)
     name_custom_nodes(program.model)
     if default_dims:
-        _rename_default_axes(program, args, kwargs)
+        _rename_default_axes(program)
     if external_data is None:
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         nbytes += sum(b.numel() * b.element_size() for b in model.buffers())
