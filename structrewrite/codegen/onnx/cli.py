@@ -13,7 +13,9 @@ import argparse
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export-onnx", help="export a (rewritten) model to ONNX; check ONNX Runtime parity",
-        description=__doc__.split("\n\n")[0])
+        description="Export a model (rewritten first with --policy) to ONNX: structured ops "
+                    "become com.structrewrite nodes with function bodies, run by stock ONNX "
+                    "Runtime. Then check ONNX Runtime against PyTorch on the example inputs.")
     p.add_argument("model", help="package.module:callable returning (model, example_inputs)")
     p.add_argument("--out", "-o", required=True, help="output .onnx file")
     p.add_argument("--policy", "-p", help="rewrite with this YAML or JSON policy first")
