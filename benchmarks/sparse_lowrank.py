@@ -39,6 +39,15 @@ def _support(out_f, in_f, density, device, gen):
     return crow.to(device), col.to(device), row.to(device)
 
 
+def _channel_support(out_f, in_f, density, device, gen):
+    """LOST's channel-wise support: round(density * in) input channels, all rows."""
+    from structrewrite.nn.sparse_lowrank import csr_from_flat, lost_channels
+    cols = torch.sort(torch.randperm(in_f, generator=gen)[:lost_channels(in_f, density)]).values
+    flat = (torch.arange(out_f).unsqueeze(1) * in_f + cols.unsqueeze(0)).flatten()
+    crow, col, row = csr_from_flat(flat, out_f, in_f)
+    return crow.to(device), col.to(device), row.to(device)
+
+
 def _rel(a, b):
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -51,9 +60,10 @@ def check(report: Report) -> bool:
     from structrewrite.codegen.triton import sparse_lowrank as sl
 
     tol = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
-    cases = [  # (M, in, out, rank, density, bias)
-        (1000, 1000, 1500, 64, 0.03, True), (333, 777, 555, 300, 0.1, False),
-        (4097, 512, 1030, 8, 0.0, True), (1, 256, 300, 128, 0.05, True),
+    cases = [  # (M, in, out, rank, density, bias, support)
+        (1000, 1000, 1500, 64, 0.03, True, "random"), (333, 777, 555, 300, 0.1, False, "random"),
+        (4097, 512, 1030, 8, 0.0, True, "random"), (1, 256, 300, 128, 0.05, True, "random"),
+        (1000, 1000, 1500, 64, 0.03, True, "channel"), (333, 777, 555, 300, 0.1, False, "channel"),
     ]
     poisoned = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
     saved, sl._empty = sl._empty, poisoned
@@ -62,8 +72,9 @@ def check(report: Report) -> bool:
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     try:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            for M, in_f, out_f, rank, dens, has_bias in cases:
-                crow, col, row = _support(out_f, in_f, dens, "cuda", gen)
+            for M, in_f, out_f, rank, dens, has_bias, support in cases:
+                make = _channel_support if support == "channel" else _support
+                crow, col, row = make(out_f, in_f, dens, "cuda", gen)
                 nnz = col.numel()
                 cpu = dict(x=torch.randn(M, in_f, generator=gen),
                            A=torch.randn(rank, in_f, generator=gen) / in_f ** 0.5,
@@ -90,12 +101,12 @@ def check(report: Report) -> bool:
                 finite = bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
                 ok = finite and max(errs) < tol[dtype]
                 ok_all &= ok
-                rows.append([str(dtype).replace("torch.", ""), f"{M}x{in_f}->{out_f}", rank, nnz,
+                rows.append([str(dtype).replace("torch.", ""), support, f"{M}x{in_f}->{out_f}", rank, nnz,
                              has_bias, *[f"{e:.1e}" for e in errs], "yes" if ok else "NO"])
     finally:
         sl._empty, sl.TUNE = saved, tune
     report.table("Correctness on the device (relative Frobenius error against the reference in float64)",
-                 ["dtype", "M x in -> out", "rank", "nnz", "bias", "y", "dx", "dA", "dB", "dvalues", "pass"],
+                 ["dtype", "support", "M x in -> out", "rank", "nnz", "bias", "y", "dx", "dA", "dB", "dvalues", "pass"],
                  rows, note="Outputs poisoned with NaN before each run; tolerances bf16 1e-2, "
                             "fp16 5e-3, fp32 1e-4. Fresh random inputs each run.")
     return ok_all
@@ -119,11 +130,17 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         rowl, coll = row.long(), col.long()
         p = lambda *s: torch.nn.Parameter(torch.randn(*s, device=dev, dtype=dtype) / math.sqrt(s[-1]))  # noqa: E731
         A, B, values, W = p(rank, in_f), p(out_f, rank), p(nnz), p(out_f, in_f)
+        ccrow, ccol, crow_row = _channel_support(out_f, in_f, DENSITY, dev, gen)
+        cvalues = p(ccol.numel())
         xs = [torch.randn(M, in_f, device=dev, dtype=dtype, requires_grad=True) for _ in range(nsets)]
         gs = [torch.randn(M, out_f, device=dev, dtype=dtype) for _ in range(nsets)]
 
         def ours(x):
             return torch.ops.structrewrite.sparse_lowrank_linear(x, A, B, values, crow, col, row, None, scale)
+
+        def channel(x):
+            return torch.ops.structrewrite.sparse_lowrank_linear(x, A, B, cvalues, ccrow, ccol, crow_row,
+                                                                 None, scale)
 
         def dense(x):
             return F.linear(x, W)
@@ -136,9 +153,11 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         def lowrank(x):
             return F.linear(F.linear(x, A), B)
 
-        peers = {"ours": (ours, [A, B, values]), "dense": (dense, [W]),
+        peers = {"ours": (ours, [A, B, values]), "channel": (channel, [A, B, cvalues]),
+                 "dense": (dense, [W]),
                  "sltrain": (sltrain, [A, B, values]), "lowrank": (lowrank, [A, B])}
-        case = {"in": in_f, "out": out_f, "M": M, "rank": rank, "nnz": nnz, "density": DENSITY}
+        case = {"in": in_f, "out": out_f, "M": M, "rank": rank, "nnz": nnz, "density": DENSITY,
+                "channel_nnz": ccol.numel()}
         for name, (fn, params) in peers.items():
             def fwd(i, fn=fn):
                 with torch.no_grad():
@@ -154,6 +173,9 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
             case[f"{name}_peak_extra_bytes"] = peak_extra(lambda: fwdbwd(0))
         with torch.no_grad():  # the tuned tiles at this shape, against the materialised weight
             case["rel_err_vs_sltrain_fwd"] = _rel(ours(xs[0]), sltrain(xs[0]))
+            Wc = ((B @ A) * scale).index_put((crow_row.long(), ccol.long()), cvalues, accumulate=True)
+            case["channel_rel_err_vs_materialised_fwd"] = _rel(channel(xs[0]), F.linear(xs[0], Wc))
+            del Wc
         # breakdown of ours (same tiles as the op uses)
         x0, g0 = xs[0].detach(), gs[0]
         xt, gt = sl.transpose(x0), sl.transpose(g0)
@@ -200,7 +222,7 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
                                  "dense_fwd": case["flops"]["dense_fwd"] / (cl["matmul_bf16_tflops"] * 1e9)}
         results.append(case)
         print(_case_line(case), flush=True)
-        del xs, gs, A, B, values, W
+        del xs, gs, A, B, values, W, cvalues
         torch.cuda.empty_cache()
     return results
 
@@ -216,8 +238,9 @@ def _lowrank_gemms(x, g, A, B):
 def _case_line(c):
     m = lambda k: c[k]["median_ms"]  # noqa: E731
     return (f"{c['in']}->{c['out']} r={c['rank']}: fwd+bwd ours {m('ours_fwdbwd'):.3f} dense {m('dense_fwdbwd'):.3f} "
-            f"sltrain {m('sltrain_fwdbwd'):.3f} lowrank {m('lowrank_fwdbwd'):.3f} | ratio dense "
-            f"{m('ours_fwdbwd') / m('dense_fwdbwd'):.2f} | breakdown {c['breakdown']}")
+            f"sltrain {m('sltrain_fwdbwd'):.3f} lowrank {m('lowrank_fwdbwd'):.3f} channel "
+            f"{m('channel_fwdbwd'):.3f} | ratio dense {m('ours_fwdbwd') / m('dense_fwdbwd'):.2f} "
+            f"channel/dense {m('channel_fwdbwd') / m('dense_fwdbwd'):.2f} | breakdown {c['breakdown']}")
 
 
 def tables(report: Report, cases: list[dict]):
@@ -243,10 +266,22 @@ def tables(report: Report, cases: list[dict]):
                           "useful FLOPs at the measured matmul rate.")
     rows = []
     for c in cases:
-        rows.append([f"{c['in']}->{c['out']}", *[c[f"{p}_peak_extra_bytes"] / 2**20 for p in ("ours", "dense", "sltrain", "lowrank")],
+        rows.append([f"{c['in']}->{c['out']}", *[c[f"{p}_peak_extra_bytes"] / 2**20 for p in ("ours", "channel", "dense", "sltrain", "lowrank")],
                      c["dense_free_bound_bytes"] / 2**20, c["dense_weight_bytes"] / 2**20])
+    chrows = [[f"{c['in']}->{c['out']}", {"fwdbwd": "fwd+bwd", "fwd": "fwd"}[w], c["rank"], c["channel_nnz"], m(c, f"channel_{w}"), m(c, f"dense_{w}"),
+               m(c, f"sltrain_{w}"), m(c, f"channel_{w}") / m(c, f"dense_{w}"),
+               m(c, f"sltrain_{w}") / m(c, f"channel_{w}"), c["channel_rel_err_vs_materialised_fwd"]]
+              for c in cases for w in ("fwdbwd", "fwd")]
+    report.table(f"Channel-wise support (LOST, init: lost): median ms (bf16, M={cases[0]['M']}, "
+                 f"rank=in/4, density {DENSITY})",
+                 ["in->out", "pass", "rank", "nnz", "ours (channel)", "dense", "sltrain", "ours/dense",
+                  "sltrain/ours", "fwd rel. error vs materialised W"], chrows,
+                 note="The same op with a support of round(density * in) whole input channels (LOST's "
+                      "channel-wise sparse component). The CUDA implementation detects the structure and "
+                      "folds the sparse part into the low-rank GEMMs (rank r -> r + k): cuBLAS only, no "
+                      "gathers. sltrain here is the random-support SLTrain path of the table above.")
     report.table("Peak extra memory of one fwd+bwd (MiB, gradients included)",
-                 ["in->out", "ours", "dense", "sltrain", "lowrank", "dense-free bound", "one out x in bf16 matrix"],
+                 ["in->out", "ours", "ours (channel)", "dense", "sltrain", "lowrank", "dense-free bound", "one out x in bf16 matrix"],
                  rows, note="Dense-free bound: y, dx, dA, dB, dvalues and the two M x rank intermediates. "
                             "Ours also holds xᵀ and gᵀ (M x in, M x out) and the cuBLAS low-rank outputs that "
                             "the sparse epilogues read; no out x in temporary.")
@@ -275,7 +310,7 @@ def llama_stack(layers: int, device, dtype):
     return LlamaModel(cfg).to(device=device, dtype=dtype)
 
 
-def sparsify(model, rank: int, density: float) -> int:
+def sparsify(model, rank: int, density: float, init: str = "random") -> int:
     from structrewrite.nn.sparse_lowrank import SparseLowRankLinear
     names = [n for n, mod in model.named_modules()
              if isinstance(mod, torch.nn.Linear) and n.startswith("layers.")]
@@ -283,7 +318,8 @@ def sparsify(model, rank: int, density: float) -> int:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         lin = getattr(parent, attr)
-        new = SparseLowRankLinear.from_dense(lin.weight, lin.bias, rank, density, init="random", key=name)
+        new = SparseLowRankLinear(lin.in_features, lin.out_features, rank, density, bias=lin.bias is not None,
+                                  init=init, key=name, device=lin.weight.device, dtype=lin.weight.dtype)
         with torch.no_grad():  # B starts at zero in SLTrain; time on random data instead
             new.B.normal_(0.0, 0.02)
         setattr(parent, attr, new)
@@ -295,10 +331,11 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int)
     out = {"layers": layers, "batch": batch, "seq": seq, "tokens_per_step": batch * seq,
            "rank": rank, "density": DENSITY}
     rows = []
-    for variant in ("dense", "sparse_lowrank"):
+    for variant in ("dense", "sparse_lowrank", "sparse_lowrank_channel"):
         model = llama_stack(layers, dev, dtype)
-        if variant == "sparse_lowrank":
-            out["replaced_linears"] = sparsify(model, rank, DENSITY)
+        if variant != "dense":
+            out["replaced_linears"] = sparsify(model, rank, DENSITY,
+                                               init="lost" if variant.endswith("channel") else "random")
         nparams = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         embs = [torch.randn(batch, seq, 2048, device=dev, dtype=dtype) for _ in range(2)]
@@ -325,13 +362,17 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int)
         del model, opt, embs
         torch.cuda.empty_cache()
     out["speedup"] = out["dense"]["step"]["median_ms"] / out["sparse_lowrank"]["step"]["median_ms"]
+    out["speedup_channel"] = (out["dense"]["step"]["median_ms"]
+                              / out["sparse_lowrank_channel"]["step"]["median_ms"])
     report.table(f"End to end: one training step (fwd, bwd, AdamW) of {layers} LLaMA-1B-shaped decoder layers",
                  ["model", "params (M)", "step ms (median)", "tokens/s", "peak memory (GiB)"], rows,
                  note=f"transformers LlamaModel layers (d=2048, ffn 5461, 16 heads, sdpa attention), bf16 "
                       f"parameters and AdamW, batch {batch} x seq {seq} = {batch * seq} tokens per step, "
                       f"loss = mean square of the last hidden state. sparse_lowrank: all "
                       f"{out.get('replaced_linears')} linears of the layers replaced (rank {rank}, density "
-                      f"{DENSITY}, random support). Dense / sparse_lowrank step time: {out['speedup']:.2f}x.")
+                      f"{DENSITY}; random support, or for sparse_lowrank_channel the channel-wise support of "
+                      f"init: lost). Dense / sparse_lowrank step time: {out['speedup']:.2f}x; dense / "
+                      f"sparse_lowrank_channel: {out['speedup_channel']:.2f}x.")
     return out
 
 
@@ -346,7 +387,7 @@ def plot(cases: list[dict], path):
     labels = [f"{c['in']}->{c['out']}" for c in cases]
     xs = range(len(cases))
     for ax, what, title in ((axes[0], "fwdbwd", "fwd+bwd"), (axes[1], "fwd", "forward")):
-        for peer, style in (("ours", "o-"), ("dense", "s-"), ("sltrain", "^-"), ("lowrank", "v--")):
+        for peer, style in (("ours", "o-"), ("channel", "D-"), ("dense", "s-"), ("sltrain", "^-"), ("lowrank", "v--")):
             ax.plot(xs, [c[f"{peer}_{what}"]["median_ms"] for c in cases], style, label=peer)
         ax.plot(xs, [c["flop_bound_ms"][f"ours_{what}"] for c in cases], "k:", label="FLOP bound (ours)")
         ax.plot(xs, [c["flop_bound_ms"][f"dense_{what}"] for c in cases], color="gray", ls=":",

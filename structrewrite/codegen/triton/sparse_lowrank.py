@@ -63,6 +63,13 @@ On CUDA the tiles of each kernel are picked by timing the candidate configs once
 defaults). The first call at a new shape therefore takes a few hundred ms, and it must
 not happen inside CUDA-graph capture. Tests and callers can pass configs explicitly.
 
+Channel-wise supports
+---------------------
+A support in which every output row holds the same input channels (LOST, ``init: lost``)
+does not go through these kernels: ``sparse_lowrank_channel.py`` folds it into the
+low-rank GEMMs (rank r -> r + k) and the op runs on cuBLAS alone. The CUDA
+implementation detects the structure once per support (cached on the buffers).
+
 Speed (H200, bf16, M=16384, rank in/4, density 3%; see benchmarks/)
 -------------------------------------------------------------------
 fwd+bwd at 4096x4096: 6.9 ms, against dense cuBLAS 2.5 ms and the SLTrain path 3.0 ms.
@@ -83,6 +90,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 
 OP = "structrewrite::sparse_lowrank_linear"
 OP_BACKWARD = "structrewrite::sparse_lowrank_linear_backward"
@@ -575,10 +584,16 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
 
 
 def _forward_cuda(x, A, B, values, crow, col, row, bias, scale):
+    cols = channel.channel_columns(crow, col, B.shape[0])
+    if cols is not None:          # channel-wise support (LOST): all dense GEMMs
+        return channel.forward(x, A, B, values, cols, bias, scale)
     return forward(x, A, B, values, crow, col, row, bias, scale)
 
 
 def _backward_cuda(grad, x, A, B, values, crow, col, row, scale):
+    cols = channel.channel_columns(crow, col, B.shape[0])
+    if cols is not None:
+        return channel.backward(grad, x, A, B, values, cols, scale)
     return backward(grad, x, A, B, values, crow, col, row, scale)
 
 
