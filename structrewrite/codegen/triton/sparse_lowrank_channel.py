@@ -5,17 +5,20 @@ sparse component, ``init: lost``), ``x Sᵀ = x[:, cols] Vᵀ`` with ``V = value
 (values are stored row by row, columns ascending). The op then folds the sparse part
 into the low-rank GEMMs by widening the rank from r to r + k:
 
-    t  = [x Aᵀ, x[:, cols]]            M x (r+k)   (one GEMM and a k-column gather)
-    W' = [s·B, V]                      out x (r+k) (never out x in)
+    A' = [A; E; 0]                     R x in   (E: one-hot rows picking the k channels)
+    W' = [s·B, V, 0]                   out x R  (never out x in)
+    t  = x A'ᵀ = [x Aᵀ, x[:, cols], 0]
     y  = t W'ᵀ + bias
 
 and the backward, with ``dt = g W'``:
 
-    dA = dt[:, :r]ᵀ x          dx = dt[:, :r] A, plus dt[:, r:] added at the columns
-    dB = s · gᵀ t[:, :r]       d values = (gᵀ x[:, cols]).flatten()
+    dx = dt A'                 (the one-hot rows add dt's channel columns at cols)
+    dA = dt[:, :r]ᵀ x          dB = s · (gᵀ t)[:, :r]      d values = (gᵀ t)[:, r:r+k]
 
-so the whole op runs on the tensor cores (cuBLAS) at the FLOPs of a rank-(r+k) layer,
-with no gathers over the support. Unstructured supports (SLTrain's random support) keep
+R = r + k rounded up to a multiple of 64 (zero padding), because cuBLAS is only fast on
+aligned leading dimensions (benchmarks/README.md has the unpadded version's time).
+The whole op runs on the tensor cores at the FLOPs of a rank-R layer, with no gathers
+over the support. Unstructured supports (SLTrain's random support) keep
 the Triton gather/SDDMM kernels of ``sparse_lowrank.py``; the CUDA implementation picks
 per support, once, with the detection below cached on the support buffers.
 """
@@ -59,26 +62,47 @@ def _detect(crow, col, out_features) -> Optional[torch.Tensor]:
     return grid[0].long().contiguous()
 
 
+def _pad(n: int) -> int:
+    """Inner GEMM width rounded up to a multiple of 64: cuBLAS runs its fast (aligned)
+    kernels only when the leading dimensions are multiples of 16 bytes."""
+    return -(-n // 64) * 64
+
+
+def _widened(A, B, values, cols, scale):
+    """A' = [A; E_cols; 0] (R x in), E_cols the one-hot rows that pick the channels, and
+    W' = [s·B, V, 0] (out x R), with R = r + k rounded up to a multiple of 64."""
+    r, in_features = A.shape
+    out_features, k = B.shape[0], cols.numel()
+    R = _pad(r + k)
+    Aw = A.new_zeros(R, in_features)
+    Aw[:r] = A
+    Aw[r + torch.arange(k, device=A.device), cols] = 1
+    Ww = B.new_zeros(out_features, R)
+    Ww[:, :r] = B * scale
+    Ww[:, r:r + k] = values.view(out_features, k)
+    return Aw, Ww
+
+
 def forward(x, A, B, values, cols, bias, scale):
-    in_features, out_features, r = A.shape[1], B.shape[0], A.shape[0]
+    in_features, out_features = A.shape[1], B.shape[0]
+    Aw, Ww = _widened(A, B, values, cols, scale)
     x2 = x.reshape(-1, in_features)
-    t = torch.cat([x2 @ A.t(), x2.index_select(1, cols)], dim=1)
-    w = torch.cat([B * scale, values.view(out_features, -1)], dim=1)
-    y = torch.addmm(bias, t, w.t()) if bias is not None else t @ w.t()
+    t = x2 @ Aw.t()                                      # [x Aᵀ, x[:, cols], 0]
+    y = torch.addmm(bias, t, Ww.t()) if bias is not None else t @ Ww.t()
     return y.reshape(*x.shape[:-1], out_features)
 
 
 def backward(grad, x, A, B, values, cols, scale):
-    in_features, out_features, r = A.shape[1], B.shape[0], A.shape[0]
+    in_features, out_features = A.shape[1], B.shape[0]
+    r, k = A.shape[0], cols.numel()
+    Aw, Ww = _widened(A, B, values, cols, scale)
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
-    w = torch.cat([B * scale, values.view(out_features, -1)], dim=1)
-    dt = g2 @ w                                           # M x (r+k)
+    dt = g2 @ Ww                                         # M x R
+    dx = dt @ Aw                                         # the one-hot rows add dt[:, r:r+k] at cols
     dA = dt[:, :r].t() @ x2
-    dx = dt[:, :r] @ A
-    dx.index_add_(1, cols, dt[:, r:])
-    t = torch.cat([x2 @ A.t(), x2.index_select(1, cols)], dim=1)
-    dw = g2.t() @ t                                       # out x (r+k)
+    t = x2 @ Aw.t()
+    dw = g2.t() @ t                                      # out x R
     dB = dw[:, :r] * scale
-    dv = dw[:, r:].reshape(-1)
+    dv = dw[:, r:r + k].reshape(-1)
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv.to(values.dtype)
