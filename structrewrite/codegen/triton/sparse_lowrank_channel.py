@@ -68,18 +68,36 @@ def _pad(n: int) -> int:
     return -(-n // 64) * 64
 
 
+_BLOCKS: dict = {}
+
+
+def _constant_blocks(cols: torch.Tensor, in_features: int, out_features: int, r: int, dtype):
+    """The parts of A' and W' that do not change while training, made once per support:
+    E (k + pad rows: one-hot rows picking the channels, then zero rows) and the zero
+    columns that pad W'. Keeping them cuts the op to a few launches (it is launch-bound
+    at small M)."""
+    k = cols.numel()
+    pad = _pad(r + k) - r - k
+    key = (cols.data_ptr(), k, in_features, out_features, pad, dtype, cols.device)
+    hit = _BLOCKS.get(key)
+    if hit is not None and hit[0]() is cols:
+        return hit[1], hit[2]
+    E = torch.zeros(k + pad, in_features, dtype=dtype, device=cols.device)
+    E[torch.arange(k, device=cols.device), cols] = 1
+    Z = torch.zeros(out_features, pad, dtype=dtype, device=cols.device)
+    if len(_BLOCKS) >= _CACHE_MAX:
+        _BLOCKS.pop(next(iter(_BLOCKS)))
+    _BLOCKS[key] = (weakref.ref(cols), E, Z)
+    return E, Z
+
+
 def _widened(A, B, values, cols, scale):
-    """A' = [A; E_cols; 0] (R x in), E_cols the one-hot rows that pick the channels, and
-    W' = [s·B, V, 0] (out x R), with R = r + k rounded up to a multiple of 64."""
+    """A' = [A; E] (R x in) and W' = [s·B, V, 0] (out x R), R = r + k rounded up to 64."""
     r, in_features = A.shape
-    out_features, k = B.shape[0], cols.numel()
-    R = _pad(r + k)
-    Aw = A.new_zeros(R, in_features)
-    Aw[:r] = A
-    Aw[r + torch.arange(k, device=A.device), cols] = 1
-    Ww = B.new_zeros(out_features, R)
-    Ww[:, :r] = B * scale
-    Ww[:, r:r + k] = values.view(out_features, k)
+    out_features = B.shape[0]
+    E, Z = _constant_blocks(cols, in_features, out_features, r, A.dtype)
+    Aw = torch.cat([A, E], dim=0)
+    Ww = torch.cat([B * scale, values.view(out_features, -1), Z], dim=1)
     return Aw, Ww
 
 
