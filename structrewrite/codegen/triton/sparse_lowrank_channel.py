@@ -16,7 +16,7 @@ and the backward, with ``dt = g W'``:
     dA = dt[:, :r]ᵀ x          dB = s · (gᵀ t)[:, :r]      d values = (gᵀ t)[:, r:r+k]
 
 R = r + k rounded up to a multiple of 64 (zero padding), because cuBLAS is only fast on
-aligned leading dimensions (benchmarks/README.md has the unpadded version's time).
+aligned leading dimensions (benchmarks/README.md has the times of each version).
 The whole op runs on the tensor cores at the FLOPs of a rank-R layer, with no gathers
 over the support. Unstructured supports (SLTrain's random support) keep
 the Triton gather/SDDMM kernels of ``sparse_lowrank.py``; the CUDA implementation picks
