@@ -11,27 +11,9 @@ import structrewrite as sr
 from structrewrite.nn import SparseLowRankLinear
 from structrewrite.rewriter import backend as backend_mod
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-
-def policy(match, rank=8, density=0.05):
-    return {"version": 1, "rules": [{"match": match, "rewrite": "sparse_lowrank",
-                                     "with": {"rank": rank, "density": density, "init": "svd"}}]}
-
-
-def tiny_llama():
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                   max_position_embeddings=64, use_cache=False)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2():
-    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
-                                  use_cache=False, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+from hf_tiny import policy, tiny_gpt2, tiny_llama  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
