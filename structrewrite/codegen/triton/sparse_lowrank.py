@@ -85,7 +85,6 @@ dense. Channel-wise supports (above) run at 0.75x dense at 4096x4096.
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Optional
 
 import torch
@@ -93,6 +92,7 @@ import triton
 import triton.language as tl
 
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
+from structrewrite.codegen.triton.support_cache import cached
 
 OP = "structrewrite::sparse_lowrank_linear"
 OP_BACKWARD = "structrewrite::sparse_lowrank_linear_backward"
@@ -292,33 +292,24 @@ def _spmm_nsplit(cfg, M: int, nrows: int, device) -> int:
     return max(1, min(triton.cdiv(nrows, BN), triton.cdiv(want, tiles) if tiles < want else 8))
 
 
-_SEG_CACHE: dict = {}
-
-
 def segments(ptr: torch.Tensor, idx: torch.Tensor, owner: torch.Tensor, nfeat: int,
              width: int) -> torch.Tensor:
     """(nrows, nch + 1) int32: entry offsets of each row at each ``width``-wide feature
     chunk (chunk ``c`` of row ``n`` is ``seg[n, c]:seg[n, c + 1]``); ``owner`` is the row of
     each entry. Entries are sorted by feature inside a row, so chunks are contiguous.
-    Cached on the identity and version of ``ptr`` and ``idx``."""
+    Made once per support (``support_cache``)."""
     nrows = ptr.numel() - 1
     nch = max(1, triton.cdiv(nfeat, width)) if width else 1
-    key = (ptr.data_ptr(), idx.data_ptr(), ptr._version, idx._version, idx.numel(), nfeat, nch)
-    hit = _SEG_CACHE.get(key)
-    if hit is not None and hit[0]() is ptr and hit[1]() is idx:
-        return hit[2]
-    if nch == 1:
-        seg = torch.stack((ptr[:-1], ptr[1:]), 1).contiguous()
-    else:
+
+    def build():
+        if nch == 1:
+            return torch.stack((ptr[:-1], ptr[1:]), 1).contiguous()
         chunk = torch.div(idx.long(), width, rounding_mode="floor")
         counts = torch.bincount(owner.long() * nch + chunk, minlength=nrows * nch).view(nrows, nch)
         seg = torch.zeros((nrows, nch + 1), dtype=torch.int64, device=ptr.device)
         seg[:, 1:] = torch.cumsum(counts, 1)
-        seg = (seg + ptr[:-1].long().unsqueeze(1)).int()
-    if len(_SEG_CACHE) >= 4096:
-        _SEG_CACHE.pop(next(iter(_SEG_CACHE)))
-    _SEG_CACHE[key] = (weakref.ref(ptr), weakref.ref(idx), seg)
-    return seg
+        return (seg + ptr[:-1].long().unsqueeze(1)).int()
+    return cached("segments", (ptr, idx), (nfeat, nch), build)
 
 
 def gather_spmm(pt: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
@@ -435,37 +426,18 @@ def transpose(a: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------
 # CSC copy of the support (for dx), cached
 # ----------------------------------------------------------------------------------
-class _Csc:
-    __slots__ = ("ptr", "idx", "perm", "owner", "refs", "key")
-
-
-_CSC_CACHE: dict = {}
-_CSC_CACHE_MAX = 1024
-
-
 def csc_of(col: torch.Tensor, row: torch.Tensor, in_features: int):
     """(col_ptr (in+1), row of each entry, perm into values, column of each entry), all
     int32, for the support given in CSR order: the same entries sorted by column, then
-    row. Cached on the identity and version of the buffers."""
-    key = (col.data_ptr(), row.data_ptr(), col._version, row._version, col.numel(),
-           in_features, col.device)
-    hit = _CSC_CACHE.get(key)
-    if hit is not None and hit.refs[0]() is col and hit.refs[1]() is row:
-        return hit.ptr, hit.idx, hit.perm, hit.owner
-    colv = col.long()
-    perm = torch.sort(colv, stable=True).indices        # rows stay ascending inside a column
-    counts = torch.bincount(colv, minlength=in_features)
-    ptr = torch.zeros(in_features + 1, dtype=torch.int32, device=col.device)
-    ptr[1:] = torch.cumsum(counts, 0)
-    entry = _Csc()
-    entry.ptr, entry.idx, entry.perm = ptr, row[perm].contiguous(), perm.int()
-    entry.owner = col[perm].contiguous()
-    entry.refs = (weakref.ref(col), weakref.ref(row))
-    entry.key = key
-    if len(_CSC_CACHE) >= _CSC_CACHE_MAX:
-        _CSC_CACHE.pop(next(iter(_CSC_CACHE)))
-    _CSC_CACHE[key] = entry
-    return entry.ptr, entry.idx, entry.perm, entry.owner
+    row. Made once per support (``support_cache``)."""
+    def build():
+        colv = col.long()
+        perm = torch.sort(colv, stable=True).indices        # rows stay ascending inside a column
+        counts = torch.bincount(colv, minlength=in_features)
+        ptr = torch.zeros(in_features + 1, dtype=torch.int32, device=col.device)
+        ptr[1:] = torch.cumsum(counts, 0)
+        return ptr, row[perm].contiguous(), perm.int(), col[perm].contiguous()
+    return cached("csc", (col, row), (in_features, col.device), build)
 
 
 # ----------------------------------------------------------------------------------

@@ -24,28 +24,17 @@ per support, once, with the detection below cached on the support buffers.
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 
-_CACHE: dict = {}
-_CACHE_MAX = 1024
-
+from structrewrite.codegen.triton.support_cache import cached
 
 def channel_columns(crow: torch.Tensor, col: torch.Tensor, out_features: int) -> Optional[torch.Tensor]:
     """The k shared input channels (int64) if every row of the support holds exactly the
-    same columns, else None. Cached on the identity and version of the buffers."""
-    key = (crow.data_ptr(), col.data_ptr(), crow._version, col._version, col.numel(),
-           out_features, col.device)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is crow and hit[1]() is col:
-        return hit[2]
-    cols = _detect(crow, col, out_features)
-    if len(_CACHE) >= _CACHE_MAX:
-        _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = (weakref.ref(crow), weakref.ref(col), cols)
-    return cols
+    same columns, else None. Detected once per support (``support_cache``)."""
+    return cached("channels", (crow, col), (out_features, col.device),
+                  lambda: _detect(crow, col, out_features))
 
 
 def _detect(crow, col, out_features) -> Optional[torch.Tensor]:
@@ -68,9 +57,6 @@ def _pad(n: int) -> int:
     return -(-n // 64) * 64
 
 
-_BLOCKS: dict = {}
-
-
 def _constant_blocks(cols: torch.Tensor, in_features: int, out_features: int, r: int, dtype):
     """The parts of A' and W' that do not change while training, made once per support:
     E (k + pad rows: one-hot rows picking the channels, then zero rows) and the zero
@@ -78,17 +64,12 @@ def _constant_blocks(cols: torch.Tensor, in_features: int, out_features: int, r:
     at small M)."""
     k = cols.numel()
     pad = _pad(r + k) - r - k
-    key = (cols.data_ptr(), k, in_features, out_features, pad, dtype, cols.device)
-    hit = _BLOCKS.get(key)
-    if hit is not None and hit[0]() is cols:
-        return hit[1], hit[2]
-    E = torch.zeros(k + pad, in_features, dtype=dtype, device=cols.device)
-    E[torch.arange(k, device=cols.device), cols] = 1
-    Z = torch.zeros(out_features, pad, dtype=dtype, device=cols.device)
-    if len(_BLOCKS) >= _CACHE_MAX:
-        _BLOCKS.pop(next(iter(_BLOCKS)))
-    _BLOCKS[key] = (weakref.ref(cols), E, Z)
-    return E, Z
+
+    def build():
+        E = torch.zeros(k + pad, in_features, dtype=dtype, device=cols.device)
+        E[torch.arange(k, device=cols.device), cols] = 1
+        return E, torch.zeros(out_features, pad, dtype=dtype, device=cols.device)
+    return cached("channel_blocks", (cols,), (in_features, out_features, pad, dtype, cols.device), build)
 
 
 def _widened(A, B, values, cols, scale):
