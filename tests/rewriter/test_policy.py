@@ -287,9 +287,11 @@ def test_fuzz_yaml_text(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("fz") / "p.yaml"
     path.write_text(text)
     try:
-        sr.plan(_FUZZ_NET, path)
-    except sr.PolicyError:
-        pass
+        plan = sr.plan(_FUZZ_NET, path)
+    except sr.PolicyError as e:
+        assert str(e).startswith(str(path)) and "Fix: " in str(e)
+    else:
+        assert isinstance(plan, sr.Plan)
 
 
 _VALID = {"version": 1, "defaults": {"seed": 1, "density": 0.05}, "rules": [
