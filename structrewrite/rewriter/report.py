@@ -99,10 +99,6 @@ class Report:
         console.print(f"model parameters: {self.model_params_before:,} -> {self.model_params_after:,}")
         return buf.getvalue()
 
-    def print(self, console: Optional[Console] = None) -> None:
-        (console or Console()).print(_table("rewrite report", self._HEAD, list(self._rows()),
-                                            self._total_row()))
-
 
 def _human(x) -> str:
     x = float(x)

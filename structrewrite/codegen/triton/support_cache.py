@@ -29,7 +29,3 @@ def cached(kind: str, tensors: Sequence[torch.Tensor], extra: tuple, build: Call
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = (tuple(weakref.ref(t) for t in tensors), value)
     return value
-
-
-def clear() -> None:
-    _CACHE.clear()
