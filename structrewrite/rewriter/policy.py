@@ -447,7 +447,7 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
     entries: dict[str, PlanEntry] = {}
     kept: list[str] = []
     hits = [0] * len(policy.rules)
-    refused: list[list[str]] = [[] for _ in policy.rules]
+    refused: list[list[tuple]] = [[] for _ in policy.rules]   # (fqn, NoMatch): explained on error only
     exact = {r.selector.exact: r for r in reversed(policy.rules) if r.selector.exact is not None}
 
     def inside_claimed(fqn):
@@ -472,7 +472,7 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
                 else:
                     m = p.accepts(module)
                     if not m:
-                        refused[rule.index].append(f"{fqn} ({m.reason})")
+                        refused[rule.index].append((fqn, m))
                         continue
                     dims = p.dims(m)
                     options = _instantiate(p, rule, fqn, dims, policy)
@@ -485,7 +485,7 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
         if hits[rule.index] == 0 and not rule.optional:
             why = ""
             if refused[rule.index]:
-                shown = "; ".join(refused[rule.index][:3])
+                shown = "; ".join(f"{fqn} ({m.reason})" for fqn, m in refused[rule.index][:3])
                 more = len(refused[rule.index]) - 3
                 why = f": it selects modules that {rule.rewrite} cannot rewrite: {shown}" + \
                     (f" and {more} more" if more > 0 else "")
