@@ -53,6 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from structrewrite.rewriter.capture import innermost_module
+
 log = logging.getLogger(__name__)
 
 _LINEAR_TARGETS = (torch._C._nn.linear, F.linear)
@@ -79,11 +81,8 @@ def fqn_from_source(source: str) -> str:
 
 
 def _innermost_module(node: torch.fx.Node) -> Optional[tuple[str, type]]:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    source, cls = list(stack.values())[-1]
-    return fqn_from_source(source), cls
+    where = innermost_module(node)
+    return (fqn_from_source(where[0]), where[1]) if where else None
 
 
 @dataclass

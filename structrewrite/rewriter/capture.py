@@ -136,15 +136,22 @@ _SDPA = {torch.ops.aten.scaled_dot_product_attention.default,
 _LINEAR = {torch.ops.aten.linear.default, torch.nn.functional.linear, torch._C._nn.linear}
 
 
+def innermost_module(node: fx.Node) -> Optional[tuple[str, Any]]:
+    """(path, module type) of the innermost entry of the node's ``nn_module_stack``, as the
+    tracer wrote them (a plain path for torch.export, a source expression for dynamo)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, mod_type = list(stack.values())[-1]
+    return path, mod_type
+
+
 def node_module_fqn(node: fx.Node, root: Optional[fx.GraphModule] = None) -> Optional[str]:
     """The FQN (relative to the captured block) of the module a node belongs to."""
     if node.op == "call_module":
         return node.target
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path or None
-    return None
+    where = innermost_module(node)
+    return (where[0] or None) if where else None
 
 
 def is_linear(node: fx.Node, root: Optional[fx.GraphModule] = None) -> bool:

@@ -26,6 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from structrewrite.codegen.onnx.registry import DOMAIN, DOMAIN_VERSION, translations
+from structrewrite.rewriter.capture import innermost_module
 
 _EXTERNAL_DATA_BYTES = 1 << 30
 _DEFAULT_AXIS_NAMES = ("batch", "seq")
@@ -36,10 +37,10 @@ class OnnxTranslationError(RuntimeError):
 
 
 def _site(node: torch.fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
+    where = innermost_module(node)
+    if where is None:
         return "<top level>"
-    fqn, mod_type = list(stack.values())[-1]
+    fqn, mod_type = where
     type_name = getattr(mod_type, "__name__", None) or str(mod_type).rsplit(".", 1)[-1]
     return f"{fqn or '<root>'} ({type_name})"
 
