@@ -41,9 +41,9 @@ def _support(out_f, in_f, density, device, gen):
 
 def _channel_support(out_f, in_f, density, device, gen):
     """LOST's channel-wise support: round(density * in) input channels, all rows."""
-    from structrewrite.nn.sparse_lowrank import csr_from_flat, lost_channels
-    cols = torch.sort(torch.randperm(in_f, generator=gen)[:lost_channels(in_f, density)]).values
-    flat = (torch.arange(out_f).unsqueeze(1) * in_f + cols.unsqueeze(0)).flatten()
+    from structrewrite.nn.sparse_lowrank import channel_flat, csr_from_flat, lost_channels
+    cols = torch.randperm(in_f, generator=gen)[:lost_channels(in_f, density)]
+    flat = channel_flat(cols, out_f, in_f)
     crow, col, row = csr_from_flat(flat, out_f, in_f)
     return crow.to(device), col.to(device), row.to(device)
 

@@ -50,6 +50,12 @@ def lost_channels(in_features: int, density: float) -> int:
     return int(math.floor(density * in_features + 0.5))
 
 
+def channel_flat(cols: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Flat indices (row * in + col), unsorted, of a channel-wise support: every row holds ``cols``."""
+    rows = torch.arange(out_features, device=cols.device).unsqueeze(1)
+    return (rows * in_features + cols.unsqueeze(0)).flatten()
+
+
 def csr_from_flat(flat: torch.Tensor, out_features: int, in_features: int):
     """Sorted flat indices (row * in + col) -> int32 (crow, col, row)."""
     flat = torch.sort(flat).values
@@ -120,7 +126,7 @@ class SparseLowRankLinear(nn.Module):
         m, n = self.out_features, self.in_features
         if self.init == "lost":
             cols = torch.randperm(n, generator=g)[: lost_channels(n, self.density)]
-            flat = (torch.arange(m).unsqueeze(1) * n + torch.sort(cols).values.unsqueeze(0)).flatten()
+            flat = channel_flat(cols, m, n)
         else:
             flat = torch.randperm(m * n, generator=g)[: self.nnz]
         self._set_support(flat)
@@ -163,9 +169,8 @@ class SparseLowRankLinear(nn.Module):
             flat = torch.topk(R.abs().flatten(), mod.nnz, sorted=False).indices
         else:  # lost: channel-wise support from the residual's column norms
             k = lost_channels(in_features, density)
-            cols = torch.sort(torch.topk(R.norm(dim=0), k).indices).values
-            flat = (torch.arange(out_features, device=cols.device).unsqueeze(1) * in_features
-                    + cols.unsqueeze(0)).flatten()
+            cols = torch.topk(R.norm(dim=0), k).indices
+            flat = channel_flat(cols, out_features, in_features)
         mod._set_support(flat)
         vals = R[mod.sparse_row.long().to(R.device), mod.sparse_col.long().to(R.device)]
         mod.A.copy_(A)

@@ -5,7 +5,7 @@ import torch
 
 import structrewrite  # noqa: F401
 from structrewrite.codegen.triton import sparse_lowrank_channel as ch
-from structrewrite.nn.sparse_lowrank import csr_from_flat
+from structrewrite.nn.sparse_lowrank import channel_flat, csr_from_flat
 
 op = torch.ops.structrewrite.sparse_lowrank_linear
 op_bwd = torch.ops.structrewrite.sparse_lowrank_linear_backward
@@ -13,8 +13,8 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def channel_support(out_f, in_f, k, gen):
-    cols = torch.sort(torch.randperm(in_f, generator=gen)[:k]).values
-    flat = (torch.arange(out_f).unsqueeze(1) * in_f + cols.unsqueeze(0)).flatten()
+    cols = torch.randperm(in_f, generator=gen)[:k]
+    flat = channel_flat(cols, out_f, in_f)
     return csr_from_flat(flat, out_f, in_f)
 
 
