@@ -4,7 +4,7 @@ import io
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from hf_tiny import tiny_gpt2, tiny_llama
 
 import structrewrite as sr
 from structrewrite.nn import SparseLowRankLinear
@@ -13,17 +13,12 @@ VOCAB = 101
 
 
 def llama(seed):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(seed, vocab_size=VOCAB, intermediate_size=160, tie_word_embeddings=False,
+                      use_cache=True)
 
 
 def gpt2(seed):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    return GPT2LMHeadModel(cfg)
+    return tiny_gpt2(seed, vocab_size=VOCAB, use_cache=True)
 
 
 MODELS = {
