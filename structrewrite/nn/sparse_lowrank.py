@@ -18,6 +18,15 @@ Initialisations (``init``):
 ``lost``    LOST: top-``rank`` SVD for the low-rank part; the residual's input channels
             (columns) ranked by L2 norm choose ``round(density * in)`` channels that S
             holds densely (channel-wise sparse component).
+
+Block supports (``block`` = 16, 32 or 64; ``random`` and ``svd`` only): the support is a
+set of whole, aligned ``block x block`` tiles of the out x in grid, ``round(density *
+out * in / block²)`` of them (at most the number of whole tiles), chosen uniformly at
+random (``random``) or by the residual's tile norms (``svd``). It is still stored as
+element CSR (same buffers, same op, same export); the GPU kernels detect the tiles and
+run the sparse part on the tensor cores (codegen/triton/sparse_lowrank_block.py).
+Element-wise random supports at a few percent density cannot use the tensor cores and
+are bound by gathers; benchmarks/README.md has the measured difference.
 """
 from __future__ import annotations
 
@@ -31,6 +40,26 @@ import torch.nn as nn
 from structrewrite.ops import sparse_lowrank_linear  # noqa: F401  (registers the op)
 
 INITS = ("random", "svd", "lost")
+BLOCKS = (1, 16, 32, 64)
+
+
+_EAGER: list = []   # the CUDA kernels' eager autograd entry, where they are registered
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _eager_ok(x, A, B, values) -> bool:
+    """Eager mode on plain CUDA tensors: call the kernels directly (no dispatcher layers,
+    ``codegen/triton/sparse_lowrank.py: EagerFunction``). Tracing, export (fake or proxy
+    tensors), ``torch.compile`` and tensor subclasses keep the op."""
+    if not x.is_cuda or torch.compiler.is_compiling():
+        return False
+    if not _EAGER:
+        from structrewrite.codegen import triton as tr
+        if not tr.REGISTERED:
+            return False
+        from structrewrite.codegen.triton.sparse_lowrank import eager
+        _EAGER.append(eager)
+    return type(A) in _PLAIN and type(B) in _PLAIN and type(values) in _PLAIN
 
 
 def site_seed(seed: int, key: str) -> int:
@@ -39,11 +68,31 @@ def site_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def support_size(out_features: int, in_features: int, density: float, init: str) -> int:
+def support_size(out_features: int, in_features: int, density: float, init: str,
+                 block: int = 1) -> int:
     """Number of stored sparse entries (the nnz formula of the cost model)."""
     if init == "lost":
         return out_features * lost_channels(in_features, density)
+    if block > 1:
+        return block_count(out_features, in_features, density, block) * block * block
     return int(math.floor(density * out_features * in_features + 0.5))
+
+
+def block_count(out_features: int, in_features: int, density: float, block: int) -> int:
+    """Number of ``block x block`` tiles of a block support (at most the whole tiles)."""
+    whole = (out_features // block) * (in_features // block)
+    return min(int(math.floor(density * out_features * in_features / block**2 + 0.5)), whole)
+
+
+def block_flat(tiles: torch.Tensor, in_features: int, block: int) -> torch.Tensor:
+    """Flat indices (row * in + col), unsorted, of the tiles (flat ids over the grid of
+    whole tiles, ``in // block`` per tile row)."""
+    per_row = in_features // block
+    ti, tj = torch.div(tiles, per_row, rounding_mode="floor"), tiles % per_row
+    d = torch.arange(block, device=tiles.device)
+    rows = (ti * block).view(-1, 1, 1) + d.view(1, -1, 1)
+    cols = (tj * block).view(-1, 1, 1) + d.view(1, 1, -1)
+    return (rows * in_features + cols).flatten()
 
 
 def lost_channels(in_features: int, density: float) -> int:
@@ -72,18 +121,26 @@ class SparseLowRankLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, density: float,
                  bias: bool = True, alpha: float = 32.0, init: str = "random",
-                 seed: int = 0, key: str = "", device=None, dtype=None):
+                 seed: int = 0, key: str = "", block: int = 1, device=None, dtype=None):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block}")
+        if block > 1 and init == "lost":
+            raise ValueError("init 'lost' has a channel-wise support; block supports need "
+                             "init 'random' or 'svd'")
+        if block > 1 and (out_features < block or in_features < block):
+            raise ValueError(f"a {out_features}x{in_features} layer holds no whole "
+                             f"{block}x{block} tile; use a smaller block")
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(f"rank must be in [1, {min(in_features, out_features)}], got {rank}")
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"density must be in [0, 1], got {density}")
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.density, self.alpha = rank, density, float(alpha)
-        self.init, self.seed, self.key = init, seed, key
-        nnz = support_size(out_features, in_features, density, init)
+        self.init, self.seed, self.key, self.block = init, seed, key, block
+        nnz = support_size(out_features, in_features, density, init, block)
         if nnz >= 2**31:
             raise ValueError(f"support of {nnz} entries does not fit int32 indices")
         fk = {"device": device, "dtype": dtype}
@@ -108,7 +165,8 @@ class SparseLowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, density={self.density}, nnz={self.nnz}, "
-                f"bias={self.bias is not None}, init={self.init}")
+                f"bias={self.bias is not None}, init={self.init}"
+                + (f", block={self.block}" if self.block > 1 else ""))
 
     # -- initialisation -------------------------------------------------------------
     def _generator(self) -> torch.Generator:
@@ -121,12 +179,17 @@ class SparseLowRankLinear(nn.Module):
         """SLTrain's initialisation from scratch; regenerates the same support and the same
         initial values for the same (seed, key), on any device (also after ``to_empty``).
 
-        For ``init: lost`` the support is a random choice of whole input channels."""
+        For ``init: lost`` the support is a random choice of whole input channels, for a
+        block support a random choice of whole tiles."""
         g = self._generator()
         m, n = self.out_features, self.in_features
         if self.init == "lost":
             cols = torch.randperm(n, generator=g)[: lost_channels(n, self.density)]
             flat = channel_flat(cols, m, n)
+        elif self.block > 1:
+            b = self.block
+            tiles = torch.randperm((m // b) * (n // b), generator=g)[: self.nnz // (b * b)]
+            flat = block_flat(tiles, n, b)
         else:
             flat = torch.randperm(m * n, generator=g)[: self.nnz]
         self._set_support(flat)
@@ -150,12 +213,13 @@ class SparseLowRankLinear(nn.Module):
     @torch.no_grad()
     def from_dense(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], rank: int,
                    density: float, init: str = "svd", alpha: float = 32.0, seed: int = 0,
-                   key: str = "") -> "SparseLowRankLinear":
+                   key: str = "", block: int = 1) -> "SparseLowRankLinear":
         """Build from a dense (out x in) weight. ``init: random`` ignores the weight's values
         (pretraining from scratch) but keeps its shape, device and dtype."""
         out_features, in_features = weight.shape
         mod = cls(in_features, out_features, rank, density, bias=bias is not None, alpha=alpha,
-                  init=init, seed=seed, key=key, device=weight.device, dtype=weight.dtype)
+                  init=init, seed=seed, key=key, block=block, device=weight.device,
+                  dtype=weight.dtype)
         if weight.device.type == "meta" or init == "random":
             return mod
         # float64 SVD on CPU (exactness of full-rank conversion); float32 on accelerators
@@ -165,7 +229,13 @@ class SparseLowRankLinear(nn.Module):
         A = root.unsqueeze(1) * Vh[:rank]
         B = U[:, :rank] * root.unsqueeze(0) / mod.scale
         R = W - mod.scale * (B @ A)
-        if init == "svd":
+        if init == "svd" and block > 1:   # the tiles of largest residual norm
+            wm, wn = out_features // block * block, in_features // block * block
+            tiles = R[:wm, :wn].reshape(wm // block, block, wn // block, block)
+            norms = tiles.square().sum(dim=(1, 3)).flatten()
+            top = torch.topk(norms, mod.nnz // (block * block), sorted=False).indices
+            flat = block_flat(top, in_features, block)
+        elif init == "svd":
             flat = torch.topk(R.abs().flatten(), mod.nnz, sorted=False).indices
         else:  # lost: channel-wise support from the residual's column norms
             k = lost_channels(in_features, density)
@@ -182,9 +252,17 @@ class SparseLowRankLinear(nn.Module):
 
     # -- compute --------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.structrewrite.sparse_lowrank_linear(
-            x, self.A, self.B, self.values, self.sparse_crow, self.sparse_col,
-            self.sparse_row, self.bias, self.scale)
+        A, B, values, bias = self.A, self.B, self.values, self.bias
+        plain = type(x) in _PLAIN          # not a proxy or fake tensor of a tracer
+        if plain and torch.is_autocast_enabled(x.device.type):   # AMP: compute in the autocast dtype
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, A, B, values = x.to(dt), A.to(dt), B.to(dt), values.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        args = (x, A, B, values, self.sparse_crow, self.sparse_col, self.sparse_row, bias,
+                self.scale)
+        if plain and _eager_ok(x, A, B, values):
+            return _EAGER[0](*args)
+        return torch.ops.structrewrite.sparse_lowrank_linear(*args)
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:

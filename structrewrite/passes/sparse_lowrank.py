@@ -10,6 +10,7 @@ Cost (m = out, n = in, r = rank, d = density, b = bytes per element, β = has bi
   dense   params m·n + β·m            FLOPs/token 2·m·n + β·m
   after   params r·(m+n) + nnz + β·m  FLOPs/token 2·r·(m+n) + 2·nnz + β·m
   nnz = round(d·m·n) (random, svd) or m·round(d·n) (lost); indices are int32.
+  With ``block: k`` (k x k tiles): nnz = k²·min(round(d·m·n/k²), ⌊m/k⌋·⌊n/k⌋).
 A budget ``params: f`` solves params_after(r) = f · params_before for r.
 """
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import sympy
 import torch
 import torch.nn as nn
 
-from structrewrite.nn.sparse_lowrank import INITS, SparseLowRankLinear
+from structrewrite.nn.sparse_lowrank import BLOCKS, INITS, SparseLowRankLinear
 from structrewrite.rewriter.passbase import Constraint, Cost, ModulePattern, Pass, option
 
 m, n, r, d, b, beta = sympy.symbols("m n r d b beta")
@@ -59,11 +60,20 @@ class SparseLowRankOptions:
     alpha: float = option(32.0, doc="scaling s = alpha / rank of the low-rank part", range=(1e-6, None))
     seed: int = option(0, doc="seed of the random support and init (combined with the site name)",
                        range=(0, None))
+    block: int = option(1, doc="1: element-wise support; 16/32/64: the support is whole k x k "
+                        "tiles (random or svd init), which the GPU kernels run on the tensor cores",
+                        choices=BLOCKS)
 
 
-def _nnz_expr(init: str):
+def _nnz_expr(init: str, block: int = 1):
     half = sympy.Rational(1, 2)
-    return m * sympy.floor(d * n + half) if init == "lost" else sympy.floor(d * m * n + half)
+    if init == "lost":
+        return m * sympy.floor(d * n + half)
+    if block > 1:
+        tiles = sympy.Min(sympy.floor(d * m * n / block**2 + half),
+                          sympy.floor(m / block) * sympy.floor(n / block))
+        return block**2 * tiles
+    return sympy.floor(d * m * n + half)
 
 
 class SparseLowRankPass(Pass):
@@ -85,13 +95,19 @@ class SparseLowRankPass(Pass):
         if options.rank > min(dims["m"], dims["n"]):
             raise ValueError(f"rank {options.rank} exceeds min(out, in) = {min(dims['m'], dims['n'])} "
                              f"of this {dims['m']}x{dims['n']} layer")
+        if options.block > 1 and options.init == "lost":
+            raise ValueError("init 'lost' has a channel-wise support; 'block' needs init "
+                             "'random' or 'svd'")
+        if options.block > 1 and min(dims["m"], dims["n"]) < options.block:
+            raise ValueError(f"this {dims['m']}x{dims['n']} layer holds no whole "
+                             f"{options.block}x{options.block} tile; use a smaller block")
 
     def cost_before(self) -> Cost:
         params = m * n + beta * m
         return Cost(params=params, flops=2 * m * n + beta * m, bytes=b * params)
 
     def cost_after(self, options) -> Cost:
-        nnz = _nnz_expr(options.init)
+        nnz = _nnz_expr(options.init, options.block)
         params = r * (m + n) + nnz + beta * m
         return Cost(params=params, flops=2 * r * (m + n) + 2 * nnz + beta * m,
                     bytes=b * params + 4 * (2 * nnz + m + 1))
@@ -102,7 +118,8 @@ class SparseLowRankPass(Pass):
     def solve_budget(self, dims, values, budget_field, fraction):
         init = values.get("init", SparseLowRankOptions.init)
         density = values.get("density", SparseLowRankOptions.density)
-        opts = SparseLowRankOptions(rank=1, init=init, density=density)
+        block = values.get("block", SparseLowRankOptions.block)
+        opts = SparseLowRankOptions(rank=1, init=init, density=density, block=block)
         sub = {sympy.Symbol(k): v for k, v in dims.items()} | {d: density}
         before = self.cost_before().params.subs(sub)
         after = self.cost_after(opts).params.subs(sub)
@@ -118,13 +135,14 @@ class SparseLowRankPass(Pass):
         captures = self.pattern.match(module).captures
         new = SparseLowRankLinear.from_dense(
             captures["weight"], captures["bias"], rank=options.rank, density=options.density,
-            init=options.init, alpha=options.alpha, seed=options.seed, key=ctx.fqn)
+            init=options.init, alpha=options.alpha, seed=options.seed, key=ctx.fqn,
+            block=options.block)
         new.train(module.training)
         return new
 
     def is_exact(self, options, dims):
         full = options.rank == min(dims["m"], dims["n"])
-        return options.init != "random" and (full or options.density == 1.0)
+        return options.init != "random" and (full or (options.density == 1.0 and options.block == 1))
 
     def error(self, options, original, new):
         if options.init == "random" or new.A.device.type == "meta":
