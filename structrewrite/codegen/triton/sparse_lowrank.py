@@ -91,6 +91,7 @@ import torch
 import triton
 import triton.language as tl
 
+from structrewrite.codegen.triton import sparse_lowrank_block as block
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton.support_cache import cached
 
@@ -448,12 +449,14 @@ _TUNE_LOG: dict = {}
 TUNE = os.environ.get("STRUCTREWRITE_TUNE", "1") != "0"
 
 
-def _pick(kind: str, key: tuple, candidates, run):
-    """The fastest candidate config for this problem key (timed once on CUDA)."""
+def _pick(kind: str, key: tuple, candidates, run, default=None):
+    """The fastest candidate config for this problem key (timed once on CUDA); ``default``
+    where nothing is timed (no CUDA, the interpreter, ``STRUCTREWRITE_TUNE=0``)."""
     full = (kind,) + key
     if full in _TUNED:
         return _TUNED[full]
-    default = SDDMM_DEFAULT if kind == "sddmm" else SPMM_DEFAULT
+    if default is None:
+        default = SDDMM_DEFAULT if kind == "sddmm" else SPMM_DEFAULT
     if not TUNE or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return default
     best, best_t = default, float("inf")
@@ -489,15 +492,19 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def forward(x, A, B, values, crow, col, row, bias, scale, config=None):
-    """The forward op; ``config`` fixes the gather_spmm tiles (else chosen by timing)."""
+def forward(x, A, B, values, crow, col, row, bias, scale, config=None, saved=None):
+    """The forward op; ``config`` fixes the gather_spmm tiles (else chosen by timing).
+    ``saved``: a list that receives ``x Aᵀ`` for ``backward`` (the eager autograd path)."""
     in_features, out_features = A.shape[1], B.shape[0]
     x2 = x.reshape(-1, in_features)
     M = x2.shape[0]
     y = _empty((M, out_features), x.dtype, x.device)
     if M == 0:
         return y.reshape(*x.shape[:-1], out_features)
-    base = (x2 @ A.t()) @ B.t()                       # cuBLAS; scaled in the epilogue
+    t = x2 @ A.t()
+    if saved is not None:
+        saved.append(t)
+    base = t @ B.t()                                  # cuBLAS; scaled in the epilogue
     xt = transpose(x2)
 
     def run(c):
@@ -511,8 +518,10 @@ def forward(x, A, B, values, crow, col, row, bias, scale, config=None):
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sddmm_config=None):
-    """The backward op: (dx, dA, dB, dvalues); dA and dB are plain cuBLAS GEMMs."""
+def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sddmm_config=None,
+             saved=()):
+    """The backward op: (dx, dA, dB, dvalues); dA and dB are plain cuBLAS GEMMs.
+    ``saved``: what ``forward`` put in its ``saved`` list (else ``x Aᵀ`` is recomputed)."""
     in_features, out_features = A.shape[1], B.shape[0]
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
@@ -521,9 +530,9 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
         return (_empty(x.shape, x.dtype, x.device).zero_(), torch.zeros_like(A),
                 torch.zeros_like(B), torch.zeros_like(values))
     gBs = (g2 @ B).mul_(scale)                        # M x r, scale folded in
-    xAs = (x2 @ A.t()).mul_(scale)
+    xA = saved[0] if saved else x2 @ A.t()
     dA = gBs.t() @ x2
-    dB = g2.t() @ xAs
+    dB = (g2.t() @ xA).mul_(scale)
     dx = _empty(x2.shape, x.dtype, x.device)
     nnz = values.numel()
     base = gBs @ A
@@ -556,18 +565,56 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
 
 
-def _forward_cuda(x, A, B, values, crow, col, row, bias, scale):
+def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None):
     cols = channel.channel_columns(crow, col, B.shape[0])
     if cols is not None:          # channel-wise support (LOST): all dense GEMMs
-        return channel.forward(x, A, B, values, cols, bias, scale)
-    return forward(x, A, B, values, crow, col, row, bias, scale)
+        return channel.forward(x, A, B, values, cols, bias, scale, saved=saved)
+    b = block.block_size(crow, col, row, B.shape[0], A.shape[1])
+    if b is not None:             # tiles of b x b: tensor-core block-sparse kernels
+        return block.forward(x, A, B, values, crow, col, row, bias, scale, b, saved=saved)
+    return forward(x, A, B, values, crow, col, row, bias, scale, saved=saved)
 
 
-def _backward_cuda(grad, x, A, B, values, crow, col, row, scale):
+def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=()):
     cols = channel.channel_columns(crow, col, B.shape[0])
     if cols is not None:
-        return channel.backward(grad, x, A, B, values, cols, scale)
-    return backward(grad, x, A, B, values, crow, col, row, scale)
+        return channel.backward(grad, x, A, B, values, cols, scale, saved=saved)
+    b = block.block_size(crow, col, row, B.shape[0], A.shape[1])
+    if b is not None:
+        return block.backward(grad, x, A, B, values, crow, col, row, scale, b, saved=saved)
+    return backward(grad, x, A, B, values, crow, col, row, scale, saved=saved)
+
+
+class EagerFunction(torch.autograd.Function):
+    """The same kernels as the op's CUDA implementation, called without the dispatcher.
+
+    ``SparseLowRankLinear`` uses this in eager mode on plain CUDA tensors; tracing,
+    export, ``torch.compile`` and every other device see the op. Two differences, both
+    measured on the H200 host (``benchmarks/results/sparse_lowrank.md``): no Python
+    dispatch layers of ``torch.library.custom_op`` (about 0.6 ms of host time per
+    fwd+bwd there), and the backward reuses the forward's ``x Aᵀ`` (M x r, kept like
+    the input of any linear layer) instead of recomputing it, one GEMM fewer."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, values, crow, col, row, bias, scale):
+        saved: list = []
+        y = _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=saved)
+        ctx.save_for_backward(x, A, B, values, crow, col, row, *saved)
+        ctx.scale, ctx.has_bias = scale, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, A, B, values, crow, col, row, *saved = ctx.saved_tensors
+        dx, dA, dB, dv = _backward_cuda(grad.contiguous(), x, A, B, values, crow, col, row,
+                                        ctx.scale, saved=saved)
+        dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+        return dx, dA, dB, dv, None, None, None, dbias, None
+
+
+def eager(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
+    """``sparse_lowrank_linear`` in eager mode through ``EagerFunction``."""
+    return EagerFunction.apply(x, A, B, values, crow, col, row, bias, scale)
 
 
 def register() -> list[str]:

@@ -82,25 +82,30 @@ def _widened(A, B, values, cols, scale):
     return Aw, Ww
 
 
-def forward(x, A, B, values, cols, bias, scale):
+def forward(x, A, B, values, cols, bias, scale, saved=None):
+    """``saved``: a list that receives (t, A', W') for ``backward``."""
     in_features, out_features = A.shape[1], B.shape[0]
     Aw, Ww = _widened(A, B, values, cols, scale)
     x2 = x.reshape(-1, in_features)
     t = x2 @ Aw.t()                                      # [x Aᵀ, x[:, cols], 0]
+    if saved is not None:
+        saved += [t, Aw, Ww]
     y = torch.addmm(bias, t, Ww.t()) if bias is not None else t @ Ww.t()
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def backward(grad, x, A, B, values, cols, scale):
+def backward(grad, x, A, B, values, cols, scale, saved=()):
+    """``saved``: what ``forward`` put in its list (else recomputed)."""
     in_features, out_features = A.shape[1], B.shape[0]
     r, k = A.shape[0], cols.numel()
-    Aw, Ww = _widened(A, B, values, cols, scale)
+    t, Aw, Ww = saved if saved else (None, *_widened(A, B, values, cols, scale))
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
     dt = g2 @ Ww                                         # M x R
     dx = dt @ Aw                                         # the one-hot rows add dt[:, r:r+k] at cols
     dA = dt[:, :r].t() @ x2
-    t = x2 @ Aw.t()
+    if t is None:
+        t = x2 @ Aw.t()
     dw = g2.t() @ t                                      # out x R
     dB = dw[:, :r] * scale
     dv = dw[:, r:r + k].reshape(-1)

@@ -1,0 +1,329 @@
+"""Block-structured supports of ``structrewrite::sparse_lowrank_linear``: tensor-core kernels.
+
+When the support is a set of whole, aligned ``b x b`` tiles of the out x in grid
+(``block: 16/32/64`` of the pass; b is detected from the support itself), the sparse
+part is a block-sparse matrix, and each of its three products is a sum of small dense
+GEMMs that run on the tensor cores:
+
+    forward    y[:, I]  = s·base[:, I] + bias[I] + Σ_{(I,J)} x[:, J] · V_IJᵀ
+    dx         dx[:, J] = base'[:, J]            + Σ_{(I,J)} g[:, I] · V_IJ
+    d values   dV_IJ    = g[:, I]ᵀ · x[:, J]     (over all tokens)
+
+with ``I``/``J`` the row/column ranges of a tile, ``base = (x Aᵀ) Bᵀ`` and ``base' =
+s·(g B) A`` from cuBLAS. ``bsr_spmm`` computes the first two: one program per (tile row
+of the output, BM tokens) walks the tiles of that row (a block-CSR list, or its block-CSC
+transpose for dx), accumulates in float32 and adds the epilogue in place on ``base``, so
+the output is written once and no buffer beyond ``base`` is allocated. ``bsr_sddmm``
+computes the third: one program per (tile, token range), float32 partial sums reduced
+over the ranges. The values stay in the element-CSR order of the module (the state
+dict and every other implementation read that order); a permutation made once per
+support packs them into tiles (``V = values[perm].view(nt, b, b)``, nnz elements per
+call) and scatters the tile gradients back.
+
+Nothing forms an out x in matrix; the work of the sparse part is 3 · 2·M·nnz FLOPs on
+the tensor cores, plus reading each input tile once per tile in its row.
+
+Precision: bf16/fp16 tile products on the tensor cores with float32 accumulation; float32
+inputs use IEEE float32 products (also under the CPU interpreter, whose bf16 dots are
+wrong in Triton 3.9). As in the gather kernels, ``base`` arrives from cuBLAS rounded to
+the operand dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from structrewrite.codegen.triton.support_cache import cached
+
+BLOCKS = (64, 32, 16)   # detection order: the largest tile that the support is made of
+
+
+# ----------------------------------------------------------------------------------
+# detection and layout (once per support)
+# ----------------------------------------------------------------------------------
+def block_size(crow: torch.Tensor, col: torch.Tensor, row: torch.Tensor, out_features: int,
+               in_features: int) -> Optional[int]:
+    """The tile size b if the support is exactly a union of whole aligned b x b tiles
+    (the largest such b of 64, 32, 16), else None. Cached per support."""
+    return cached("block_size", (crow, col, row), (out_features, in_features, col.device),
+                  lambda: _detect(col, row, in_features))
+
+
+def _detect(col, row, in_features) -> Optional[int]:
+    nnz = col.numel()
+    if nnz == 0:
+        return None
+    r64, c64 = row.long(), col.long()
+    for b in BLOCKS:
+        if nnz % (b * b):
+            continue
+        per_row = -(-in_features // b)
+        tiles = torch.unique((r64 // b) * per_row + c64 // b)
+        # entries are distinct positions: nnz = (touched tiles) · b² means every touched tile is full
+        if tiles.numel() * b * b == nnz:
+            return b
+    return None
+
+
+class Layout:
+    """Block CSR and CSC lists of the tiles, and the permutation that packs the values.
+
+    ``rptr`` (tile rows + 1), ``rcol``: tiles in (row, column) order, which is also their
+    order in the packed value array; ``cptr`` (tile columns + 1), ``crow``, ``cidx``:
+    the same tiles by column, with their index in the packed array; ``perm`` (nnz,):
+    packed position -> index into ``values``; ``ti``/``tj``: each packed tile's row and
+    column (for the gradient kernel)."""
+
+    def __init__(self, crow, col, row, b: int, out_features: int, in_features: int):
+        dev = col.device
+        r64, c64 = row.long(), col.long()
+        nbr, nbc = -(-out_features // b), -(-in_features // b)
+        key = (r64 // b) * nbc + c64 // b
+        tiles = torch.unique(key)                         # sorted: (row, column) order
+        nt = tiles.numel()
+        t_of = torch.searchsorted(tiles, key)
+        pos = t_of * (b * b) + (r64 % b) * b + (c64 % b)
+        perm = torch.empty(col.numel(), dtype=torch.int64, device=dev)
+        perm[pos] = torch.arange(col.numel(), device=dev)
+        ti, tj = tiles // nbc, tiles % nbc
+        rptr = torch.zeros(nbr + 1, dtype=torch.int64, device=dev)
+        rptr[1:] = torch.cumsum(torch.bincount(ti, minlength=nbr), 0)
+        order = torch.argsort(tj * nbr + ti)              # by (column, row)
+        cptr = torch.zeros(nbc + 1, dtype=torch.int64, device=dev)
+        cptr[1:] = torch.cumsum(torch.bincount(tj, minlength=nbc), 0)
+        self.b, self.nt = b, nt
+        self.rptr, self.rcol = rptr.int(), tj.int()
+        self.cptr, self.crow, self.cidx = cptr.int(), ti[order].int(), order.int()
+        self.ti, self.tj = ti.int(), tj.int()
+        self.perm = perm
+
+
+def layout(crow, col, row, b: int, out_features: int, in_features: int) -> Layout:
+    return cached("block_layout", (crow, col, row), (b, out_features, in_features, col.device),
+                  lambda: Layout(crow, col, row, b, out_features, in_features))
+
+
+# ----------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------
+@triton.jit
+def _bsr_spmm_kernel(
+    in_ptr, stride_im,                     # dense operand (M, K), features contiguous
+    ptr_ptr, other_ptr, tidx_ptr,          # per output tile row: list of (input tile column, tile index)
+    v_ptr, stride_vk, stride_vn,           # packed tiles (nt, B, B); element [k, n] of the product's operand
+    base_ptr, stride_bm,                   # dense term (M, N), scaled by `scale`; may alias out
+    bias_ptr,
+    out_ptr, stride_om,
+    M, N, scale,
+    B: tl.constexpr, BM: tl.constexpr, HAS_TIDX: tl.constexpr, HAS_BASE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+):
+    p = tl.program_id(0)                   # output tile row (fastest: neighbours share tokens)
+    mt = tl.program_id(1)
+    offs_m = mt * BM + tl.arange(0, BM)
+    offs_m64 = offs_m.to(tl.int64)
+    mask_m = offs_m < M
+    offs_b = tl.arange(0, B)
+    offs_n = p * B + offs_b
+    mask_n = offs_n < N
+    acc = tl.zeros([BM, B], dtype=tl.float32)
+    start = tl.load(ptr_ptr + p)
+    stop = tl.load(ptr_ptr + p + 1)
+    for e in range(start, stop):
+        q = tl.load(other_ptr + e)
+        if HAS_TIDX:
+            t = tl.load(tidx_ptr + e)
+        else:
+            t = e
+        a = tl.load((in_ptr + offs_m64 * stride_im)[:, None] + (q * B + offs_b)[None, :],
+                    mask=mask_m[:, None], other=0.0)
+        w = tl.load(v_ptr + t.to(tl.int64) * (B * B) + offs_b[:, None] * stride_vk
+                    + offs_b[None, :] * stride_vn)
+        if IEEE:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BASE:
+        bse = tl.load((base_ptr + offs_m64 * stride_bm)[:, None] + offs_n[None, :], mask=mask,
+                      other=0.0)
+        acc += scale * bse.to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store((out_ptr + offs_m64 * stride_om)[:, None] + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bsr_sddmm_kernel(
+    g_ptr, stride_gm,                      # g (M, out), features contiguous
+    x_ptr, stride_xm,                      # x (M, in)
+    ti_ptr, tj_ptr,                        # each tile's row and column (nt,)
+    part_ptr,                              # (nsplit, nt, B, B) float32
+    M, NT, CHUNK,
+    B: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+):
+    t = tl.program_id(0)
+    sp = tl.program_id(1)
+    ti = tl.load(ti_ptr + t)
+    tj = tl.load(tj_ptr + t)
+    offs_b = tl.arange(0, B)
+    acc = tl.zeros([B, B], dtype=tl.float32)
+    m_lo = sp * CHUNK
+    m_hi = tl.minimum(m_lo + CHUNK, M)
+    for m0 in range(m_lo, m_hi, BK):
+        offs_k = m0 + tl.arange(0, BK)
+        mk = offs_k < m_hi
+        k64 = offs_k.to(tl.int64)
+        a = tl.load(g_ptr + k64[None, :] * stride_gm + (ti * B + offs_b)[:, None],
+                    mask=mk[None, :], other=0.0)          # gᵀ tile (B, BK)
+        w = tl.load(x_ptr + k64[:, None] * stride_xm + (tj * B + offs_b)[None, :],
+                    mask=mk[:, None], other=0.0)          # x tile (BK, B)
+        if IEEE:
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+    out = part_ptr + (sp.to(tl.int64) * NT + t) * (B * B)
+    tl.store(out + offs_b[:, None] * B + offs_b[None, :], acc)
+
+
+# ----------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------
+SPMM_CANDIDATES = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (64, 4, 4), (128, 4, 4)]
+SPMM_DEFAULT = (128, 4, 3)            # (BM, warps, stages)
+SDDMM_CANDIDATES = [(64, 0, 4, 3), (128, 0, 4, 3), (128, 0, 8, 3), (64, 0, 4, 4), (256, 0, 8, 3)]
+SDDMM_DEFAULT = (64, 0, 4, 3)         # (BK, token splits (0: enough programs for the device), warps, stages)
+
+
+def _ieee(dtype) -> bool:
+    from structrewrite.codegen.triton.sparse_lowrank import _interpreting
+    return dtype == torch.float32 or _interpreting()
+
+
+def bsr_spmm(inp: torch.Tensor, lay: Layout, packed: torch.Tensor, n_out: int, out: torch.Tensor,
+             transposed: bool, base: Optional[torch.Tensor] = None, bias=None, scale: float = 1.0,
+             config=None) -> torch.Tensor:
+    """``out = scale·base + bias + inp · op(S)``: ``op(S) = Sᵀ`` (forward, tiles by row) or
+    ``S`` (``transposed``: dx, tiles by column). ``out`` may be ``base`` itself."""
+    BM, warps, stages = config or SPMM_DEFAULT
+    M = inp.shape[0]
+    b = lay.b
+    if transposed:   # dx[:, J] += g[:, I] · V_IJ: operand element [k, n] = V[k, n]
+        ptr, other, tidx, svk, svn = lay.cptr, lay.crow, lay.cidx, b, 1
+    else:            # y[:, I] += x[:, J] · V_IJᵀ: operand element [k, n] = V[n, k]
+        ptr, other, tidx, svk, svn = lay.rptr, lay.rcol, lay.rptr, 1, b
+    grid = (triton.cdiv(n_out, b), triton.cdiv(M, BM))
+    _bsr_spmm_kernel[grid](
+        inp, inp.stride(0), ptr, other, tidx, packed, svk, svn,
+        base if base is not None else out, base.stride(0) if base is not None else 0,
+        bias if bias is not None else out, out, out.stride(0),
+        M, n_out, float(scale),
+        B=b, BM=BM, HAS_TIDX=transposed, HAS_BASE=base is not None,
+        HAS_BIAS=bias is not None, IEEE=_ieee(inp.dtype), num_warps=warps, num_stages=stages)
+    return out
+
+
+def _nsplit(M: int, nt: int, BK: int, splits: int, device) -> int:
+    if splits:
+        return splits
+    from structrewrite.codegen.triton.sparse_lowrank import _sm_count
+    want = 4 * _sm_count(device)
+    return max(1, min(triton.cdiv(M, BK), triton.cdiv(want, max(nt, 1))))
+
+
+def bsr_sddmm(g: torch.Tensor, x: torch.Tensor, lay: Layout, config=None) -> torch.Tensor:
+    """Packed float32 (nt, b, b) tiles of ``gᵀ x`` at the support."""
+    BK, splits, warps, stages = config or SDDMM_DEFAULT
+    M = g.shape[0]
+    b, nt = lay.b, lay.nt
+    nsplit = _nsplit(M, nt, BK, splits, g.device)
+    chunk = triton.cdiv(triton.cdiv(M, nsplit), BK) * BK
+    nsplit = triton.cdiv(M, chunk)
+    part = torch.empty((nsplit, nt, b, b), dtype=torch.float32, device=g.device)
+    _bsr_sddmm_kernel[(nt, nsplit)](
+        g, g.stride(0), x, x.stride(0), lay.ti, lay.tj, part, M, nt, chunk,
+        B=b, BK=BK, IEEE=_ieee(g.dtype), num_warps=warps, num_stages=stages)
+    return part[0] if nsplit == 1 else part.sum(0)
+
+
+# ----------------------------------------------------------------------------------
+# the op
+# ----------------------------------------------------------------------------------
+def _tuned(kind, key, candidates, default, run):
+    from structrewrite.codegen.triton.sparse_lowrank import _pick
+    return _pick(kind, key, candidates, run, default=default)
+
+
+def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, saved=None):
+    """``saved``: a list that receives ``x Aᵀ`` for ``backward``."""
+    in_features, out_features = A.shape[1], B.shape[0]
+    lay = layout(crow, col, row, b, out_features, in_features)
+    x2 = x.reshape(-1, in_features).contiguous()
+    M = x2.shape[0]
+    t = x2 @ A.t()
+    if saved is not None:
+        saved.append(t)
+    y = t @ B.t()                                          # cuBLAS; scaled in the epilogue, in place
+    if M == 0:
+        return y.reshape(*x.shape[:-1], out_features)
+    packed = values[lay.perm].to(x.dtype)
+
+    def run(c):
+        return bsr_spmm(x2, lay, packed, out_features, y, False, base=y, bias=bias,
+                        scale=scale, config=c)
+
+    if config is None:   # timing runs in place on y: time on a copy, then run once for real
+        from structrewrite.codegen.triton.sparse_lowrank import _bucket
+        key = (_bucket(M), out_features, in_features, lay.nt, b, x.dtype)
+        scratch = []
+
+        def trial(c):
+            if not scratch:
+                scratch.append(y.clone())
+            return bsr_spmm(x2, lay, packed, out_features, scratch[0], False, base=scratch[0],
+                            bias=bias, scale=scale, config=c)
+        config = _tuned("bsr_spmm", key, SPMM_CANDIDATES, SPMM_DEFAULT, trial)
+    run(config)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=None,
+             sddmm_config=None, saved=()):
+    """``saved``: what ``forward`` put in its list (else ``x Aᵀ`` is recomputed)."""
+    in_features, out_features = A.shape[1], B.shape[0]
+    lay = layout(crow, col, row, b, out_features, in_features)
+    g2 = grad.reshape(-1, out_features).contiguous()
+    x2 = x.reshape(-1, in_features).contiguous()
+    M = x2.shape[0]
+    if M == 0:
+        return (torch.zeros_like(x), torch.zeros_like(A), torch.zeros_like(B),
+                torch.zeros_like(values))
+    gBs = (g2 @ B).mul_(scale)                             # M x r, scale folded in
+    dA = gBs.t() @ x2
+    dB = (g2.t() @ (saved[0] if saved else x2 @ A.t())).mul_(scale)
+    dx = gBs @ A                                           # cuBLAS; the sparse part added in place
+    packed = values[lay.perm].to(x.dtype)
+    from structrewrite.codegen.triton.sparse_lowrank import _bucket
+    if spmm_config is None:
+        scratch = []
+
+        def trial(c):
+            if not scratch:
+                scratch.append(dx.clone())
+            return bsr_spmm(g2, lay, packed, in_features, scratch[0], True, base=scratch[0],
+                            config=c)
+        spmm_config = _tuned("bsr_spmm_t", (_bucket(M), in_features, out_features, lay.nt, b,
+                                            x.dtype), SPMM_CANDIDATES, SPMM_DEFAULT, trial)
+    bsr_spmm(g2, lay, packed, in_features, dx, True, base=dx, config=spmm_config)
+    if sddmm_config is None:
+        sddmm_config = _tuned("bsr_sddmm", (_bucket(M), out_features, in_features, lay.nt, b,
+                                            x.dtype), SDDMM_CANDIDATES, SDDMM_DEFAULT,
+                              lambda c: bsr_sddmm(g2, x2, lay, config=c))
+    tiles = bsr_sddmm(g2, x2, lay, config=sddmm_config)
+    dv = torch.empty_like(values)
+    dv[lay.perm] = tiles.reshape(-1).to(values.dtype)
+    return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv

@@ -1,0 +1,164 @@
+"""The block-sparse (tile) kernels of sparse_lowrank_linear, run on the CPU by Triton's
+interpreter, against the reference op and against dense products.
+
+Fresh random shapes, tiles and data in every test (the seed is in the failure message);
+out/in are not multiples of the tile; outputs written by the kernels alone are poisoned
+with NaN first. Tolerances, as relative Frobenius error against the reference:
+float32 1e-5; bf16 1e-2 (both sides round to bf16; ours also rounds the cuBLAS low-rank
+part once before the kernel adds to it).
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import structrewrite.ops  # noqa: E402,F401  (the reference op)
+from structrewrite.codegen.triton import sparse_lowrank_block as blk  # noqa: E402
+from structrewrite.nn.sparse_lowrank import SparseLowRankLinear, block_flat, csr_from_flat  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+SPMM_CONFIGS = [(16, 4, 2), (32, 4, 2)]
+SDDMM_CONFIGS = [(16, 0, 4, 2), (32, 3, 4, 2), (16, 1, 4, 2)]
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _support(out_f, in_f, b, ntiles, g):
+    whole = (out_f // b) * (in_f // b)
+    tiles = torch.randperm(whole, generator=g)[:min(ntiles, whole)]
+    return csr_from_flat(block_flat(tiles, in_f, b), out_f, in_f)
+
+
+def _problem(dtype, bias, seed, b=None):
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    b = b or rnd.choice([16, 32])
+    out_f = rnd.randint(b, 3 * b + 7)
+    in_f = rnd.randint(b, 3 * b + 7)
+    rank = rnd.randint(4, min(in_f, out_f) // 2)
+    lead = (rnd.randint(1, 2), rnd.randint(1, 40))
+    whole = (out_f // b) * (in_f // b)
+    crow, col, row = _support(out_f, in_f, b, rnd.randint(1, whole), g)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(dtype)
+
+    return b, dict(x=r(*lead, in_f), A=r(rank, in_f) / in_f ** 0.5, B=r(out_f, rank) / rank ** 0.5,
+                   values=r(col.numel()), crow=crow, col=col, row=row,
+                   bias=r(out_f) if bias else None, scale=rnd.choice([1.0, 0.37, 32.0 / rank]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_reference(dtype, bias):
+    seed = random.randrange(2**31)
+    b, p = _problem(dtype, bias, seed)
+    assert blk.block_size(p["crow"], p["col"], p["row"], p["B"].shape[0], p["A"].shape[1]) in (b, 2 * b)
+    ref = torch.ops.structrewrite.sparse_lowrank_linear(*p.values())
+    cfg = random.Random(seed).choice(SPMM_CONFIGS)
+    y = blk.forward(*p.values(), b=b, config=cfg)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    err = _rel(y, ref)
+    assert err < TOL[dtype], f"rel err {err:.2e} (seed {seed}, b {b}, cfg {cfg})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_matches_reference(dtype):
+    seed = random.randrange(2**31)
+    b, p = _problem(dtype, False, seed)
+    grad = torch.randn(*p["x"].shape[:-1], p["B"].shape[0],
+                       generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    args = (grad, p["x"], p["A"], p["B"], p["values"], p["crow"], p["col"], p["row"], p["scale"])
+    ref = torch.ops.structrewrite.sparse_lowrank_linear_backward(*args)
+    rc = random.Random(seed)
+    scfg, dcfg = rc.choice(SPMM_CONFIGS), rc.choice(SDDMM_CONFIGS)
+    got = blk.backward(*args, b=b, spmm_config=scfg, sddmm_config=dcfg)
+    for name, a, want in zip(("dx", "dA", "dB", "dvalues"), got, ref):
+        assert a.shape == want.shape and a.dtype == want.dtype, name
+        err = _rel(a, want)
+        assert err < TOL[dtype], f"{name}: rel err {err:.2e} (seed {seed}, b {b}, {scfg}, {dcfg})"
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bsr_spmm_writes_every_output_alone(dtype, transposed):
+    """No base, no bias: the output starts as NaN, so every element must be written,
+    also in tile rows without tiles and in the partial last tile row."""
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    b = 16
+    out_f, in_f, M = 16 * 3 + 5, 16 * 2 + 9, random.choice([17, 32, 45])
+    crow, col, row = _support(out_f, in_f, b, 3, g)
+    vals = torch.randn(col.numel(), generator=g).to(dtype)
+    lay = blk.layout(crow, col, row, b, out_f, in_f)
+    packed = vals[lay.perm]
+    S = torch.zeros(out_f, in_f, dtype=torch.float64)
+    S[row.long(), col.long()] = vals.double()
+    if transposed:
+        inp, n_out, ref = torch.randn(M, out_f, generator=g).to(dtype), in_f, None
+        ref = inp.double() @ S
+    else:
+        inp, n_out = torch.randn(M, in_f, generator=g).to(dtype), out_f
+        ref = inp.double() @ S.t()
+    out = torch.full((M, n_out), float("nan"), dtype=dtype)
+    blk.bsr_spmm(inp, lay, packed, n_out, out, transposed, config=random.choice(SPMM_CONFIGS))
+    assert torch.isfinite(out).all(), f"unwritten output (seed {seed})"
+    assert _rel(out, ref) < TOL[dtype], f"seed {seed}"
+
+
+@pytest.mark.parametrize("config", SDDMM_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bsr_sddmm_against_dense_sample(dtype, config):
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    b = 16
+    M, out_f, in_f = random.randint(1, 70), 16 * 3 + 2, 16 * 4
+    crow, col, row = _support(out_f, in_f, b, 5, g)
+    lay = blk.layout(crow, col, row, b, out_f, in_f)
+    gy = torch.randn(M, out_f, generator=g).to(dtype)
+    x = torch.randn(M, in_f, generator=g).to(dtype)
+    tiles = blk.bsr_sddmm(gy, x, lay, config=config)
+    assert tiles.shape == (lay.nt, b, b) and tiles.dtype == torch.float32
+    dv = torch.empty(col.numel(), dtype=torch.float64)
+    dv[lay.perm] = tiles.reshape(-1).double()
+    ref = (gy.double().t() @ x.double())[row.long(), col.long()]
+    assert _rel(dv, ref) < 1e-5, f"seed {seed}"   # float32 accumulation of exact products
+
+
+def test_detection_and_layout():
+    g = torch.Generator().manual_seed(0)
+    # 64-aligned tiles are also 32- and 16-tiles: the largest is found
+    crow, col, row = _support(130, 200, 64, 2, g)
+    assert blk.block_size(crow, col, row, 130, 200) == 64
+    crow, col, row = _support(70, 50, 16, 4, g)
+    assert blk.block_size(crow, col, row, 70, 50) == 16
+    col[3] = (col[3] + 17) % 50          # an entry moves out of its tile: element-wise now
+    assert blk.block_size(crow, col, row, 70, 50) is None
+    crow, col, row = csr_from_flat(torch.randperm(70 * 50, generator=g)[:256], 70, 50)
+    assert blk.block_size(crow, col, row, 70, 50) is None        # random support, nnz = 16²
+    crow, col, row = csr_from_flat(torch.empty(0, dtype=torch.int64), 70, 50)
+    assert blk.block_size(crow, col, row, 70, 50) is None        # empty support
+    # layout: tiles (0,1) (2,0) of 16 x 16 in a 48 x 32 matrix
+    crow, col, row = csr_from_flat(block_flat(torch.tensor([1, 4]), 32, 16), 48, 32)
+    lay = blk.layout(crow, col, row, 16, 48, 32)
+    assert lay.rptr.tolist() == [0, 1, 1, 2] and lay.rcol.tolist() == [1, 0]
+    assert lay.cptr.tolist() == [0, 1, 2] and lay.crow.tolist() == [2, 0] and lay.cidx.tolist() == [1, 0]
+    flat = row.long() * 32 + col.long()
+    packed_flat = flat[lay.perm].view(2, 16, 16)
+    assert packed_flat[0, 0, 0] == 16 and packed_flat[0, 1, 0] == 32 + 16   # tile (0,1) first, row-major
+    assert packed_flat[1, 0, 0] == 32 * 32
+
+
+def test_module_block_support_takes_this_path():
+    layer = SparseLowRankLinear(96, 80, rank=8, density=0.1, block=16, key="q")
+    assert blk.block_size(layer.sparse_crow, layer.sparse_col, layer.sparse_row, 80, 96) == 16
+    assert layer.nnz == 256 * round(0.1 * 96 * 80 / 256)
