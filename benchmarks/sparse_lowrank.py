@@ -5,7 +5,9 @@
 1. Correctness on the device: the Triton implementation against the reference op
    (run on the CPU in float64), for bf16, fp16 and fp32, outputs poisoned with NaN.
 2. Per shape (bf16, M tokens, rank = in/4, density 0.03), fwd and fwd+bwd medians of
-   ours and of the peers, all in this run: dense cuBLAS ``F.linear``; the SLTrain-style
+   ours (the layer's eager CUDA path, for the random, channel-wise and 16/32-tile
+   supports; and the 32-tile layer through the torch.library op) and of the peers,
+   all in this run: dense cuBLAS ``F.linear``; the SLTrain-style
    path (W = s·B@A with S scatter-added, then ``F.linear``; autograd through W); the
    low-rank product alone. Ratios, achieved TFLOP/s and GB/s against the measured
    ceilings, peak extra memory of fwd+bwd against the dense-free bound, and a
@@ -48,6 +50,26 @@ def _channel_support(out_f, in_f, density, device, gen):
     return crow.to(device), col.to(device), row.to(device)
 
 
+def _block_support(out_f, in_f, density, b, device, gen):
+    """Whole aligned b x b tiles chosen at random (``block: b``), as many as the density gives."""
+    from structrewrite.nn.sparse_lowrank import block_count, block_flat, csr_from_flat
+    whole = (out_f // b) * (in_f // b)
+    tiles = torch.randperm(whole, generator=gen)[:block_count(out_f, in_f, density, b)]
+    crow, col, row = csr_from_flat(block_flat(tiles, in_f, b), out_f, in_f)
+    return crow.to(device), col.to(device), row.to(device)
+
+
+def _make_support(kind, out_f, in_f, density, device, gen):
+    if kind == "channel":
+        return _channel_support(out_f, in_f, density, device, gen)
+    if kind.startswith("block"):
+        return _block_support(out_f, in_f, density, int(kind[5:]), device, gen)
+    return _support(out_f, in_f, density, device, gen)
+
+
+STRUCTURED = ("channel", "block16", "block32")
+
+
 def _rel(a, b):
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -64,6 +86,8 @@ def check(report: Report) -> bool:
         (1000, 1000, 1500, 64, 0.03, True, "random"), (333, 777, 555, 300, 0.1, False, "random"),
         (4097, 512, 1030, 8, 0.0, True, "random"), (1, 256, 300, 128, 0.05, True, "random"),
         (1000, 1000, 1500, 64, 0.03, True, "channel"), (333, 777, 555, 300, 0.1, False, "channel"),
+        (1000, 1000, 1500, 64, 0.03, True, "block32"), (333, 777, 555, 300, 0.1, False, "block16"),
+        (4097, 512, 1030, 8, 0.05, True, "block64"), (1, 256, 300, 128, 0.1, False, "block32"),
     ]
     poisoned = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
     saved, sl._empty = sl._empty, poisoned
@@ -73,8 +97,7 @@ def check(report: Report) -> bool:
     try:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             for M, in_f, out_f, rank, dens, has_bias, support in cases:
-                make = _channel_support if support == "channel" else _support
-                crow, col, row = make(out_f, in_f, dens, "cuda", gen)
+                crow, col, row = _make_support(support, out_f, in_f, dens, "cuda", gen)
                 nnz = col.numel()
                 cpu = dict(x=torch.randn(M, in_f, generator=gen),
                            A=torch.randn(rank, in_f, generator=gen) / in_f ** 0.5,
@@ -130,16 +153,23 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         rowl, coll = row.long(), col.long()
         p = lambda *s: torch.nn.Parameter(torch.randn(*s, device=dev, dtype=dtype) / math.sqrt(s[-1]))  # noqa: E731
         A, B, values, W = p(rank, in_f), p(out_f, rank), p(nnz), p(out_f, in_f)
-        ccrow, ccol, crow_row = _channel_support(out_f, in_f, DENSITY, dev, gen)
-        cvalues = p(ccol.numel())
+        structured = {}
+        for kind in STRUCTURED:
+            sup = _make_support(kind, out_f, in_f, DENSITY, dev, gen)
+            structured[kind] = (sup, p(sup[1].numel()))
         xs = [torch.randn(M, in_f, device=dev, dtype=dtype, requires_grad=True) for _ in range(nsets)]
         gs = [torch.randn(M, out_f, device=dev, dtype=dtype) for _ in range(nsets)]
 
         def ours(x):
-            return torch.ops.structrewrite.sparse_lowrank_linear(x, A, B, values, crow, col, row, None, scale)
+            return sl.eager(x, A, B, values, crow, col, row, None, scale)
 
-        def channel(x):
-            return torch.ops.structrewrite.sparse_lowrank_linear(x, A, B, cvalues, ccrow, ccol, crow_row,
+        def with_support(kind):
+            (scrow, scol, srow), svalues = structured[kind]
+            return lambda x: sl.eager(x, A, B, svalues, scrow, scol, srow, None, scale)
+
+        def block32_op(x):     # the same layer through the dispatcher (torch.library op)
+            (scrow, scol, srow), svalues = structured["block32"]
+            return torch.ops.structrewrite.sparse_lowrank_linear(x, A, B, svalues, scrow, scol, srow,
                                                                  None, scale)
 
         def dense(x):
@@ -153,11 +183,13 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         def lowrank(x):
             return F.linear(F.linear(x, A), B)
 
-        peers = {"ours": (ours, [A, B, values]), "channel": (channel, [A, B, cvalues]),
+        peers = {"ours": (ours, [A, B, values]),
+                 **{k: (with_support(k), [A, B, structured[k][1]]) for k in STRUCTURED},
+                 "block32_op": (block32_op, [A, B, structured["block32"][1]]),
                  "dense": (dense, [W]),
                  "sltrain": (sltrain, [A, B, values]), "lowrank": (lowrank, [A, B])}
         case = {"in": in_f, "out": out_f, "M": M, "rank": rank, "nnz": nnz, "density": DENSITY,
-                "channel_nnz": ccol.numel()}
+                **{f"{k}_nnz": structured[k][1].numel() for k in STRUCTURED}}
         for name, (fn, params) in peers.items():
             def fwd(i, fn=fn):
                 with torch.no_grad():
@@ -170,12 +202,15 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
             fwdbwd(0)  # first call: compile and pick tiles
             case[f"{name}_fwd"] = timeit(fwd, nsets, reps=reps)
             case[f"{name}_fwdbwd"] = timeit(fwdbwd, nsets, reps=reps)
+            case[f"{name}_fwdbwd_synced"] = timeit(fwdbwd, nsets, reps=reps, sync_each=True)
             case[f"{name}_peak_extra_bytes"] = peak_extra(lambda: fwdbwd(0))
         with torch.no_grad():  # the tuned tiles at this shape, against the materialised weight
             case["rel_err_vs_sltrain_fwd"] = _rel(ours(xs[0]), sltrain(xs[0]))
-            Wc = ((B @ A) * scale).index_put((crow_row.long(), ccol.long()), cvalues, accumulate=True)
-            case["channel_rel_err_vs_materialised_fwd"] = _rel(channel(xs[0]), F.linear(xs[0], Wc))
-            del Wc
+            for k in STRUCTURED:
+                (scrow, scol, srow), svalues = structured[k]
+                Wc = ((B @ A) * scale).index_put((srow.long(), scol.long()), svalues, accumulate=True)
+                case[f"{k}_rel_err_vs_materialised_fwd"] = _rel(peers[k][0](xs[0]), F.linear(xs[0], Wc))
+                del Wc
         # breakdown of ours (same tiles as the op uses)
         x0, g0 = xs[0].detach(), gs[0]
         xt, gt = sl.transpose(x0), sl.transpose(g0)
@@ -199,6 +234,7 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
             }
             case["breakdown"] = {k: timeit(f, 1, reps=reps)["median_ms"] for k, f in parts.items()}
         case["configs"] = {"spmm": cfg_f, "spmm_t": cfg_t, "sddmm": cfg_d}
+        case["block_breakdown"] = _block_breakdown(structured["block32"], x0, g0, A, B, scale, reps)
         # FLOPs (useful) and the fewest bytes
         lr = 2 * M * rank * (in_f + out_f)
         case["flops"] = {"dense_fwd": 2 * M * in_f * out_f, "dense_fwdbwd": 6 * M * in_f * out_f,
@@ -222,9 +258,35 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
                                  "dense_fwd": case["flops"]["dense_fwd"] / (cl["matmul_bf16_tflops"] * 1e9)}
         results.append(case)
         print(_case_line(case), flush=True)
-        del xs, gs, A, B, values, W, cvalues
+        del xs, gs, A, B, values, W, structured, peers
         torch.cuda.empty_cache()
     return results
+
+
+def _block_breakdown(support, x, g, A, B, scale, reps):
+    """Median ms of each part of the block-sparse (32 x 32 tiles) fwd+bwd, with the tuned tiles."""
+    from structrewrite.codegen.triton import sparse_lowrank as sl
+    from structrewrite.codegen.triton import sparse_lowrank_block as blk
+    (crow, col, row), values = support
+    M, in_f, out_f = x.shape[0], x.shape[1], B.shape[0]
+    lay = blk.layout(crow, col, row, 32, out_f, in_f)
+    key = lambda kind, n1, n2: (kind, sl._bucket(M), n1, n2, lay.nt, 32, x.dtype)  # noqa: E731
+    cfg_f = sl._TUNED.get(key("bsr_spmm", out_f, in_f), blk.SPMM_DEFAULT)
+    cfg_t = sl._TUNED.get(key("bsr_spmm_t", in_f, out_f), blk.SPMM_DEFAULT)
+    cfg_d = sl._TUNED.get(key("bsr_sddmm", out_f, in_f), blk.SDDMM_DEFAULT)
+    with torch.no_grad():
+        packed = values[lay.perm]
+        y, dx = torch.zeros(M, out_f, device=x.device, dtype=x.dtype), torch.zeros_like(x)
+        parts = {
+            "pack values": lambda i: values[lay.perm],
+            "fwd bsr_spmm+epilogue": lambda i: blk.bsr_spmm(x, lay, packed, out_f, y, False, base=y, scale=scale, config=cfg_f),
+            "dx bsr_spmm+epilogue": lambda i: blk.bsr_spmm(g, lay, packed, in_f, dx, True, base=dx, config=cfg_t),
+            "dvalues bsr_sddmm": lambda i: blk.bsr_sddmm(g, x, lay, config=cfg_d),
+            "low-rank GEMMs fwd+bwd (7)": lambda i: _lowrank_gemms(x, g, A, B),
+        }
+        out = {k: timeit(f, 1, reps=reps)["median_ms"] for k, f in parts.items()}
+    out["configs"] = {"bsr_spmm": cfg_f, "bsr_spmm_t": cfg_t, "bsr_sddmm": cfg_d}
+    return out
 
 
 def _lowrank_gemms(x, g, A, B):
@@ -238,9 +300,11 @@ def _lowrank_gemms(x, g, A, B):
 def _case_line(c):
     m = lambda k: c[k]["median_ms"]  # noqa: E731
     return (f"{c['in']}->{c['out']} r={c['rank']}: fwd+bwd ours {m('ours_fwdbwd'):.3f} dense {m('dense_fwdbwd'):.3f} "
-            f"sltrain {m('sltrain_fwdbwd'):.3f} lowrank {m('lowrank_fwdbwd'):.3f} channel "
-            f"{m('channel_fwdbwd'):.3f} | ratio dense {m('ours_fwdbwd') / m('dense_fwdbwd'):.2f} "
-            f"channel/dense {m('channel_fwdbwd') / m('dense_fwdbwd'):.2f} | breakdown {c['breakdown']}")
+            f"sltrain {m('sltrain_fwdbwd'):.3f} lowrank {m('lowrank_fwdbwd'):.3f} | ratio dense "
+            f"{m('ours_fwdbwd') / m('dense_fwdbwd'):.2f} | "
+            + " ".join(f"{k} {m(k + '_fwdbwd'):.3f} ({m(k + '_fwdbwd') / m('dense_fwdbwd'):.2f}x, "
+                       f"synced {m(k + '_fwdbwd_synced'):.3f})" for k in STRUCTURED)
+            + f" | breakdown {c['breakdown']}")
 
 
 def tables(report: Report, cases: list[dict]):
@@ -260,31 +324,59 @@ def tables(report: Report, cases: list[dict]):
                      ["in->out", "rank", "nnz", "ours", "dense", "sltrain", "lowrank",
                       "ours/dense", "sltrain/ours", "FLOP bound/dense", "ours TFLOP/s",
                       "% matmul ceiling", "ours GB/s", "% copy ceiling"], rows,
-                     note="dense: cuBLAS F.linear; sltrain: W = s·B@A + S materialised, then F.linear "
+                     note="ours: SparseLowRankLinear's eager CUDA path (EagerFunction: the op's kernels, "
+                          "called without the dispatcher), random element-wise support (SLTrain). "
+                          "dense: cuBLAS F.linear; sltrain: W = s·B@A + S materialised, then F.linear "
                           "(autograd through W); lowrank: F.linear(F.linear(x, A), B). Target: "
                           "ours/dense <= 0.75 and sltrain/ours >= 1.5 for fwd+bwd. FLOP bound: our "
                           "useful FLOPs at the measured matmul rate.")
+    mem_peers = ("ours", *STRUCTURED, "dense", "sltrain", "lowrank")
     rows = []
     for c in cases:
-        rows.append([f"{c['in']}->{c['out']}", *[c[f"{p}_peak_extra_bytes"] / 2**20 for p in ("ours", "channel", "dense", "sltrain", "lowrank")],
+        rows.append([f"{c['in']}->{c['out']}", *[c[f"{p}_peak_extra_bytes"] / 2**20 for p in mem_peers],
                      c["dense_free_bound_bytes"] / 2**20, c["dense_weight_bytes"] / 2**20])
-    chrows = [[f"{c['in']}->{c['out']}", {"fwdbwd": "fwd+bwd", "fwd": "fwd"}[w], c["rank"], c["channel_nnz"], m(c, f"channel_{w}"), m(c, f"dense_{w}"),
-               m(c, f"sltrain_{w}"), m(c, f"channel_{w}") / m(c, f"dense_{w}"),
-               m(c, f"sltrain_{w}") / m(c, f"channel_{w}"), c["channel_rel_err_vs_materialised_fwd"]]
-              for c in cases for w in ("fwdbwd", "fwd")]
-    report.table(f"Channel-wise support (LOST, init: lost): median ms (bf16, M={cases[0]['M']}, "
+    chrows = [[k, f"{c['in']}->{c['out']}", {"fwdbwd": "fwd+bwd", "fwd": "fwd"}[w], c["rank"], c[f"{k}_nnz"],
+               m(c, f"{k}_{w}"), m(c, f"dense_{w}"), m(c, f"sltrain_{w}"), m(c, f"{k}_{w}") / m(c, f"dense_{w}"),
+               m(c, f"sltrain_{w}") / m(c, f"{k}_{w}"), c[f"{k}_rel_err_vs_materialised_fwd"]]
+              for k in STRUCTURED for c in cases for w in ("fwdbwd", "fwd")]
+    report.table(f"Structured supports (same op): median ms (bf16, M={cases[0]['M']}, "
                  f"rank=in/4, density {DENSITY})",
-                 ["in->out", "pass", "rank", "nnz", "ours (channel)", "dense", "sltrain", "ours/dense",
+                 ["support", "in->out", "pass", "rank", "nnz", "ours", "dense", "sltrain", "ours/dense",
                   "sltrain/ours", "fwd rel. error vs materialised W"], chrows,
-                 note="The same op with a support of round(density * in) whole input channels (LOST's "
-                      "channel-wise sparse component). The CUDA implementation detects the structure and "
-                      "folds the sparse part into the low-rank GEMMs (rank r -> r + k): cuBLAS only, no "
-                      "gathers. sltrain here is the random-support SLTrain path of the table above.")
+                 note="channel: round(density * in) whole input channels (LOST's channel-wise sparse "
+                      "component, init: lost), folded into the low-rank GEMMs (rank r -> r + k), cuBLAS "
+                      "only. blockK: whole aligned K x K tiles at random (block: K), as many as the "
+                      "density gives; tensor-core block-sparse Triton kernels. The CUDA implementation "
+                      "detects either structure from the support. sltrain is the random-support "
+                      "SLTrain path of the table above.")
     report.table("Peak extra memory of one fwd+bwd (MiB, gradients included)",
-                 ["in->out", "ours", "ours (channel)", "dense", "sltrain", "lowrank", "dense-free bound", "one out x in bf16 matrix"],
+                 ["in->out", "ours", *[f"ours ({k})" for k in STRUCTURED], "dense", "sltrain", "lowrank",
+                  "dense-free bound", "one out x in bf16 matrix"],
                  rows, note="Dense-free bound: y, dx, dA, dB, dvalues and the two M x rank intermediates. "
                             "Ours also holds xᵀ and gᵀ (M x in, M x out) and the cuBLAS low-rank outputs that "
                             "the sparse epilogues read; no out x in temporary.")
+    launch_peers = ("ours", *STRUCTURED, "block32_op", "dense", "sltrain", "lowrank")
+    report.table("fwd+bwd issued back to back against synchronised before each call (median ms)",
+                 ["in->out", *[f"{p} {h}" for p in launch_peers for h in ("b2b", "synced", "host")]],
+                 [[f"{c['in']}->{c['out']}",
+                   *[v for p in launch_peers for v in (m(c, f"{p}_fwdbwd"), m(c, f"{p}_fwdbwd_synced"),
+                                                       c[f"{p}_fwdbwd"]["host_ms"])]]
+                  for c in cases],
+                 note="b2b: calls issued back to back as in a training loop (the numbers of every other "
+                      "table); synced: the device idles before each call, so each call also pays its "
+                      "launch latency; host: host time to issue one call (median). Where host exceeds "
+                      "b2b, the op is bound by Python and launch overhead, not by the device. "
+                      "block32_op: the block32 layer called through the torch.library op (dispatcher "
+                      "layers, x Aᵀ recomputed in the backward) instead of the layer's eager path.")
+    bkeys = [k for k in cases[0]["block_breakdown"] if k != "configs"]
+    report.table("Breakdown of the block-sparse (block32) fwd+bwd (median ms of each part run alone)",
+                 ["in->out", *bkeys, "sum", "op fwd+bwd", "tiles (spmm, spmm_t, sddmm)"],
+                 [[f"{c['in']}->{c['out']}", *[c["block_breakdown"][k] for k in bkeys],
+                   sum(c["block_breakdown"][k] for k in bkeys), m(c, "block32_fwdbwd"),
+                   " ".join(str(v) for v in c["block_breakdown"]["configs"].values())] for c in cases],
+                 note="pack values: the gather of values into tiles (once in the forward, once in the "
+                      "backward; counted once in 'sum', which also leaves out the small scalings and "
+                      "the scatter of the tile gradients).")
     keys = list(cases[0]["breakdown"])
     report.table("Breakdown of our fwd+bwd (median ms of each part run alone)",
                  ["in->out", *keys, "sum", "op fwd+bwd", "tiles (spmm, spmm_t, sddmm)"],
@@ -310,7 +402,7 @@ def llama_stack(layers: int, device, dtype):
     return LlamaModel(cfg).to(device=device, dtype=dtype)
 
 
-def sparsify(model, rank: int, density: float, init: str = "random") -> int:
+def sparsify(model, rank: int, density: float, init: str = "random", block: int = 1) -> int:
     from structrewrite.nn.sparse_lowrank import SparseLowRankLinear
     names = [n for n, mod in model.named_modules()
              if isinstance(mod, torch.nn.Linear) and n.startswith("layers.")]
@@ -319,7 +411,8 @@ def sparsify(model, rank: int, density: float, init: str = "random") -> int:
         parent = model.get_submodule(parent_name)
         lin = getattr(parent, attr)
         new = SparseLowRankLinear(lin.in_features, lin.out_features, rank, density, bias=lin.bias is not None,
-                                  init=init, key=name, device=lin.weight.device, dtype=lin.weight.dtype)
+                                  init=init, key=name, block=block, device=lin.weight.device,
+                                  dtype=lin.weight.dtype)
         with torch.no_grad():  # B starts at zero in SLTrain; time on random data instead
             new.B.normal_(0.0, 0.02)
         setattr(parent, attr, new)
@@ -331,11 +424,12 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int)
     out = {"layers": layers, "batch": batch, "seq": seq, "tokens_per_step": batch * seq,
            "rank": rank, "density": DENSITY}
     rows = []
-    for variant in ("dense", "sparse_lowrank", "sparse_lowrank_channel"):
+    for variant in ("dense", "sparse_lowrank", "sparse_lowrank_channel", "sparse_lowrank_block32"):
         model = llama_stack(layers, dev, dtype)
         if variant != "dense":
             out["replaced_linears"] = sparsify(model, rank, DENSITY,
-                                               init="lost" if variant.endswith("channel") else "random")
+                                               init="lost" if variant.endswith("channel") else "random",
+                                               block=32 if variant.endswith("block32") else 1)
         nparams = sum(p.numel() for p in model.parameters())
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         embs = [torch.randn(batch, seq, 2048, device=dev, dtype=dtype) for _ in range(2)]
@@ -364,15 +458,19 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int)
     out["speedup"] = out["dense"]["step"]["median_ms"] / out["sparse_lowrank"]["step"]["median_ms"]
     out["speedup_channel"] = (out["dense"]["step"]["median_ms"]
                               / out["sparse_lowrank_channel"]["step"]["median_ms"])
+    out["speedup_block32"] = (out["dense"]["step"]["median_ms"]
+                              / out["sparse_lowrank_block32"]["step"]["median_ms"])
     report.table(f"End to end: one training step (fwd, bwd, AdamW) of {layers} LLaMA-1B-shaped decoder layers",
                  ["model", "params (M)", "step ms (median)", "tokens/s", "peak memory (GiB)"], rows,
                  note=f"transformers LlamaModel layers (d=2048, ffn 5461, 16 heads, sdpa attention), bf16 "
                       f"parameters and AdamW, batch {batch} x seq {seq} = {batch * seq} tokens per step, "
                       f"loss = mean square of the last hidden state. sparse_lowrank: all "
                       f"{out.get('replaced_linears')} linears of the layers replaced (rank {rank}, density "
-                      f"{DENSITY}; random support, or for sparse_lowrank_channel the channel-wise support of "
-                      f"init: lost). Dense / sparse_lowrank step time: {out['speedup']:.2f}x; dense / "
-                      f"sparse_lowrank_channel: {out['speedup_channel']:.2f}x.")
+                      f"{DENSITY}; random element-wise support; sparse_lowrank_channel: the channel-wise "
+                      f"support of init: lost; sparse_lowrank_block32: random 32 x 32 tiles, block: 32). "
+                      f"Dense / sparse_lowrank step time: {out['speedup']:.2f}x; dense / "
+                      f"sparse_lowrank_channel: {out['speedup_channel']:.2f}x; dense / "
+                      f"sparse_lowrank_block32: {out['speedup_block32']:.2f}x.")
     return out
 
 
@@ -387,7 +485,8 @@ def plot(cases: list[dict], path):
     labels = [f"{c['in']}->{c['out']}" for c in cases]
     xs = range(len(cases))
     for ax, what, title in ((axes[0], "fwdbwd", "fwd+bwd"), (axes[1], "fwd", "forward")):
-        for peer, style in (("ours", "o-"), ("channel", "D-"), ("dense", "s-"), ("sltrain", "^-"), ("lowrank", "v--")):
+        for peer, style in (("ours", "o-"), ("channel", "D-"), ("block16", "P-"), ("block32", "X-"),
+                            ("dense", "s-"), ("sltrain", "^-"), ("lowrank", "v--")):
             ax.plot(xs, [c[f"{peer}_{what}"]["median_ms"] for c in cases], style, label=peer)
         ax.plot(xs, [c["flop_bound_ms"][f"ours_{what}"] for c in cases], "k:", label="FLOP bound (ours)")
         ax.plot(xs, [c["flop_bound_ms"][f"dense_{what}"] for c in cases], color="gray", ls=":",
