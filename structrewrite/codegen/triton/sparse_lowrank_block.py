@@ -15,10 +15,11 @@ of the output, BM tokens) walks the tiles of that row (a block-CSR list, or its 
 transpose for dx), accumulates in float32 and adds the epilogue in place on ``base``, so
 the output is written once and no buffer beyond ``base`` is allocated. ``bsr_sddmm``
 computes the third: one program per (tile, token range), float32 partial sums reduced
-over the ranges. The values stay in the element-CSR order of the module (the state
-dict and every other implementation read that order); a permutation made once per
-support packs them into tiles (``V = values[perm].view(nt, b, b)``, nnz elements per
-call) and scatters the tile gradients back.
+over the ranges. The kernels read and write the values in the element-CSR order of the
+module (the order of the state dict and of every other implementation): with whole
+tiles, every row of tile row ``I`` holds ``n_I·b`` entries, so tile ``(I, J)`` is a
+strided ``b x b`` block of ``values`` (its first entry ``base_t``, row stride
+``n_I·b``), and no packing or scattering of values happens per call.
 
 Nothing forms an out x in matrix; the work of the sparse part is 3 · 2·M·nnz FLOPs on
 the tensor cores, plus reading each input tile once per tile in its row.
@@ -69,13 +70,12 @@ def _detect(col, row, in_features) -> Optional[int]:
 
 
 class Layout:
-    """Block CSR and CSC lists of the tiles, and the permutation that packs the values.
+    """Block CSR and CSC lists of the tiles, and where each tile's values are.
 
-    ``rptr`` (tile rows + 1), ``rcol``: tiles in (row, column) order, which is also their
-    order in the packed value array; ``cptr`` (tile columns + 1), ``crow``, ``cidx``:
-    the same tiles by column, with their index in the packed array; ``perm`` (nnz,):
-    packed position -> index into ``values``; ``ti``/``tj``: each packed tile's row and
-    column (for the gradient kernel)."""
+    ``rptr`` (tile rows + 1), ``rcol``: tiles in (row, column) order, their index ``t``;
+    ``cptr`` (tile columns + 1), ``crow``, ``cidx``: the same tiles by column, with their
+    index ``t``; ``base``/``stride`` (nt,): tile ``t``'s entry ``(i, j)`` is
+    ``values[base[t] + i·stride[t] + j]``; ``ti``/``tj``: each tile's row and column."""
 
     def __init__(self, crow, col, row, b: int, out_features: int, in_features: int):
         dev = col.device
@@ -91,6 +91,9 @@ class Layout:
         ti, tj = tiles // nbc, tiles % nbc
         rptr = torch.zeros(nbr + 1, dtype=torch.int64, device=dev)
         rptr[1:] = torch.cumsum(torch.bincount(ti, minlength=nbr), 0)
+        # entry (0, 0) of each tile, and the entries per row of its tile row
+        base = perm.view(nt, b * b)[:, 0] if nt else perm[:0]
+        stride = (rptr[ti + 1] - rptr[ti]) * b
         order = torch.argsort(tj * nbr + ti)              # by (column, row)
         cptr = torch.zeros(nbc + 1, dtype=torch.int64, device=dev)
         cptr[1:] = torch.cumsum(torch.bincount(tj, minlength=nbc), 0)
@@ -98,7 +101,8 @@ class Layout:
         self.rptr, self.rcol = rptr.int(), tj.int()
         self.cptr, self.crow, self.cidx = cptr.int(), ti[order].int(), order.int()
         self.ti, self.tj = ti.int(), tj.int()
-        self.perm = perm
+        self.base, self.stride = base.contiguous(), stride.int()
+        self.perm = perm          # packed position -> index into values (for checks)
 
 
 def layout(crow, col, row, b: int, out_features: int, in_features: int) -> Layout:
@@ -113,12 +117,12 @@ def layout(crow, col, row, b: int, out_features: int, in_features: int) -> Layou
 def _bsr_spmm_kernel(
     in_ptr, stride_im,                     # dense operand (M, K), features contiguous
     ptr_ptr, other_ptr, tidx_ptr,          # per output tile row: list of (input tile column, tile index)
-    v_ptr, stride_vk, stride_vn,           # packed tiles (nt, B, B); element [k, n] of the product's operand
+    v_ptr, tbase_ptr, tstride_ptr,         # values (CSR order); tile t's entry (i, j) at base + i·stride + j
     base_ptr, stride_bm,                   # dense term (M, N), scaled by `scale`; may alias out
     bias_ptr,
     out_ptr, stride_om,
     M, N, scale,
-    B: tl.constexpr, BM: tl.constexpr, HAS_TIDX: tl.constexpr, HAS_BASE: tl.constexpr,
+    B: tl.constexpr, BM: tl.constexpr, TRANS: tl.constexpr, HAS_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
 ):
     p = tl.program_id(0)                   # output tile row (fastest: neighbours share tokens)
@@ -134,14 +138,18 @@ def _bsr_spmm_kernel(
     stop = tl.load(ptr_ptr + p + 1)
     for e in range(start, stop):
         q = tl.load(other_ptr + e)
-        if HAS_TIDX:
+        if TRANS:
             t = tl.load(tidx_ptr + e)
         else:
             t = e
         a = tl.load((in_ptr + offs_m64 * stride_im)[:, None] + (q * B + offs_b)[None, :],
                     mask=mask_m[:, None], other=0.0)
-        w = tl.load(v_ptr + t.to(tl.int64) * (B * B) + offs_b[:, None] * stride_vk
-                    + offs_b[None, :] * stride_vn)
+        tb = tl.load(tbase_ptr + t)
+        ts = tl.load(tstride_ptr + t)
+        if TRANS:    # operand element [k, n] = S_t[k, n]
+            w = tl.load(v_ptr + tb + offs_b[:, None] * ts + offs_b[None, :])
+        else:        # operand element [k, n] = S_t[n, k]
+            w = tl.load(v_ptr + tb + offs_b[:, None] + offs_b[None, :] * ts)
         if IEEE:
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -162,8 +170,9 @@ def _bsr_sddmm_kernel(
     g_ptr, stride_gm,                      # g (M, out), features contiguous
     x_ptr, stride_xm,                      # x (M, in)
     ti_ptr, tj_ptr,                        # each tile's row and column (nt,)
-    part_ptr,                              # (nsplit, nt, B, B) float32
-    M, NT, CHUNK,
+    tbase_ptr, tstride_ptr,                # where tile t's entries are in values (CSR order)
+    part_ptr,                              # (nsplit, nnz) float32, CSR order
+    M, NNZ, CHUNK,
     B: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -186,8 +195,10 @@ def _bsr_sddmm_kernel(
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
-    out = part_ptr + (sp.to(tl.int64) * NT + t) * (B * B)
-    tl.store(out + offs_b[:, None] * B + offs_b[None, :], acc)
+    tb = tl.load(tbase_ptr + t)
+    ts = tl.load(tstride_ptr + t)
+    out = part_ptr + sp.to(tl.int64) * NNZ + tb
+    tl.store(out + offs_b[:, None] * ts + offs_b[None, :], acc)
 
 
 # ----------------------------------------------------------------------------------
@@ -206,27 +217,33 @@ def _ieee(dtype) -> bool:
     return dtype == torch.float32 or _interpreting()
 
 
-def bsr_spmm(inp: torch.Tensor, lay: Layout, packed: torch.Tensor, n_out: int, out: torch.Tensor,
+def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, out: torch.Tensor,
              transposed: bool, base: Optional[torch.Tensor] = None, bias=None, scale: float = 1.0,
              config=None) -> torch.Tensor:
     """``out = scale·base + bias + inp · op(S)``: ``op(S) = Sᵀ`` (forward, tiles by row) or
-    ``S`` (``transposed``: dx, tiles by column). ``out`` may be ``base`` itself."""
+    ``S`` (``transposed``: dx, tiles by column). ``values`` in CSR order, of inp's dtype.
+    ``out`` may be ``base`` itself."""
     BM, warps, stages = config or SPMM_DEFAULT
     M = inp.shape[0]
     b = lay.b
-    if transposed:   # dx[:, J] += g[:, I] · V_IJ: operand element [k, n] = V[k, n]
-        ptr, other, tidx, svk, svn = lay.cptr, lay.crow, lay.cidx, b, 1
-    else:            # y[:, I] += x[:, J] · V_IJᵀ: operand element [k, n] = V[n, k]
-        ptr, other, tidx, svk, svn = lay.rptr, lay.rcol, lay.rptr, 1, b
+    if transposed:   # dx[:, J] += g[:, I] · S_IJ
+        ptr, other, tidx = lay.cptr, lay.crow, lay.cidx
+    else:            # y[:, I] += x[:, J] · S_IJᵀ
+        ptr, other, tidx = lay.rptr, lay.rcol, lay.rptr
     grid = (triton.cdiv(n_out, b), triton.cdiv(M, BM))
     _bsr_spmm_kernel[grid](
-        inp, inp.stride(0), ptr, other, tidx, packed, svk, svn,
+        inp, inp.stride(0), ptr, other, tidx, values, lay.base, lay.stride,
         base if base is not None else out, base.stride(0) if base is not None else 0,
         bias if bias is not None else out, out, out.stride(0),
         M, n_out, float(scale),
-        B=b, BM=BM, HAS_TIDX=transposed, HAS_BASE=base is not None,
+        B=b, BM=BM, TRANS=transposed, HAS_BASE=base is not None,
         HAS_BIAS=bias is not None, IEEE=_ieee(inp.dtype), num_warps=warps, num_stages=stages)
     return out
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocation of the gradient kernel's output (the tests replace it to poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _nsplit(M: int, nt: int, BK: int, splits: int, device) -> int:
@@ -238,16 +255,17 @@ def _nsplit(M: int, nt: int, BK: int, splits: int, device) -> int:
 
 
 def bsr_sddmm(g: torch.Tensor, x: torch.Tensor, lay: Layout, config=None) -> torch.Tensor:
-    """Packed float32 (nt, b, b) tiles of ``gᵀ x`` at the support."""
+    """``gᵀ x`` at the support: float32 (nnz,), in the values' CSR order."""
     BK, splits, warps, stages = config or SDDMM_DEFAULT
     M = g.shape[0]
     b, nt = lay.b, lay.nt
+    nnz = nt * b * b
     nsplit = _nsplit(M, nt, BK, splits, g.device)
-    chunk = triton.cdiv(triton.cdiv(M, nsplit), BK) * BK
-    nsplit = triton.cdiv(M, chunk)
-    part = torch.empty((nsplit, nt, b, b), dtype=torch.float32, device=g.device)
+    chunk = triton.cdiv(triton.cdiv(max(M, 1), nsplit), BK) * BK
+    nsplit = max(1, triton.cdiv(M, chunk))
+    part = _empty((nsplit, nnz), torch.float32, g.device)
     _bsr_sddmm_kernel[(nt, nsplit)](
-        g, g.stride(0), x, x.stride(0), lay.ti, lay.tj, part, M, nt, chunk,
+        g, g.stride(0), x, x.stride(0), lay.ti, lay.tj, lay.base, lay.stride, part, M, nnz, chunk,
         B=b, BK=BK, IEEE=_ieee(g.dtype), num_warps=warps, num_stages=stages)
     return part[0] if nsplit == 1 else part.sum(0)
 
@@ -272,10 +290,10 @@ def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, s
     y = t @ B.t()                                          # cuBLAS; scaled in the epilogue, in place
     if M == 0:
         return y.reshape(*x.shape[:-1], out_features)
-    packed = values[lay.perm].to(x.dtype)
+    vals = values.to(x.dtype)
 
     def run(c):
-        return bsr_spmm(x2, lay, packed, out_features, y, False, base=y, bias=bias,
+        return bsr_spmm(x2, lay, vals, out_features, y, False, base=y, bias=bias,
                         scale=scale, config=c)
 
     if config is None:   # timing runs in place on y: time on a copy, then run once for real
@@ -286,7 +304,7 @@ def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, s
         def trial(c):
             if not scratch:
                 scratch.append(y.clone())
-            return bsr_spmm(x2, lay, packed, out_features, scratch[0], False, base=scratch[0],
+            return bsr_spmm(x2, lay, vals, out_features, scratch[0], False, base=scratch[0],
                             bias=bias, scale=scale, config=c)
         config = _tuned("bsr_spmm", key, SPMM_CANDIDATES, SPMM_DEFAULT, trial)
     run(config)
@@ -308,7 +326,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
     dA = gBs.t() @ x2
     dB = (g2.t() @ (saved[0] if saved else x2 @ A.t())).mul_(scale)
     dx = gBs @ A                                           # cuBLAS; the sparse part added in place
-    packed = values[lay.perm].to(x.dtype)
+    vals = values.to(x.dtype)
     from structrewrite.codegen.triton.sparse_lowrank import _bucket
     if spmm_config is None:
         scratch = []
@@ -316,16 +334,14 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
         def trial(c):
             if not scratch:
                 scratch.append(dx.clone())
-            return bsr_spmm(g2, lay, packed, in_features, scratch[0], True, base=scratch[0],
+            return bsr_spmm(g2, lay, vals, in_features, scratch[0], True, base=scratch[0],
                             config=c)
         spmm_config = _tuned("bsr_spmm_t", (_bucket(M), in_features, out_features, lay.nt, b,
                                             x.dtype), SPMM_CANDIDATES, SPMM_DEFAULT, trial)
-    bsr_spmm(g2, lay, packed, in_features, dx, True, base=dx, config=spmm_config)
+    bsr_spmm(g2, lay, vals, in_features, dx, True, base=dx, config=spmm_config)
     if sddmm_config is None:
         sddmm_config = _tuned("bsr_sddmm", (_bucket(M), out_features, in_features, lay.nt, b,
                                             x.dtype), SDDMM_CANDIDATES, SDDMM_DEFAULT,
                               lambda c: bsr_sddmm(g2, x2, lay, config=c))
-    tiles = bsr_sddmm(g2, x2, lay, config=sddmm_config)
-    dv = torch.empty_like(values)
-    dv[lay.perm] = tiles.reshape(-1).to(values.dtype)
+    dv = bsr_sddmm(g2, x2, lay, config=sddmm_config).to(values.dtype)
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
