@@ -7,6 +7,8 @@
   next, so host-side launch cost shows only where it exceeds the device time. The host
   time per call is returned too (``host_ms``). ``sync_each=True`` synchronises before
   every call instead (each call then also pays its launch latency on an idle device).
+* ``graphed(fn)``: the same call captured in a CUDA graph and replayed: device time
+  without any host work between the kernels.
 * ``peak_extra(fn)``: peak device memory allocated by ``fn()`` above what was allocated
   before it (the tensors it returns included).
 * ``ceilings()``: the device's matmul (bf16, 8192³, random data) and copy (device to
@@ -16,6 +18,7 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -60,6 +63,31 @@ def timeit(fn: Callable[[int], object], nsets: int = 1, warmup: int = 5, reps: i
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "reps": len(times),
             "host_ms": statistics.median(host), "sync_each": sync_each}
+
+
+def graphed(fn: Callable[[int], object], reps: int = 30) -> dict:
+    """Device time of ``fn(0)`` captured once in a CUDA graph and replayed: the time of its
+    kernels with no host work between them (one input set, so smaller inputs stay in L2).
+    ``{"median_ms": nan, "error": ...}`` where the capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn(0)
+        torch.cuda.current_stream().wait_stream(side)
+        sync()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            keep = fn(0)
+        out = timeit(lambda i: graph.replay(), 1, reps=reps)
+        del graph, keep
+        gc.collect()              # the captured autograd graph holds the pool's tensors in cycles
+        torch.cuda.empty_cache()
+        return out
+    except Exception as exc:  # a capture the op does not allow: report, do not fail the run
+        sync()
+        return {"median_ms": float("nan"), "error": f"{type(exc).__name__}: {exc}"[:200]}
 
 
 def peak_extra(fn: Callable[[], object]) -> int:

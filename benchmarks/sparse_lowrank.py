@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import shlex
 import sys
@@ -27,7 +28,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, ceilings, environment, peak_extra, sync, timeit
+from benchmarks.harness import Report, ceilings, environment, graphed, peak_extra, sync, timeit
 
 SHAPES = [(4096, 4096), (4096, 11008), (2048, 2048), (2048, 5461)]
 DENSITY = 0.03
@@ -203,6 +204,7 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
             case[f"{name}_fwd"] = timeit(fwd, nsets, reps=reps)
             case[f"{name}_fwdbwd"] = timeit(fwdbwd, nsets, reps=reps)
             case[f"{name}_fwdbwd_synced"] = timeit(fwdbwd, nsets, reps=reps, sync_each=True)
+            case[f"{name}_fwdbwd_graphed"] = graphed(fwdbwd, reps=reps)
             case[f"{name}_peak_extra_bytes"] = peak_extra(lambda: fwdbwd(0))
         with torch.no_grad():  # the tuned tiles at this shape, against the materialised weight
             case["rel_err_vs_sltrain_fwd"] = _rel(ours(xs[0]), sltrain(xs[0]))
@@ -358,14 +360,16 @@ def tables(report: Report, cases: list[dict]):
                             "the sparse epilogues read; no out x in temporary.")
     launch_peers = ("ours", *STRUCTURED, "block32_op", "dense", "sltrain", "lowrank")
     report.table("fwd+bwd issued back to back against synchronised before each call (median ms)",
-                 ["in->out", *[f"{p} {h}" for p in launch_peers for h in ("b2b", "synced", "host")]],
-                 [[f"{c['in']}->{c['out']}",
-                   *[v for p in launch_peers for v in (m(c, f"{p}_fwdbwd"), m(c, f"{p}_fwdbwd_synced"),
-                                                       c[f"{p}_fwdbwd"]["host_ms"])]]
-                  for c in cases],
+                 ["peer", *[f"{c['in']}->{c['out']} {h}" for c in cases
+                            for h in ("b2b", "synced", "graphed", "host")]],
+                 [[p, *[v for c in cases for v in (m(c, f"{p}_fwdbwd"), m(c, f"{p}_fwdbwd_synced"),
+                                                  m(c, f"{p}_fwdbwd_graphed"), c[f"{p}_fwdbwd"]["host_ms"])]]
+                  for p in launch_peers],
                  note="b2b: calls issued back to back as in a training loop (the numbers of every other "
                       "table); synced: the device idles before each call, so each call also pays its "
-                      "launch latency; host: host time to issue one call (median). Where host exceeds "
+                      "launch latency; graphed: the call captured once in a CUDA graph and replayed "
+                      "(device time alone, one input set); host: host time to issue one call "
+                      "(median, b2b; it includes waits when the launch queue is full). Where host exceeds "
                       "b2b, the op is bound by Python and launch overhead, not by the device. "
                       "block32_op: the block32 layer called through the torch.library op (dispatcher "
                       "layers, x Aᵀ recomputed in the backward) instead of the layer's eager path.")
@@ -426,6 +430,9 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int)
            "rank": rank, "density": DENSITY}
     rows = []
     for variant in ("dense", "sparse_lowrank", "sparse_lowrank_channel", "sparse_lowrank_block32"):
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
         model = llama_stack(layers, dev, dtype)
         if variant != "dense":
             out["replaced_linears"] = sparsify(model, rank, DENSITY,
@@ -448,7 +455,7 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int)
         torch.cuda.reset_peak_memory_stats()
         step(0)
         sync()
-        peak = torch.cuda.max_memory_allocated()
+        peak = torch.cuda.max_memory_allocated() - base
         out[variant] = {"step": t, "tokens_per_s": batch * seq / (t["median_ms"] * 1e-3),
                         "peak_bytes": peak, "params": nparams}
         rows.append([variant, nparams / 1e6, t["median_ms"], batch * seq / (t["median_ms"] * 1e-3),
@@ -465,7 +472,8 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int)
                  ["model", "params (M)", "step ms (median)", "tokens/s", "peak memory (GiB)"], rows,
                  note=f"transformers LlamaModel layers (d=2048, ffn 5461, 16 heads, sdpa attention), bf16 "
                       f"parameters and AdamW, batch {batch} x seq {seq} = {batch * seq} tokens per step, "
-                      f"loss = mean square of the last hidden state. sparse_lowrank: all "
+                      f"loss = mean square of the last hidden state; peak memory: the step's peak "
+                      f"allocation above what was allocated before the model was built. sparse_lowrank: all "
                       f"{out.get('replaced_linears')} linears of the layers replaced (rank {rank}, density "
                       f"{DENSITY}; random element-wise support; sparse_lowrank_channel: the channel-wise "
                       f"support of init: lost; sparse_lowrank_block32: random 32 x 32 tiles, block: 32). "
