@@ -147,6 +147,22 @@ def test_empty_single_and_full_support(tmp_path, density, init):
         np.testing.assert_allclose(y, layer(x).numpy(), atol=1e-5, rtol=1e-5)
 
 
+def test_block_support_exports_like_any_support(tmp_path):
+    """A tile support is stored as element CSR: the same node, the same ORT result."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(48, 40)
+    layer = SparseLowRankLinear.from_dense(lin.weight, lin.bias, rank=4, density=0.2,
+                                           init="svd", block=16).eval()
+    path = tmp_path / "block.onnx"
+    export_onnx(layer, (torch.randn(2, 3, 48),), path)
+    check_file(path, 1)
+    sess = ort_session(path)
+    x = torch.randn(3, 7, 48)
+    (y,) = sess.run(None, ort_inputs(sess, (x,)))
+    with torch.no_grad():
+        np.testing.assert_allclose(y, layer(x).numpy(), atol=1e-5, rtol=1e-5)
+
+
 @torch.library.custom_op("structrewrite::onnx_test_untranslated", mutates_args=())
 def _untranslated(x: torch.Tensor) -> torch.Tensor:
     return x * 2

@@ -175,3 +175,60 @@ def test_report_formats():
     data = json.loads(res.report.to_json())
     assert data["totals"]["after"]["params"] < data["totals"]["before"]["params"]
     assert len(data["sites"]) == 3
+
+
+# -- block supports (block: 16/32/64) ------------------------------------------------
+def _tiles(mod):
+    """The set of (tile row, tile column) the support covers, and whether all are whole."""
+    b = mod.block
+    dense = torch.zeros(mod.out_features, mod.in_features, dtype=torch.bool)
+    dense[mod.sparse_row.long(), mod.sparse_col.long()] = True
+    whole = dense[: mod.out_features // b * b, : mod.in_features // b * b]
+    grid = whole.reshape(mod.out_features // b, b, mod.in_features // b, b).permute(0, 2, 1, 3)
+    counts = grid.sum(dim=(2, 3))
+    return counts, bool(dense.sum() == whole.sum())
+
+
+@pytest.mark.parametrize("init", ["random", "svd"])
+@pytest.mark.parametrize("block", [16, 32])
+def test_block_support_is_whole_tiles_and_matches_the_formula(init, block):
+    model = nn.Sequential(nn.Linear(100, 72), nn.ReLU(), nn.Linear(72, 130))
+    res = sr.rewrite(model, policy("*", rank=6, density=0.2, init=init, block=block))
+    for site in res.report.sites:
+        mod = res.model.get_submodule(site.site)
+        assert mod.block == block
+        counts, inside = _tiles(mod)
+        assert inside and set(counts.unique().tolist()) <= {0, block * block}   # whole tiles only
+        whole = (mod.out_features // block) * (mod.in_features // block)
+        expect = min(round(0.2 * mod.out_features * mod.in_features / block**2), whole)
+        assert int((counts > 0).sum()) == expect and mod.nnz == expect * block * block
+        assert mod.nnz == support_size(mod.out_features, mod.in_features, 0.2, init, block)
+        assert site.after["params"] == sum(p.numel() for p in mod.parameters())
+
+
+def test_block_svd_keeps_the_tiles_of_largest_residual_and_is_exact_at_full_rank():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    with torch.no_grad():
+        lin.weight[16:32, 32:48] += 5.0 * torch.randn(16, 16)   # far from low rank: it must be kept
+    res = sr.rewrite(nn.Sequential(lin), policy("*", rank=2, density=0.07, init="svd", block=16))
+    counts, _ = _tiles(res.model[0])
+    assert counts[1, 2] == 256
+    x = torch.randn(5, 64)
+    full = sr.rewrite(nn.Sequential(lin), policy("*", rank=64, density=0.07, init="svd", block=16),
+                      example_inputs=(x,))
+    assert full.report.sites[0].exact and full.report.sites[0].verified < 1e-5
+
+
+def test_block_budget_and_refusals():
+    model = nn.Sequential(nn.Linear(128, 128))
+    res = sr.rewrite(model, {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                     "with": {"params": 0.5, "density": 0.05, "init": "random", "block": 32}}]})
+    mod = res.model[0]
+    assert sum(p.numel() for p in mod.parameters()) <= 0.5 * (128 * 128 + 128)
+    with pytest.raises(Exception, match="lost"):
+        sr.rewrite(model, policy("*", init="lost", block=16))
+    with pytest.raises(Exception, match="no whole"):
+        sr.rewrite(nn.Sequential(nn.Linear(12, 40)), policy("*", init="random", block=16))
+    with pytest.raises(Exception, match="block"):
+        sr.rewrite(model, policy("*", init="random", block=8))
