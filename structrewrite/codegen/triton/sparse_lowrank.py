@@ -63,24 +63,33 @@ On CUDA the tiles of each kernel are picked by timing the candidate configs once
 defaults). The first call at a new shape therefore takes a few hundred ms, and it must
 not happen inside CUDA-graph capture. Tests and callers can pass configs explicitly.
 
-Channel-wise supports
----------------------
+Structured supports
+-------------------
 A support in which every output row holds the same input channels (LOST, ``init: lost``)
 does not go through these kernels: ``sparse_lowrank_channel.py`` folds it into the
-low-rank GEMMs (rank r -> r + k) and the op runs on cuBLAS alone. The CUDA
-implementation detects the structure once per support (cached on the buffers).
+low-rank GEMMs (rank r -> r + k) and the op runs on cuBLAS alone. A support made of whole
+aligned b x b tiles (``block: 16/32/64``) goes to the tensor-core block-sparse kernels of
+``sparse_lowrank_block.py``. The CUDA implementation detects either structure once per
+support (cached on the buffers).
 
-Speed (H200, bf16, M=16384, rank in/4, density 3%; see benchmarks/)
--------------------------------------------------------------------
-Random support, fwd+bwd at 4096x4096: 6.8 ms, against dense cuBLAS 2.4 ms and the
-SLTrain path 2.8 ms. The gathers are the cost: ``x Sᵀ`` and ``g S`` each move nnz·M
+Eager entry
+-----------
+``EagerFunction`` (below) calls the same implementations as an ``autograd.Function``:
+``SparseLowRankLinear`` uses it in eager mode on plain CUDA tensors, which skips the
+dispatcher's Python layers and lets the backward reuse the forward's ``x Aᵀ``.
+
+Speed (H200, bf16, M=16384, rank in/4, density 3%; see benchmarks/README.md)
+---------------------------------------------------------------------------
+Random support, fwd+bwd at 4096x4096: 6.5 ms, against dense cuBLAS 2.4 ms and the
+SLTrain path 2.7 ms. The gathers are the cost: ``x Sᵀ`` and ``g S`` each move nnz·M
 gathered elements (8.2e9 at this shape) through L2 with one FMA each, about 2 ms
 apiece; ncu showed L2 throughput at 50-85% of peak and instruction issue at 55-75%, so
 they are limited by L2 bandwidth and latency, not by arithmetic. A tensor-core SpMM that
 built tiles of ``Sᵀ`` in registers from the entries was correct but 4x to 150x slower
 than the gather and is not included (benchmarks/README.md lists what was tried). Only
 where cuBLAS is slow on an unaligned dimension (2048 -> 5461) is the op faster than
-dense. Channel-wise supports (above) run at 0.75x dense at 4096x4096.
+dense. Tile supports (32 x 32) run at 0.71x dense at 4096x4096 and channel-wise
+supports at 0.54x.
 """
 from __future__ import annotations
 
@@ -589,11 +598,12 @@ class EagerFunction(torch.autograd.Function):
     """The same kernels as the op's CUDA implementation, called without the dispatcher.
 
     ``SparseLowRankLinear`` uses this in eager mode on plain CUDA tensors; tracing,
-    export, ``torch.compile`` and every other device see the op. Two differences, both
-    measured on the H200 host (``benchmarks/results/sparse_lowrank.md``): no Python
-    dispatch layers of ``torch.library.custom_op`` (about 0.6 ms of host time per
-    fwd+bwd there), and the backward reuses the forward's ``x Aᵀ`` (M x r, kept like
-    the input of any linear layer) instead of recomputing it, one GEMM fewer."""
+    export, ``torch.compile`` and every other device see the op. Two differences: no
+    Python dispatch layers of ``torch.library.custom_op``, and the backward reuses the
+    forward's ``x Aᵀ`` (M x r, kept like the input of any linear layer) instead of
+    recomputing it, one GEMM fewer. On the H200 (``benchmarks/results/sparse_lowrank.md``,
+    32 x 32 tiles, fwd+bwd): 1.70 ms against 1.90 ms through the op at 4096x4096, 1.22
+    against 1.69 ms at 2048x2048, where the host time dominates."""
 
     @staticmethod
     def forward(ctx, x, A, B, values, crow, col, row, bias, scale):
