@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from hf_tiny import tiny_llama
 
 from structrewrite.passes.canonicalize_attention import canonicalize_attention, match
 from structrewrite.rewriter.capture import capture_block, capture_sites, find_attention
@@ -70,10 +70,8 @@ def test_near_misses_are_left_alone():
 
 
 def test_hf_llama_eager_attention_exported_and_canonicalized():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(vocab_size=97, intermediate_size=96, num_hidden_layers=1,
+                       attn_implementation="eager")
     ids = torch.randint(0, 97, (2, 9))
     from structrewrite.rewriter.capture import record_inputs
     fqn = "model.layers.0.self_attn"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from hf_tiny import tiny_llama
 
 from structrewrite.rewriter.capture import (CaptureError, capture_block, capture_sites,
                                             find_attention, node_module_fqn)
@@ -10,10 +10,7 @@ from structrewrite.rewriter.capture import (CaptureError, capture_block, capture
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab_size=97, intermediate_size=96)
 
 
 def test_llama_attention_is_exported_with_sdpa_and_its_projections(llama):
