@@ -71,3 +71,16 @@ def test_module_keeps_the_op_off_cuda_and_under_tracing():
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.structrewrite.sparse_lowrank_linear.default in targets or \
         torch.ops.structrewrite.sparse_lowrank_linear in targets
+
+
+@pytest.mark.parametrize("init,block", KINDS)
+def test_eager_function_with_no_tokens(init, block):
+    layer = SparseLowRankLinear(40, 36, rank=4, density=0.12, init=init, block=block, key="z")
+    x = torch.randn(2, 0, 40, requires_grad=True)
+    args = (x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
+            layer.sparse_row, layer.bias, layer.scale)
+    y = sl.eager(*args)
+    assert y.shape == (2, 0, 36)
+    grads = torch.autograd.grad(y.sum(), [x, layer.A, layer.B, layer.values, layer.bias])
+    assert grads[0].shape == x.shape
+    assert all(float(g.abs().sum()) == 0.0 for g in grads[1:])
