@@ -82,7 +82,12 @@ def sparse_lowrank_linear(
     bias: Optional[torch.Tensor],
     scale: float,
 ) -> torch.Tensor:
-    """Reference implementation (the specification of the op)."""
+    """The op; on every device without an implementation of its own, the reference."""
+    return reference(x, A, B, values, crow, col, row, bias, scale)
+
+
+def reference(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
+    """Reference implementation of the forward (the specification of the op)."""
     out_features = B.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     y = F.linear(F.linear(x2, A), B).to(_acc(x2)) * scale
@@ -115,7 +120,14 @@ def sparse_lowrank_linear_backward(
     dA      = scale * (g B)ᵀ x
     dB      = scale * gᵀ (x Aᵀ)
     dvalues = (gᵀ x) sampled at the support  (never formed densely)
+
+    On every device without an implementation of its own, the reference.
     """
+    return reference_backward(grad, x, A, B, values, crow, col, row, scale)
+
+
+def reference_backward(grad, x, A, B, values, crow, col, row, scale: float):
+    """Reference implementation of the backward (the specification of the op)."""
     in_features = A.shape[1]
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, in_features)

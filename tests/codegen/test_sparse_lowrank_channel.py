@@ -7,8 +7,8 @@ import structrewrite  # noqa: F401
 from structrewrite.codegen.triton import sparse_lowrank_channel as ch
 from structrewrite.nn.sparse_lowrank import channel_flat, csr_from_flat
 
-op = torch.ops.structrewrite.sparse_lowrank_linear
-op_bwd = torch.ops.structrewrite.sparse_lowrank_linear_backward
+from structrewrite.ops.sparse_lowrank_linear import reference as op  # noqa: E402
+from structrewrite.ops.sparse_lowrank_linear import reference_backward as op_bwd  # noqa: E402
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 

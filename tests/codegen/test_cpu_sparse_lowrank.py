@@ -1,0 +1,90 @@
+"""The CPU implementation of sparse_lowrank_linear (PyTorch's CSR kernels) against the
+reference: float32 and float64, fresh random shapes and data, batch dims, with and
+without bias, empty supports and no tokens; other dtypes fall back to the reference.
+Tolerances (relative Frobenius error): float32 1e-5, float64 1e-12."""
+import random
+
+import pytest
+import torch
+
+import structrewrite  # noqa: F401  (registers the ops and their CPU implementation)
+from structrewrite.codegen.cpu import sparse_lowrank as cpu
+from structrewrite.nn.sparse_lowrank import csr_from_flat
+from structrewrite.ops.sparse_lowrank_linear import reference, reference_backward
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _problem(dtype, density, bias, seed, tokens=None):
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    in_f, out_f = rnd.randint(5, 90), rnd.randint(5, 90)
+    rank = rnd.randint(1, min(in_f, out_f))
+    lead = (rnd.randint(1, 3), rnd.randint(1, 20) if tokens is None else tokens)
+    flat = torch.randperm(in_f * out_f, generator=g)[:int(density * in_f * out_f)]
+    crow, col, row = csr_from_flat(flat, out_f, in_f)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    return (r(*lead, in_f), r(rank, in_f), r(out_f, rank), r(col.numel()), crow, col, row,
+            r(out_f) if bias else None, rnd.choice([1.0, 0.3, 32.0 / rank])), r(*lead, out_f)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_implementation_matches_the_reference(dtype, density, bias):
+    seed = random.randrange(2**31)
+    args, grad = _problem(dtype, density, bias, seed)
+    y, y_ref = cpu.forward(*args), reference(*args)
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert _rel(y, y_ref) < TOL[dtype], f"seed {seed}"
+    bargs = (grad, *args[:7], args[8])
+    for name, a, b in zip(("dx", "dA", "dB", "dvalues"), cpu.backward(*bargs), reference_backward(*bargs)):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if b.numel():
+            assert _rel(a, b) < TOL[dtype], f"{name} (seed {seed})"
+
+
+def test_the_op_on_cpu_runs_this_implementation_and_trains():
+    args, grad = _problem(torch.float32, 0.1, True, 7)
+    leaves = [t.requires_grad_() for t in (args[0], args[1], args[2], args[3], args[7])]
+    y = torch.ops.structrewrite.sparse_lowrank_linear(*args)
+    assert torch.equal(y, cpu.forward(*args))
+    got = torch.autograd.grad(y, leaves, grad)
+    want = (*reference_backward(grad, *args[:7], args[8]), grad.reshape(-1, grad.shape[-1]).sum(0))
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-5
+
+
+def test_no_tokens_and_fallback_dtypes():
+    args, grad = _problem(torch.float32, 0.1, True, 3, tokens=0)
+    assert cpu.forward(*args).shape == (*args[0].shape[:-1], args[2].shape[0])
+    dx, dA, dB, dv = cpu.backward(grad, *args[:7], args[8])
+    assert dx.shape == args[0].shape and float(dA.abs().sum() + dB.abs().sum() + dv.abs().sum()) == 0
+    args, grad = _problem(torch.bfloat16, 0.1, True, 4)   # bf16: the reference's float32 sums
+    assert torch.equal(cpu.forward(*args), reference(*args))
+
+
+def test_no_dense_temporaries():
+    """Every strided tensor the CPU path makes is smaller than out x in (the CSR view of
+    the support stores nnz values only)."""
+    args, grad = _problem(torch.float32, 0.05, True, 11)
+    out_f, in_f = args[2].shape[0], args[1].shape[1]
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            for t in (res if isinstance(res, (tuple, list)) else (res,)):
+                if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                    seen.append(t.numel())
+            return res
+    x = torch.randn(2, in_f)
+    with Spy():
+        cpu.forward(x, *args[1:])
+        cpu.backward(torch.randn(2, out_f), x, *args[1:7], args[8])
+    assert seen and max(seen) < out_f * in_f
