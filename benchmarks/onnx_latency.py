@@ -71,11 +71,13 @@ def time_session(sess, feed, warmup: int, reps: int, min_s: float) -> dict:
 
 
 def policy_for(rank: int, density: float, init: str) -> dict:
-    """SLTrain's 60M setting scaled to the model: every attention and MLP projection."""
+    """SLTrain's 60M setting scaled to the model: every attention and MLP projection.
+    ``init`` may carry a tile size: ``svd:block16`` is ``init: svd, block: 16``."""
+    init, _, tiles = init.partition(":block")
+    opts = {"rank": rank, "density": density, "init": init, **({"block": int(tiles)} if tiles else {})}
     return {"version": 1, "rules": [{
         "match": "re:model\\.layers\\.\\d+\\.(self_attn|mlp)\\.\\w+_proj",
-        "rewrite": "sparse_lowrank",
-        "with": {"rank": rank, "density": density, "init": init}}]}
+        "rewrite": "sparse_lowrank", "with": opts}]}
 
 
 def main(argv=None) -> int:
@@ -87,9 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--density", type=float, default=0.03)
-    ap.add_argument("--inits", nargs="+", default=["svd", "lost"],
+    ap.add_argument("--inits", nargs="+", default=["svd", "lost", "svd:block16"],
                     help="one rewritten model per init: svd (scattered support), lost (whole "
-                         "input channels)")
+                         "input channels), svd:blockK (whole K x K tiles)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case")
     ap.add_argument("--reps", type=int, default=5, help="timed runs per round and model")
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all)")

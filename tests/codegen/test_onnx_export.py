@@ -147,17 +147,19 @@ def test_empty_single_and_full_support(tmp_path, density, init):
         np.testing.assert_allclose(y, layer(x).numpy(), atol=1e-5, rtol=1e-5)
 
 
-def test_block_support_exports_like_any_support(tmp_path):
-    """A tile support is stored as element CSR: the same node, the same ORT result."""
+@pytest.mark.parametrize("block,in_f,out_f", [(16, 48, 40), (16, 130, 100), (32, 136, 97)])
+def test_block_support_exports_like_any_support(tmp_path, block, in_f, out_f):
+    """A tile support is stored as element CSR: the same node, the same ORT result
+    (the body's tile layout for supports of many tiles, channels for a few)."""
     torch.manual_seed(3)
-    lin = torch.nn.Linear(48, 40)
+    lin = torch.nn.Linear(in_f, out_f)
     layer = SparseLowRankLinear.from_dense(lin.weight, lin.bias, rank=4, density=0.2,
-                                           init="svd", block=16).eval()
+                                           init="svd", block=block).eval()
     path = tmp_path / "block.onnx"
-    export_onnx(layer, (torch.randn(2, 3, 48),), path)
+    export_onnx(layer, (torch.randn(2, 3, in_f),), path)
     check_file(path, 1)
     sess = ort_session(path)
-    x = torch.randn(3, 7, 48)
+    x = torch.randn(3, 7, in_f)
     (y,) = sess.run(None, ort_inputs(sess, (x,)))
     with torch.no_grad():
         np.testing.assert_allclose(y, layer(x).numpy(), atol=1e-5, rtol=1e-5)

@@ -9,13 +9,17 @@ runs it with no plugin) computes the reference semantics without forming the wei
 
 * low-rank part and bias: ``Gemm(Gemm(x2, A, transB=1), B, bias, alpha=scale, transB=1)``
   (Gemm's third input is optional, which is how the optional bias passes through);
-* sparse part, in one of two layouts, whichever stores less (the choice, like the layouts,
-  depends on the weights only, so ONNX Runtime's constant folding settles it once at
-  session creation when the weights are initializers):
+* sparse part, in one of three layouts (the choice, like the layouts, depends on the
+  weights only, so ONNX Runtime's constant folding settles it once at session creation
+  when the weights are initializers):
 
   - *channels*, when S uses at most kmax + 1 distinct input columns (LOST's channel-wise
     support): ``x[:, used] · Blockᵀ`` with the dense (out x used) block of S, one Gemm
     that also accumulates into the low-rank result;
+  - *tiles*, when S is made of whole aligned 16 x 16 tiles (``block: 16/32/64``): the
+    values as (tiles x 16 x 16) blocks; per call a ``Gather`` of each tile's 16 input
+    features (tiles x 16 x M), one batched ``MatMul``, and a ``ScatterND`` that adds the
+    products at the tiles' output rows;
   - *ELL* otherwise (scattered support, SLTrain / ``svd``): each output row's entries
     padded to the longest row kmax with column 0 / value 0; per call a ``Gather`` of the
     transposed input (out x kmax x M) and one batched ``MatMul`` with the values.
@@ -66,9 +70,21 @@ def SparseLowRankLinear(x, A, B, values, crow, col, row, bias: Optional[FLOAT], 
     # the input columns S uses (plus column 0, which keeps Unique's input non-empty)
     used, first, inverse, _ = op.Unique(op.Concat(col64, zero, axis=0), sorted=1)
     inverse = op.Slice(inverse, zero, nnz)
-    # the layout with less storage: channels (out x used) or ELL (out x kmax)
+    # whole aligned 16 x 16 tiles? (also true of 32- and 64-tile supports)
+    sixteen = op.Constant(value_ints=[16])
+    tiles_per_row = op.Div(op.Add(in_features, op.Constant(value_ints=[15])), sixteen)
+    tile_key = op.Add(op.Mul(op.Div(row64, sixteen), tiles_per_row), op.Div(col64, sixteen))
+    # (-1 keeps Unique's input non-empty and sorts first)
+    tile_ids, _, tile_of, _ = op.Unique(op.Concat(op.Constant(value_ints=[-1]), tile_key, axis=0),
+                                        sorted=1)
+    n_tiles = op.Sub(op.Shape(tile_ids), one)
+    whole = op.And(op.Equal(op.Mul(n_tiles, op.Constant(value_ints=[256])), nnz),
+                   op.Greater(nnz, zero))
+    # the layout: channels when S uses few columns (out x used), else tiles when S is
+    # whole tiles, else ELL (out x kmax)
     by_channel = op.Cast(op.LessOrEqual(op.Shape(used), op.Add(kmax, one)), to=7)
-    by_row = op.Sub(one, by_channel)
+    by_tile = op.Mul(op.Cast(whole, to=7), op.Sub(one, by_channel))
+    by_row = op.Sub(op.Sub(one, by_channel), by_tile)
     # channels: the columns S uses, gathered once, times a dense (out x n_used) block
     n_ch = op.Mul(nnz, by_channel)
     ch_cols = op.Slice(used, zero, op.Mul(op.Shape(used), by_channel))
@@ -89,6 +105,20 @@ def SparseLowRankLinear(x, A, B, values, crow, col, row, bias: Optional[FLOAT], 
                            op.Gather(col64, ell_entries, axis=0))
     ell_val = op.ScatterND(op.Expand(op.CastLike(op.Constant(value_float=0.0), values), ell_shape),
                            ell_where, op.Gather(values, ell_entries, axis=0))
+    # tiles: values as (nt, 16, 16) blocks; each tile's 16 input and 16 output features
+    nt = op.Mul(n_tiles, by_tile)
+    n_tl = op.Mul(nnz, by_tile)
+    tl_ids = op.Slice(tile_ids, one, op.Add(nt, one))
+    lane = op.Range(op.Constant(value_int=0), op.Constant(value_int=16), op.Constant(value_int=1))
+    tl_cols = op.Add(op.Unsqueeze(op.Mul(op.Mod(tl_ids, tiles_per_row), sixteen), one), lane)
+    tl_rows = op.Add(op.Unsqueeze(op.Mul(op.Div(tl_ids, tiles_per_row), sixteen), one), lane)
+    tl_where = op.Concat(op.Unsqueeze(op.Sub(op.Slice(tile_of, one, op.Add(n_tl, one)), one), one),
+                         op.Unsqueeze(op.Mod(op.Slice(row64, zero, n_tl), sixteen), one),
+                         op.Unsqueeze(op.Mod(op.Slice(col64, zero, n_tl), sixteen), one), axis=1)
+    tl_val = op.ScatterND(
+        op.Expand(op.CastLike(op.Constant(value_float=0.0), values),
+                  op.Concat(nt, sixteen, sixteen, axis=0)),
+        tl_where, op.Slice(values, zero, n_tl))
     # -- per call -----------------------------------------------------------------------
     # scale * (x Aᵀ) Bᵀ + bias
     y = op.Gemm(op.Gemm(x2, A, transB=1), B, bias, alpha=scale, transB=1)
@@ -97,8 +127,12 @@ def SparseLowRankLinear(x, A, B, values, crow, col, row, bias: Optional[FLOAT], 
     # ELL part: gather each row's input features (out x kmax x M), one batched MatMul
     ell = op.MatMul(op.Unsqueeze(ell_val, one), op.Gather(xt, ell_col, axis=0))   # out x 1 x M
     tokens = op.Shape(x2, start=0, end=1)
-    ell = op.Transpose(op.Reshape(ell, op.Concat(out_features, tokens, axis=0)), perm=[1, 0])
-    out = op.Add(y, ell)
+    ell = op.Reshape(ell, op.Concat(out_features, tokens, axis=0))             # out x M
+    # tile part: (nt x 16 x 16) · (nt x 16 x M) gathered inputs, added at the tiles' rows
+    tl = op.MatMul(tl_val, op.Gather(xt, tl_cols, axis=0))                   # nt x 16 x M
+    sparse = op.ScatterND(ell, op.Unsqueeze(tl_rows, op.Constant(value_ints=[2])), tl,
+                          reduction="add")
+    out = op.Add(y, op.Transpose(sparse, perm=[1, 0]))
     return op.Reshape(out, op.Concat(lead, out_features, axis=0))
 
 
