@@ -1,4 +1,5 @@
 """SparseLowRankLinear: meta device, deterministic reset, state dict."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -6,10 +7,12 @@ import structrewrite as sr
 from structrewrite.nn import SparseLowRankLinear
 
 
-def test_meta_then_to_empty_and_reset_regenerates_the_same_layer():
-    real = SparseLowRankLinear(48, 64, rank=8, density=0.05, init="random", seed=3, key="a.b")
+@pytest.mark.parametrize("block", [1, 16])
+def test_meta_then_to_empty_and_reset_regenerates_the_same_layer(block):
+    kw = dict(rank=8, density=0.2, init="random", seed=3, key="a.b", block=block)
+    real = SparseLowRankLinear(48, 64, **kw)
     with torch.device("meta"):
-        meta = SparseLowRankLinear(48, 64, rank=8, density=0.05, init="random", seed=3, key="a.b")
+        meta = SparseLowRankLinear(48, 64, **kw)
     assert meta.A.is_meta and meta.sparse_col.is_meta and meta.values.shape == real.values.shape
     meta.to_empty(device="cpu")
     meta.reset_parameters()
