@@ -93,7 +93,8 @@ def check(report: Report) -> bool:
     ]
     poisoned = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
     saved, sl._empty = sl._empty, poisoned
-    tune, sl.TUNE = sl.TUNE, False        # default tiles here; the timed shapes check the tuned ones
+    from structrewrite.codegen.triton import tuning
+    tune, tuning.TUNE = tuning.TUNE, False   # default tiles here; the timed shapes check the tuned ones
     rows, ok_all = [], True
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     try:
@@ -129,7 +130,7 @@ def check(report: Report) -> bool:
                 rows.append([str(dtype).replace("torch.", ""), support, f"{M}x{in_f}->{out_f}", rank, nnz,
                              has_bias, *[f"{e:.1e}" for e in errs], "yes" if ok else "NO"])
     finally:
-        sl._empty, sl.TUNE = saved, tune
+        sl._empty, tuning.TUNE = saved, tune
     report.table("Correctness on the device (relative Frobenius error against the reference in float64)",
                  ["dtype", "support", "M x in -> out", "rank", "nnz", "bias", "y", "dx", "dA", "dB", "dvalues", "pass"],
                  rows, note="Outputs poisoned with NaN before each run; tolerances bf16 1e-2, "
@@ -222,8 +223,8 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         base_y = torch.empty(M, out_f, device=dev, dtype=dtype)
         base_x = torch.empty(M, in_f, device=dev, dtype=dtype)
         cptr, cidx, cperm, cowner = sl.csc_of(col, row, in_f)
-        tuned = sl._TUNED
-        key = lambda kind, n1, n2: (kind, sl._bucket(M), n1, n2, nnz, dtype)  # noqa: E731
+        from structrewrite.codegen.triton.tuning import TUNED as tuned, bucket
+        key = lambda kind, n1, n2: (kind, bucket(M), n1, n2, nnz, dtype)  # noqa: E731
         cfg_f = tuned.get(key("spmm", out_f, in_f), sl.SPMM_DEFAULT)
         cfg_t = tuned.get(key("spmm_t", in_f, out_f), sl.SPMM_DEFAULT)
         cfg_d = tuned.get(key("sddmm", out_f, in_f), sl.SDDMM_DEFAULT)
@@ -268,15 +269,15 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
 
 def _block_breakdown(support, x, g, A, B, scale, reps):
     """Median ms of each part of the block-sparse (32 x 32 tiles) fwd+bwd, with the tuned tiles."""
-    from structrewrite.codegen.triton import sparse_lowrank as sl
     from structrewrite.codegen.triton import sparse_lowrank_block as blk
     (crow, col, row), values = support
     M, in_f, out_f = x.shape[0], x.shape[1], B.shape[0]
     lay = blk.layout(crow, col, row, 32, out_f, in_f)
-    key = lambda kind, n1, n2: (kind, sl._bucket(M), n1, n2, lay.nt, 32, x.dtype)  # noqa: E731
-    cfg_f = sl._TUNED.get(key("bsr_spmm", out_f, in_f), blk.SPMM_DEFAULT)
-    cfg_t = sl._TUNED.get(key("bsr_spmm_t", in_f, out_f), blk.SPMM_DEFAULT)
-    cfg_d = sl._TUNED.get(key("bsr_sddmm", out_f, in_f), blk.SDDMM_DEFAULT)
+    from structrewrite.codegen.triton.tuning import TUNED, bucket
+    key = lambda kind, n1, n2: (kind, bucket(M), n1, n2, lay.nt, 32, x.dtype)  # noqa: E731
+    cfg_f = TUNED.get(key("bsr_spmm", out_f, in_f), blk.SPMM_DEFAULT)
+    cfg_t = TUNED.get(key("bsr_spmm_t", in_f, out_f), blk.SPMM_DEFAULT)
+    cfg_d = TUNED.get(key("bsr_sddmm", out_f, in_f), blk.SDDMM_DEFAULT)
     with torch.no_grad():
         y, dx = torch.zeros(M, out_f, device=x.device, dtype=x.dtype), torch.zeros_like(x)
         parts = {
@@ -530,7 +531,7 @@ def main(argv=None) -> int:
         return 2
     import structrewrite.ops  # noqa: F401
     from structrewrite.codegen import triton as tr
-    from structrewrite.codegen.triton import sparse_lowrank as sl
+    from structrewrite.codegen.triton.tuning import tuned_configs
     if not tr.REGISTERED:
         print("Triton kernels not registered", file=sys.stderr)
         return 2
@@ -559,7 +560,7 @@ def main(argv=None) -> int:
         except Exception:
             traceback.print_exc()
             ok = False
-    report.data["tuning"] = sl.tuned_configs()
+    report.data["tuning"] = tuned_configs()
     outdir = report.write(args.out, plot=(lambda p: plot(cases, p)) if cases else None)
     print(report.markdown())
     print(f"written to {outdir}")

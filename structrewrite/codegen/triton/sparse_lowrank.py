@@ -59,8 +59,8 @@ H200: bf16 ~2-3e-3, fp16 ~3e-4, fp32 ~3e-7 (``benchmarks/results/sparse_lowrank.
 Tiles
 -----
 On CUDA the tiles of each kernel are picked by timing the candidate configs once per
-(kind, token bucket, shape, nnz, dtype) (``_pick``; ``STRUCTREWRITE_TUNE=0`` uses the
-defaults). The first call at a new shape therefore takes a few hundred ms, and it must
+(kind, token bucket, shape, nnz, dtype) (``tuning.pick``; ``STRUCTREWRITE_TUNE=0`` uses
+the defaults). The first call at a new shape therefore takes a few hundred ms, and it must
 not happen inside CUDA-graph capture. Tests and callers can pass configs explicitly.
 
 Structured supports
@@ -93,7 +93,6 @@ supports at 0.54x.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -103,6 +102,7 @@ import triton.language as tl
 from structrewrite.codegen.triton import sparse_lowrank_block as block
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton.support_cache import cached
+from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
 
 OP = "structrewrite::sparse_lowrank_linear"
 OP_BACKWARD = "structrewrite::sparse_lowrank_linear_backward"
@@ -281,24 +281,12 @@ SDDMM_CANDIDATES = [
 SDDMM_DEFAULT = ("mm", 128, 128, 64, 8, 3)
 
 
-def _interpreting() -> bool:
-    # Triton's CPU interpreter (3.9) computes bf16 x bf16 dots wrongly; there the operands
-    # go in as float32, which gives the same exact products as the tensor cores.
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _spmm_nsplit(cfg, M: int, nrows: int, device) -> int:
     BM, BN, _, nsplit, _ = cfg[:5]
     if nsplit:
         return nsplit
     tiles = triton.cdiv(max(M, 1), BM)
-    want = 4 * _sm_count(device)
+    want = 4 * sm_count(device)
     return max(1, min(triton.cdiv(nrows, BN), triton.cdiv(want, tiles) if tiles < want else 8))
 
 
@@ -367,7 +355,7 @@ def _sddmm_nchunk(cfg, M: int, nnz: int, nfeat: int, device) -> int:
     # Token ranges sized so that the gathered slices of gᵀ and xᵀ stay in L2 (~24 MB),
     # and enough of them to fill the device when there are few entry blocks.
     by_cache = triton.cdiv(M * nfeat * 2, 24 << 20)
-    by_fill = triton.cdiv(4 * _sm_count(device), blocks)
+    by_fill = triton.cdiv(4 * sm_count(device), blocks)
     return max(1, min(triton.cdiv(M, BM), max(by_cache, by_fill)))
 
 
@@ -393,7 +381,7 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tenso
         _sddmm_mm_kernel[grid](
             g, g.stride(0), g.stride(1), x, x.stride(0), x.stride(1),
             seg, seg.shape[1] - 1, col, dv, M, nout, nin,
-            BR=BR, BC=BC, BK=BK, GROUP=8, IEEE=g.dtype == torch.float32 or _interpreting(),
+            BR=BR, BC=BC, BK=BK, GROUP=8, IEEE=g.dtype == torch.float32 or interpreting(),
             num_warps=warps, num_stages=stages,
         )
         return dv
@@ -451,49 +439,6 @@ def csc_of(col: torch.Tensor, row: torch.Tensor, in_features: int):
 
 
 # ----------------------------------------------------------------------------------
-# tile choice
-# ----------------------------------------------------------------------------------
-_TUNED: dict = {}
-_TUNE_LOG: dict = {}
-TUNE = os.environ.get("STRUCTREWRITE_TUNE", "1") != "0"
-
-
-def _pick(kind: str, key: tuple, candidates, run, default=None):
-    """The fastest candidate config for this problem key (timed once on CUDA); ``default``
-    where nothing is timed (no CUDA, the interpreter, ``STRUCTREWRITE_TUNE=0``)."""
-    full = (kind,) + key
-    if full in _TUNED:
-        return _TUNED[full]
-    if default is None:
-        default = SDDMM_DEFAULT if kind == "sddmm" else SPMM_DEFAULT
-    if not TUNE or not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        return default
-    best, best_t = default, float("inf")
-    log = _TUNE_LOG.setdefault(repr(full), {})
-    for cfg in candidates:
-        try:
-            t = triton.testing.do_bench(lambda: run(cfg), warmup=10, rep=40, return_mode="median")
-        except Exception as exc:  # a config the device cannot run (resources): skip it
-            log[repr(cfg)] = f"failed: {type(exc).__name__}"
-            continue
-        log[repr(cfg)] = t
-        if t < best_t:
-            best, best_t = cfg, t
-    _TUNED[full] = best
-    return best
-
-
-def tuned_configs() -> dict:
-    """The configs chosen so far and the candidates' times (ms), by (kind, problem key)."""
-    return {repr(k): {"chosen": v, "candidates_ms": _TUNE_LOG.get(repr(k), {})}
-            for k, v in _TUNED.items()}
-
-
-def _bucket(M: int) -> int:
-    return 1 << max(0, (M - 1).bit_length())
-
-
-# ----------------------------------------------------------------------------------
 # the op's CUDA implementation
 # ----------------------------------------------------------------------------------
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -521,8 +466,8 @@ def forward(x, A, B, values, crow, col, row, bias, scale, config=None, saved=Non
                            scale=scale, config=c, owner=row)
 
     if config is None:
-        config = _pick("spmm", (_bucket(M), out_features, in_features, values.numel(), x.dtype),
-                       SPMM_CANDIDATES, run)
+        config = pick("spmm", (bucket(M), out_features, in_features, values.numel(), x.dtype),
+                      SPMM_CANDIDATES, run, SPMM_DEFAULT)
     run(config)
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -554,8 +499,8 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
                            config=c, owner=cowner)
 
     if spmm_config is None:
-        spmm_config = _pick("spmm_t", (_bucket(M), in_features, out_features, nnz, x.dtype),
-                            SPMM_CANDIDATES, run_dx)
+        spmm_config = pick("spmm_t", (bucket(M), in_features, out_features, nnz, x.dtype),
+                           SPMM_CANDIDATES, run_dx, SPMM_DEFAULT)
     run_dx(spmm_config)
     if nnz:
         xt = []                                       # made once, only for "gather" configs
@@ -566,8 +511,8 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
             return sddmm(g2, x2, crow, col, row, config=c, gt=gt, xt=xt[0] if xt else None)
 
         if sddmm_config is None:
-            sddmm_config = _pick("sddmm", (_bucket(M), out_features, in_features, nnz, x.dtype),
-                                 SDDMM_CANDIDATES, run_dv)
+            sddmm_config = pick("sddmm", (bucket(M), out_features, in_features, nnz, x.dtype),
+                                SDDMM_CANDIDATES, run_dv, SDDMM_DEFAULT)
         dv = run_dv(sddmm_config).to(values.dtype)
     else:
         dv = torch.zeros_like(values)

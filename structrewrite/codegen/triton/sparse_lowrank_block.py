@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from structrewrite.codegen.triton.support_cache import cached
+from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
 
 BLOCKS = (64, 32, 16)   # detection order: the largest tile that the support is made of
 
@@ -213,8 +214,7 @@ SDDMM_DEFAULT = (64, 0, 4, 3)         # (BK, token splits (0: enough programs fo
 
 
 def _ieee(dtype) -> bool:
-    from structrewrite.codegen.triton.sparse_lowrank import _interpreting
-    return dtype == torch.float32 or _interpreting()
+    return dtype == torch.float32 or interpreting()
 
 
 def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, out: torch.Tensor,
@@ -249,8 +249,7 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 def _nsplit(M: int, nt: int, BK: int, splits: int, device) -> int:
     if splits:
         return splits
-    from structrewrite.codegen.triton.sparse_lowrank import _sm_count
-    want = 4 * _sm_count(device)
+    want = 4 * sm_count(device)
     return max(1, min(triton.cdiv(M, BK), triton.cdiv(want, max(nt, 1))))
 
 
@@ -273,11 +272,6 @@ def bsr_sddmm(g: torch.Tensor, x: torch.Tensor, lay: Layout, config=None) -> tor
 # ----------------------------------------------------------------------------------
 # the op
 # ----------------------------------------------------------------------------------
-def _tuned(kind, key, candidates, default, run):
-    from structrewrite.codegen.triton.sparse_lowrank import _pick
-    return _pick(kind, key, candidates, run, default=default)
-
-
 def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, saved=None):
     """``saved``: a list that receives ``x Aᵀ`` for ``backward``."""
     in_features, out_features = A.shape[1], B.shape[0]
@@ -297,8 +291,7 @@ def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, s
                         scale=scale, config=c)
 
     if config is None:   # timing runs in place on y: time on a copy, then run once for real
-        from structrewrite.codegen.triton.sparse_lowrank import _bucket
-        key = (_bucket(M), out_features, in_features, lay.nt, b, x.dtype)
+        key = (bucket(M), out_features, in_features, lay.nt, b, x.dtype)
         scratch = []
 
         def trial(c):
@@ -306,7 +299,7 @@ def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, s
                 scratch.append(y.clone())
             return bsr_spmm(x2, lay, vals, out_features, scratch[0], False, base=scratch[0],
                             bias=bias, scale=scale, config=c)
-        config = _tuned("bsr_spmm", key, SPMM_CANDIDATES, SPMM_DEFAULT, trial)
+        config = pick("bsr_spmm", key, SPMM_CANDIDATES, trial, SPMM_DEFAULT)
     run(config)
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -327,7 +320,6 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
     dB = (g2.t() @ (saved[0] if saved else x2 @ A.t())).mul_(scale)
     dx = gBs @ A                                           # cuBLAS; the sparse part added in place
     vals = values.to(x.dtype)
-    from structrewrite.codegen.triton.sparse_lowrank import _bucket
     if spmm_config is None:
         scratch = []
 
@@ -336,12 +328,12 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
                 scratch.append(dx.clone())
             return bsr_spmm(g2, lay, vals, in_features, scratch[0], True, base=scratch[0],
                             config=c)
-        spmm_config = _tuned("bsr_spmm_t", (_bucket(M), in_features, out_features, lay.nt, b,
-                                            x.dtype), SPMM_CANDIDATES, SPMM_DEFAULT, trial)
+        spmm_config = pick("bsr_spmm_t", (bucket(M), in_features, out_features, lay.nt, b, x.dtype),
+                           SPMM_CANDIDATES, trial, SPMM_DEFAULT)
     bsr_spmm(g2, lay, vals, in_features, dx, True, base=dx, config=spmm_config)
     if sddmm_config is None:
-        sddmm_config = _tuned("bsr_sddmm", (_bucket(M), out_features, in_features, lay.nt, b,
-                                            x.dtype), SDDMM_CANDIDATES, SDDMM_DEFAULT,
-                              lambda c: bsr_sddmm(g2, x2, lay, config=c))
+        sddmm_config = pick("bsr_sddmm", (bucket(M), out_features, in_features, lay.nt, b, x.dtype),
+                            SDDMM_CANDIDATES, lambda c: bsr_sddmm(g2, x2, lay, config=c),
+                            SDDMM_DEFAULT)
     dv = bsr_sddmm(g2, x2, lay, config=sddmm_config).to(values.dtype)
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
