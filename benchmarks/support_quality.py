@@ -40,11 +40,11 @@ norm 1, linear warm-up over 10% of the steps, then cosine decay to 10% of the pe
 constant). One learning rate per run (``--lr``) unless ``--lr-sparse`` gives the A, B and
 values parameters of the sparse layers their own. bf16 autocast on CUDA
 (``SparseLowRankLinear`` computes in the autocast dtype, as ``F.linear`` does, on the
-Triton kernels there); float32 on the CPU, where the op runs its reference implementation
-(slow). Tokens/s counts training steps only (no evaluation), after the first few steps
+Triton kernels there); float32 on the CPU, where the op runs its CPU implementation
+(PyTorch's CSR kernels). Tokens/s counts training steps only (no evaluation), after the first few steps
 (Triton compilation and tile tuning on CUDA).
 
-Sizes: ``small`` (hidden 256, 2 layers, seq 64, batch 8, 48 steps: under 3 minutes for
+Sizes: ``small`` (hidden 256, 2 layers, seq 64, batch 8, 200 steps: under 2 minutes for
 all five variants on 2 CPU cores) and ``gpu`` (hidden 1024, ffn 2752, 8 layers, 16 heads,
 seq 512, batch 32, 360 steps: under 4 minutes for all five variants on one H200; more
 steps do not fit that budget, ``--steps`` takes more). When a block variant gets fewer than
@@ -90,8 +90,8 @@ VARIANTS = {
 DEFAULT_VARIANTS = ("dense", "random", "block16", "block32", "channel")
 
 SIZES = {
-    "small": dict(hidden=256, ffn=688, layers=2, heads=4, seq=64, batch=8, steps=48,
-                  density=0.06, eval_windows=64, evals=3, warm_steps=2),
+    "small": dict(hidden=256, ffn=688, layers=2, heads=4, seq=64, batch=8, steps=200,
+                  density=0.06, eval_windows=64, evals=4, warm_steps=2),
     "gpu": dict(hidden=1024, ffn=2752, layers=8, heads=16, seq=512, batch=32, steps=360,
                 density=0.03, eval_windows=256, evals=6, warm_steps=20),
 }
