@@ -82,19 +82,13 @@ class Layout:
         dev = col.device
         r64, c64 = row.long(), col.long()
         nbr, nbc = -(-out_features // b), -(-in_features // b)
-        key = (r64 // b) * nbc + c64 // b
-        tiles = torch.unique(key)                         # sorted: (row, column) order
-        nt = tiles.numel()
-        t_of = torch.searchsorted(tiles, key)
-        pos = t_of * (b * b) + (r64 % b) * b + (c64 % b)
-        perm = torch.empty(col.numel(), dtype=torch.int64, device=dev)
-        perm[pos] = torch.arange(col.numel(), device=dev)
-        ti, tj = tiles // nbc, tiles % nbc
+        # each tile's entry (0, 0); CSR order sorts them by (tile row, tile column)
+        base = torch.nonzero((r64 % b == 0) & (c64 % b == 0)).flatten()
+        nt = base.numel()
+        ti, tj = r64[base] // b, c64[base] // b
         rptr = torch.zeros(nbr + 1, dtype=torch.int64, device=dev)
         rptr[1:] = torch.cumsum(torch.bincount(ti, minlength=nbr), 0)
-        # entry (0, 0) of each tile, and the entries per row of its tile row
-        base = perm.view(nt, b * b)[:, 0] if nt else perm[:0]
-        stride = (rptr[ti + 1] - rptr[ti]) * b
+        stride = (rptr[ti + 1] - rptr[ti]) * b            # entries per row of the tile row
         order = torch.argsort(tj * nbr + ti)              # by (column, row)
         cptr = torch.zeros(nbc + 1, dtype=torch.int64, device=dev)
         cptr[1:] = torch.cumsum(torch.bincount(tj, minlength=nbc), 0)
@@ -103,7 +97,6 @@ class Layout:
         self.cptr, self.crow, self.cidx = cptr.int(), ti[order].int(), order.int()
         self.ti, self.tj = ti.int(), tj.int()
         self.base, self.stride = base.contiguous(), stride.int()
-        self.perm = perm          # packed position -> index into values (for checks)
 
 
 def layout(crow, col, row, b: int, out_features: int, in_features: int) -> Layout:
