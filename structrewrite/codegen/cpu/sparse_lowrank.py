@@ -38,11 +38,6 @@ def _covered(*tensors) -> bool:
     return dtype in DTYPES and all(t is None or t.dtype == dtype for t in tensors)
 
 
-def _acc(dtype) -> torch.dtype:
-    """Accumulation dtype, as the reference's: float32 for half types."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _csr(values, crow, col, out_features, in_features) -> torch.Tensor:
     return torch.sparse_csr_tensor(crow, col, values, (out_features, in_features),
                                    check_invariants=False)
@@ -52,7 +47,7 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
     if not _covered(x, A, B, values, bias):
         return ref.reference(x, A, B, values, crow, col, row, bias, scale)
     in_features, out_features = A.shape[1], B.shape[0]
-    acc = _acc(x.dtype)
+    acc = ref._acc(x)
     x2 = x.reshape(-1, in_features)
     t = x2 @ A.t()
     if bias is not None and acc == x.dtype:
@@ -71,7 +66,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     if not _covered(grad, x, A, B, values):
         return ref.reference_backward(grad, x, A, B, values, crow, col, row, scale)
     in_features, out_features = A.shape[1], B.shape[0]
-    acc = _acc(x.dtype)
+    acc = ref._acc(x)
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
     gB = g2 @ B
