@@ -121,6 +121,17 @@ def ceilings() -> dict:
             "copy_gbs": gbs, "copy_bytes": nbytes}
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (Linux /proc/cpuinfo, else what platform reports)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(command: str) -> dict:
     import triton
     props = torch.cuda.get_device_properties(0)

@@ -24,18 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.harness import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "onnx_latency"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def llama(hidden: int, layers: int, vocab: int, seq: int):

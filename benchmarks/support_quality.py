@@ -71,7 +71,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from benchmarks.harness import RESULTS, Report, environment
+from benchmarks.harness import RESULTS, Report, cpu_model, environment
 
 NAME = "support_quality"
 MIN_TILES = 4                       # fewest tiles per layer a block variant should get
@@ -258,16 +258,6 @@ def train_variant(name, model, train, chunks, cfg, args, device) -> dict:
 
 
 # -- environment and report ---------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_environment(command: str) -> dict:
     import os
     return {"device": f"CPU: {cpu_model()}", "cpus": os.cpu_count(),
