@@ -109,7 +109,7 @@ def test_bsr_spmm_writes_every_output_alone(dtype, transposed):
     S = torch.zeros(out_f, in_f, dtype=torch.float64)
     S[row.long(), col.long()] = vals.double()
     if transposed:
-        inp, n_out, ref = torch.randn(M, out_f, generator=g).to(dtype), in_f, None
+        inp, n_out = torch.randn(M, out_f, generator=g).to(dtype), in_f
         ref = inp.double() @ S
     else:
         inp, n_out = torch.randn(M, in_f, generator=g).to(dtype), out_f
