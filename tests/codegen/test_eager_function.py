@@ -84,3 +84,29 @@ def test_eager_function_with_no_tokens(init, block):
     grads = torch.autograd.grad(y.sum(), [x, layer.A, layer.B, layer.values, layer.bias])
     assert grads[0].shape == x.shape
     assert all(float(g.abs().sum()) == 0.0 for g in grads[1:])
+
+
+@pytest.mark.parametrize("init,block,kind", [("random", 1, "gather"), ("lost", 1, "channel"),
+                                             ("random", 16, "block"), ("svd", 32, "block")])
+def test_plan_is_made_once_per_support(init, block, kind):
+    layer = SparseLowRankLinear(96, 64, rank=4, density=0.1, init=init, block=block, key="p")
+    sup = (layer.sparse_crow, layer.sparse_col, layer.sparse_row)
+    how = sl.plan(*sup, 64, 96)
+    assert how.kind == kind
+    assert sl.plan(*sup, 64, 96) is how                     # cached on the buffers
+    if kind == "block":
+        assert how.layout.b == block and how.layout.nt * block * block == layer.nnz
+    if kind == "channel":
+        assert how.cols.numel() * 64 == layer.nnz
+
+
+def test_channel_support_runs_as_differentiable_gemms():
+    """A channel-wise support's eager backward is autograd's own (no Python backward)."""
+    layer = SparseLowRankLinear(48, 40, rank=4, density=0.1, init="lost", key="c")
+    x = torch.randn(5, 48, requires_grad=True)
+    y = sl.eager(x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
+                 layer.sparse_row, layer.bias, layer.scale)
+    assert "EagerFunction" not in type(y.grad_fn).__name__
+    y2 = sl.eager(x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
+                  layer.sparse_row, None, layer.scale)
+    assert "EagerFunction" not in type(y2.grad_fn).__name__

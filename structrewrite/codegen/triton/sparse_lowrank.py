@@ -74,9 +74,14 @@ support (cached on the buffers).
 
 Eager entry
 -----------
-``EagerFunction`` (below) calls the same implementations as an ``autograd.Function``:
-``SparseLowRankLinear`` uses it in eager mode on plain CUDA tensors, which skips the
-dispatcher's Python layers and lets the backward reuse the forward's ``x Aᵀ``.
+``eager`` is what ``SparseLowRankLinear`` calls in eager mode on plain CUDA tensors. It
+looks the support's ``Plan`` up once (channel, tiles or gather; cached on the buffers)
+and calls ``EagerFunction`` (below), the same implementations as an
+``autograd.Function``: no dispatcher layers, and the backward reuses the forward's
+``x Aᵀ``. A channel-wise support instead runs as plain differentiable GEMMs
+(``channel.differentiable``), so that autograd's engine does its backward without
+Python: these layers are the cheapest, and the host time is what limits them at 2048
+wide (``benchmarks/results/sparse_lowrank.md``).
 
 Speed (H200, bf16, M=16384, rank in/4, density 3%; see benchmarks/README.md)
 ---------------------------------------------------------------------------
@@ -519,23 +524,46 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
 
 
-def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None):
-    cols = channel.channel_columns(crow, col, B.shape[0])
-    if cols is not None:          # channel-wise support (LOST): all dense GEMMs
-        return channel.forward(x, A, B, values, cols, bias, scale, saved=saved)
-    b = block.block_size(crow, col, row, B.shape[0], A.shape[1])
-    if b is not None:             # tiles of b x b: tensor-core block-sparse kernels
-        return block.forward(x, A, B, values, crow, col, row, bias, scale, b, saved=saved)
+class Plan:
+    """How the CUDA implementation computes one support, decided once per support:
+    ``kind`` is ``"channel"`` (``cols``: the shared input channels), ``"block"``
+    (``layout``: the tile lists of ``sparse_lowrank_block``) or ``"gather"``."""
+    __slots__ = ("kind", "cols", "layout")
+
+    def __init__(self, kind: str, cols=None, layout=None):
+        self.kind, self.cols, self.layout = kind, cols, layout
+
+
+def plan(crow, col, row, out_features: int, in_features: int) -> Plan:
+    """The support's ``Plan`` (cached on the buffers: one lookup per call)."""
+    def build():
+        cols = channel.channel_columns(crow, col, out_features)
+        if cols is not None:
+            return Plan("channel", cols=cols)
+        b = block.block_size(crow, col, row, out_features, in_features)
+        if b is not None:
+            return Plan("block", layout=block.layout(crow, col, row, b, out_features, in_features))
+        return Plan("gather")
+    return cached("plan", (crow, col, row), (out_features, in_features, col.device), build)
+
+
+def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=None):
+    how = how or plan(crow, col, row, B.shape[0], A.shape[1])
+    if how.kind == "channel":     # channel-wise support (LOST): all dense GEMMs
+        return channel.forward(x, A, B, values, how.cols, bias, scale, saved=saved)
+    if how.kind == "block":       # tiles of b x b: tensor-core block-sparse kernels
+        return block.forward(x, A, B, values, crow, col, row, bias, scale, how.layout.b,
+                             saved=saved, lay=how.layout)
     return forward(x, A, B, values, crow, col, row, bias, scale, saved=saved)
 
 
-def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=()):
-    cols = channel.channel_columns(crow, col, B.shape[0])
-    if cols is not None:
-        return channel.backward(grad, x, A, B, values, cols, scale, saved=saved)
-    b = block.block_size(crow, col, row, B.shape[0], A.shape[1])
-    if b is not None:
-        return block.backward(grad, x, A, B, values, crow, col, row, scale, b, saved=saved)
+def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=None):
+    how = how or plan(crow, col, row, B.shape[0], A.shape[1])
+    if how.kind == "channel":
+        return channel.backward(grad, x, A, B, values, how.cols, scale, saved=saved)
+    if how.kind == "block":
+        return block.backward(grad, x, A, B, values, crow, col, row, scale, how.layout.b,
+                              saved=saved, lay=how.layout)
     return backward(grad, x, A, B, values, crow, col, row, scale, saved=saved)
 
 
@@ -547,29 +575,34 @@ class EagerFunction(torch.autograd.Function):
     Python dispatch layers of ``torch.library.custom_op``, and the backward reuses the
     forward's ``x Aᵀ`` (M x r, kept like the input of any linear layer) instead of
     recomputing it, one GEMM fewer. On the H200 (``benchmarks/results/sparse_lowrank.md``,
-    32 x 32 tiles, fwd+bwd): 1.70 ms against 1.90 ms through the op at 4096x4096, 1.22
-    against 1.69 ms at 2048x2048, where the host time dominates."""
+    timing-modes table) this is faster than the op at every shape, most where the host
+    time dominates. Channel-wise supports skip it (``eager``)."""
 
     @staticmethod
-    def forward(ctx, x, A, B, values, crow, col, row, bias, scale):
+    def forward(ctx, x, A, B, values, crow, col, row, bias, scale, how):
         saved: list = []
-        y = _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=saved)
+        y = _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=saved, how=how)
         ctx.save_for_backward(x, A, B, values, crow, col, row, *saved)
-        ctx.scale, ctx.has_bias = scale, bias is not None
+        ctx.scale, ctx.has_bias, ctx.how = scale, bias is not None, how
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, A, B, values, crow, col, row, *saved = ctx.saved_tensors
         dx, dA, dB, dv = _backward_cuda(grad.contiguous(), x, A, B, values, crow, col, row,
-                                        ctx.scale, saved=saved)
+                                        ctx.scale, saved=saved, how=ctx.how)
         dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-        return dx, dA, dB, dv, None, None, None, dbias, None
+        return dx, dA, dB, dv, None, None, None, dbias, None, None
 
 
 def eager(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
-    """``sparse_lowrank_linear`` in eager mode through ``EagerFunction``."""
-    return EagerFunction.apply(x, A, B, values, crow, col, row, bias, scale)
+    """``sparse_lowrank_linear`` in eager mode: one plan lookup, then ``EagerFunction``, or
+    for a channel-wise support plain differentiable GEMMs (``channel.differentiable``),
+    whose backward autograd runs without Python."""
+    how = plan(crow, col, row, B.shape[0], A.shape[1])
+    if how.kind == "channel":
+        return channel.differentiable(x, A, B, values, how.cols, bias, scale)
+    return EagerFunction.apply(x, A, B, values, crow, col, row, bias, scale, how)
 
 
 def register() -> list[str]:

@@ -265,10 +265,12 @@ def bsr_sddmm(g: torch.Tensor, x: torch.Tensor, lay: Layout, config=None) -> tor
 # ----------------------------------------------------------------------------------
 # the op
 # ----------------------------------------------------------------------------------
-def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, saved=None):
-    """``saved``: a list that receives ``x Aᵀ`` for ``backward``."""
+def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, saved=None,
+            lay: Optional[Layout] = None):
+    """``saved``: a list that receives ``x Aᵀ`` for ``backward``; ``lay``: the support's
+    layout where the caller has it (else looked up)."""
     in_features, out_features = A.shape[1], B.shape[0]
-    lay = layout(crow, col, row, b, out_features, in_features)
+    lay = lay or layout(crow, col, row, b, out_features, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     M = x2.shape[0]
     t = x2 @ A.t()
@@ -298,10 +300,10 @@ def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, s
 
 
 def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=None,
-             sddmm_config=None, saved=()):
+             sddmm_config=None, saved=(), lay: Optional[Layout] = None):
     """``saved``: what ``forward`` put in its list (else ``x Aᵀ`` is recomputed)."""
     in_features, out_features = A.shape[1], B.shape[0]
-    lay = layout(crow, col, row, b, out_features, in_features)
+    lay = lay or layout(crow, col, row, b, out_features, in_features)
     g2 = grad.reshape(-1, out_features).contiguous()
     x2 = x.reshape(-1, in_features).contiguous()
     M = x2.shape[0]
