@@ -23,6 +23,7 @@ import gc
 import math
 import shlex
 import sys
+import time
 import traceback
 
 import torch
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from benchmarks.harness import Report, ceilings, environment, graphed, peak_extra, sync, timeit
 
 SHAPES = [(4096, 4096), (4096, 11008), (2048, 2048), (2048, 5461)]
+COMPILED = ("channel", "block32")   # supports also timed under torch.compile (through the op)
 DENSITY = 0.03
 
 
@@ -138,6 +140,70 @@ def check(report: Report) -> bool:
     return ok_all
 
 
+class _Layer(torch.nn.Module):
+    """A peer as a module: ``fn(x, *params, *buffers)`` with its tensors registered, so that
+    ``make_graphed_callables`` and ``torch.compile`` see them as the module's own (static
+    for CUDA graphs) rather than as closure constants."""
+
+    def __init__(self, fn, params, buffers=()):
+        super().__init__()
+        self.fn = fn
+        self.params = torch.nn.ParameterList(params)
+        for i, b in enumerate(buffers):
+            self.register_buffer(f"b{i}", b)
+        self.nbuf = len(buffers)
+
+    def forward(self, x):
+        return self.fn(x, *self.params, *(getattr(self, f"b{i}") for i in range(self.nbuf)))
+
+
+def _failed(exc) -> dict:
+    sync()
+    return {"median_ms": float("nan"), "host_ms": float("nan"), "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def _graphed_callable(layer: torch.nn.Module, xs, gs, nsets: int, reps: int) -> dict:
+    """fwd+bwd of ``torch.cuda.make_graphed_callables(layer)``, calls back to back: one CUDA
+    graph for the forward and one for the backward, replayed per call; the input and the
+    incoming gradient are copied into the graphs' static buffers each call (both counted)."""
+    try:
+        g_layer = torch.cuda.make_graphed_callables(layer, (xs[0],), num_warmup_iters=3)
+        params = list(layer.parameters())
+
+        def step(i):
+            return torch.autograd.grad(g_layer(xs[i]), [xs[i], *params], gs[i])
+        return timeit(step, nsets, reps=reps)
+    except Exception as exc:   # a capture the path does not allow: report it, do not fail the run
+        return _failed(exc)
+
+
+def _compiled(layer: torch.nn.Module, xs, gs, nsets: int, reps: int) -> dict:
+    """fwd+bwd of ``torch.compile(layer, mode="reduce-overhead")`` (Inductor and CUDA
+    graphs), calls back to back; ``compile_s``: the first three calls (compilation, warm-up,
+    capture)."""
+    try:
+        torch._dynamo.reset()
+        c_layer = torch.compile(layer, mode="reduce-overhead")
+        params = list(layer.parameters())
+
+        def step(i):
+            torch.compiler.cudagraph_mark_step_begin()
+            return torch.autograd.grad(c_layer(xs[i]), [xs[i], *params], gs[i])
+        t0 = time.perf_counter()
+        for i in range(3):
+            step(i % nsets)
+        sync()
+        compile_s = time.perf_counter() - t0
+        out = timeit(step, nsets, reps=reps)
+        out["compile_s"] = compile_s
+        return out
+    except Exception as exc:
+        traceback.print_exc()
+        return _failed(exc)
+    finally:
+        torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------------
 # 2. op timings
 # ----------------------------------------------------------------------------------
@@ -208,6 +274,18 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
             case[f"{name}_fwdbwd_synced"] = timeit(fwdbwd, nsets, reps=reps, sync_each=True)
             case[f"{name}_fwdbwd_graphed"] = graphed(fwdbwd, reps=reps)
             case[f"{name}_peak_extra_bytes"] = peak_extra(lambda: fwdbwd(0))
+        # the two CUDA-graph modes a user has for host-bound layers
+        for name, (fn, params) in peers.items():
+            if name != "block32_op":
+                case[f"{name}_fwdbwd_callable"] = _graphed_callable(_Layer(lambda x, *_, fn=fn: fn(x), params),
+                                                                    xs, gs, nsets, reps)
+
+        def op_fn(x, A, B, v, crow, col, row):
+            return torch.ops.structrewrite.sparse_lowrank_linear(x, A, B, v, crow, col, row, None, scale)
+        compiled = {"dense": _Layer(lambda x, W: F.linear(x, W), [W]),
+                    **{k: _Layer(op_fn, [A, B, structured[k][1]], structured[k][0]) for k in COMPILED}}
+        for name, layer in compiled.items():
+            case[f"{name}_fwdbwd_compiled"] = _compiled(layer, xs, gs, nsets, reps)
         with torch.no_grad():  # the tuned tiles at this shape, against the materialised weight
             case["rel_err_vs_sltrain_fwd"] = _rel(ours(xs[0]), sltrain(xs[0]))
             for k in STRUCTURED:
@@ -361,20 +439,34 @@ def tables(report: Report, cases: list[dict]):
                             "Ours also holds xᵀ and gᵀ (M x in, M x out) and the cuBLAS low-rank outputs that "
                             "the sparse epilogues read; no out x in temporary.")
     launch_peers = ("ours", *STRUCTURED, "block32_op", "dense", "sltrain", "lowrank")
-    report.table("fwd+bwd issued back to back against synchronised before each call (median ms)",
-                 ["peer", *[f"{c['in']}->{c['out']} {h}" for c in cases
-                            for h in ("b2b", "synced", "graphed", "host")]],
-                 [[p, *[v for c in cases for v in (m(c, f"{p}_fwdbwd"), m(c, f"{p}_fwdbwd_synced"),
-                                                  m(c, f"{p}_fwdbwd_graphed"), c[f"{p}_fwdbwd"]["host_ms"])]]
-                  for p in launch_peers],
-                 note="b2b: calls issued back to back as in a training loop (the numbers of every other "
-                      "table); synced: the device idles before each call, so each call also pays its "
-                      "launch latency; graphed: the call captured once in a CUDA graph and replayed "
-                      "(device time alone, one input set); host: host time to issue one call "
-                      "(median, b2b; it includes waits when the launch queue is full). Where host exceeds "
-                      "b2b, the op is bound by Python and launch overhead, not by the device. "
-                      "block32_op: the block32 layer called through the torch.library op (dispatcher "
-                      "layers, x Aᵀ recomputed in the backward) instead of the layer's eager path.")
+    get = lambda c, k: c[k]["median_ms"] if k in c else float("nan")  # noqa: E731
+    rows = []
+    def best(c, p):   # the fastest of the ways a user runs a layer: eager, graphed callable, compiled
+        return min((v for v in (get(c, f"{p}_fwdbwd{h}") for h in ("", "_callable", "_compiled"))
+                    if v == v), default=float("nan"))
+    for c in cases:
+        for p in launch_peers:
+            modes = [get(c, f"{p}_fwdbwd{h}") for h in ("", "_synced", "_graphed", "_callable", "_compiled")]
+            rows.append([f"{c['in']}->{c['out']}", p, *modes, c[f"{p}_fwdbwd"]["host_ms"],
+                         best(c, p) / best(c, "dense")])
+    report.table("fwd+bwd in each way of running it (median ms)",
+                 ["in->out", "peer", "b2b", "synced", "graphed", "graphed callable", "compiled", "host",
+                  "best / dense best"], rows,
+                 note="b2b: eager calls issued back to back as in a training loop (the numbers of every "
+                      "other table); synced: the device idles before each call, so each call also pays "
+                      "its launch latency; graphed: the call captured once in a CUDA graph and replayed "
+                      "(device time alone, one input set, no input copies); graphed callable: the layer "
+                      "wrapped by torch.cuda.make_graphed_callables, called back to back (a graph each "
+                      "for forward and backward; x and the incoming gradient are copied into its static "
+                      "buffers every call); compiled: torch.compile(layer, mode='reduce-overhead'), "
+                      "through the torch.library op (Inductor with CUDA graphs; non-static inputs are "
+                      "copied likewise), called back to back; host: host time to issue one eager call "
+                      "(median, b2b; it includes waits when the launch queue is full). Where host "
+                      "exceeds b2b, the eager call is bound by Python and launch overhead, not by the "
+                      "device. block32_op: the block32 layer called through the torch.library op "
+                      "(dispatcher layers, x Aᵀ recomputed in the backward). best / dense best: the "
+                      "fastest of b2b, graphed callable and compiled (the ways a user runs a layer), "
+                      "over the same for dense.")
     bkeys = [k for k in cases[0]["block_breakdown"] if k != "configs"]
     report.table("Breakdown of the block-sparse (block32) fwd+bwd (median ms of each part run alone)",
                  ["in->out", *bkeys, "sum", "op fwd+bwd", "tiles (spmm, spmm_t, sddmm)"],
@@ -554,6 +646,7 @@ def main(argv=None) -> int:
         traceback.print_exc()
         ok = False
     report.data["cases"] = cases
+    report.write(args.out, plot=(lambda p: plot(cases, p)) if cases else None)   # kept if e2e fails
     if not args.skip_e2e:
         try:
             report.data["e2e"] = e2e(report, args.layers, args.batch, args.seq, args.e2e_rank, max(5, args.reps // 3))
