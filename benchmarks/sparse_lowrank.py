@@ -148,13 +148,16 @@ class _Layer(torch.nn.Module):
     def __init__(self, fn, params, buffers=()):
         super().__init__()
         self.fn = fn
-        self.params = torch.nn.ParameterList(params)
+        self.names = []
+        for i, p in enumerate(params):
+            self.register_parameter(f"p{i}", p)
+            self.names.append(f"p{i}")
         for i, b in enumerate(buffers):
             self.register_buffer(f"b{i}", b)
-        self.nbuf = len(buffers)
+            self.names.append(f"b{i}")
 
     def forward(self, x):
-        return self.fn(x, *self.params, *(getattr(self, f"b{i}") for i in range(self.nbuf)))
+        return self.fn(x, *[getattr(self, n) for n in self.names])
 
 
 def _failed(exc) -> dict:
