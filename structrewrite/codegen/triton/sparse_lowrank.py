@@ -104,6 +104,7 @@ import torch
 import triton
 import triton.language as tl
 
+from structrewrite.codegen.triton import aligned
 from structrewrite.codegen.triton import sparse_lowrank_block as block
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton.support_cache import cached
@@ -460,10 +461,11 @@ def forward(x, A, B, values, crow, col, row, bias, scale, config=None, saved=Non
     y = _empty((M, out_features), x.dtype, x.device)
     if M == 0:
         return y.reshape(*x.shape[:-1], out_features)
-    t = x2 @ A.t()
+    in_p, out_p = aligned.width(in_features, x.dtype), aligned.width(out_features, x.dtype)
+    t = aligned.pad_cols(x2, in_p) @ aligned.pad_cols(A, in_p).t()
     if saved is not None:
         saved.append(t)
-    base = t @ B.t()                                  # cuBLAS; scaled in the epilogue
+    base = t @ aligned.pad_rows(B, out_p).t()         # cuBLAS, M x out_p; scaled in the epilogue
     xt = transpose(x2)
 
     def run(c):
@@ -488,13 +490,16 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
     if M == 0:
         return (_empty(x.shape, x.dtype, x.device).zero_(), torch.zeros_like(A),
                 torch.zeros_like(B), torch.zeros_like(values))
-    gBs = (g2 @ B).mul_(scale)                        # M x r, scale folded in
-    xA = saved[0] if saved else x2 @ A.t()
-    dA = gBs.t() @ x2
-    dB = (g2.t() @ xA).mul_(scale)
+    # the cuBLAS GEMMs take copies with aligned rows where a width is misaligned (``aligned``)
+    in_p, out_p = aligned.width(in_features, x.dtype), aligned.width(out_features, x.dtype)
+    ga, xa, Ap = aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p), aligned.pad_cols(A, in_p)
+    gBs = (ga @ aligned.pad_rows(B, out_p)).mul_(scale)   # M x r, scale folded in
+    xA = saved[0] if saved else xa @ Ap.t()
+    dA = aligned.cols(gBs.t() @ xa, in_features)
+    dB = (ga.t() @ xA)[:out_features].mul_(scale)
     dx = _empty(x2.shape, x.dtype, x.device)
     nnz = values.numel()
-    base = gBs @ A
+    base = gBs @ Ap                                   # M x in_p
     gt = transpose(g2)
     cptr, cidx, cperm, cowner = csc_of(col, row, in_features)
     values_csc = values[cperm]                        # nnz elements: cheaper than a perm load per step

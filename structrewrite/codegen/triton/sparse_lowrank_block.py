@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from structrewrite.codegen.triton import aligned
 from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
 
@@ -268,34 +269,33 @@ def bsr_sddmm(g: torch.Tensor, x: torch.Tensor, lay: Layout, config=None) -> tor
 def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, saved=None,
             lay: Optional[Layout] = None):
     """``saved``: a list that receives ``x Aᵀ`` for ``backward``; ``lay``: the support's
-    layout where the caller has it (else looked up)."""
+    layout where the caller has it (else looked up). Misaligned widths are padded for
+    cuBLAS (``aligned``)."""
     in_features, out_features = A.shape[1], B.shape[0]
+    in_p, out_p = aligned.width(in_features, x.dtype), aligned.width(out_features, x.dtype)
     lay = lay or layout(crow, col, row, b, out_features, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     M = x2.shape[0]
-    t = x2 @ A.t()
+    t = aligned.pad_cols(x2, in_p) @ aligned.pad_cols(A, in_p).t()
     if saved is not None:
         saved.append(t)
-    y = t @ B.t()                                          # cuBLAS; scaled in the epilogue, in place
+    base = t @ aligned.pad_rows(B, out_p).t()             # cuBLAS, M x out_p; scaled in the epilogue
     if M == 0:
-        return y.reshape(*x.shape[:-1], out_features)
+        return aligned.cols(base, out_features).reshape(*x.shape[:-1], out_features)
+    inplace = out_p == out_features                      # the epilogue then runs in place on base
+    y = base if inplace else _empty((M, out_features), x.dtype, x.device)
     vals = values.to(x.dtype)
-
-    def run(c):
-        return bsr_spmm(x2, lay, vals, out_features, y, False, base=y, bias=bias,
-                        scale=scale, config=c)
-
-    if config is None:   # timing runs in place on y: time on a copy, then run once for real
+    if config is None:   # time on a scratch output (in place: on a copy of base), then run once for real
         key = (bucket(M), out_features, in_features, lay.nt, b, x.dtype)
         scratch = []
 
         def trial(c):
             if not scratch:
-                scratch.append(y.clone())
-            return bsr_spmm(x2, lay, vals, out_features, scratch[0], False, base=scratch[0],
-                            bias=bias, scale=scale, config=c)
+                scratch.append(base.clone() if inplace else torch.empty_like(y))
+            return bsr_spmm(x2, lay, vals, out_features, scratch[0], False,
+                            base=scratch[0] if inplace else base, bias=bias, scale=scale, config=c)
         config = pick("bsr_spmm", key, SPMM_CANDIDATES, trial, SPMM_DEFAULT)
-    run(config)
+    bsr_spmm(x2, lay, vals, out_features, y, False, base=base, bias=bias, scale=scale, config=config)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -303,29 +303,33 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
              sddmm_config=None, saved=(), lay: Optional[Layout] = None):
     """``saved``: what ``forward`` put in its list (else ``x Aᵀ`` is recomputed)."""
     in_features, out_features = A.shape[1], B.shape[0]
+    in_p, out_p = aligned.width(in_features, x.dtype), aligned.width(out_features, x.dtype)
     lay = lay or layout(crow, col, row, b, out_features, in_features)
-    g2 = grad.reshape(-1, out_features).contiguous()
-    x2 = x.reshape(-1, in_features).contiguous()
+    g2 = aligned.pad_cols(grad.reshape(-1, out_features), out_p).contiguous()   # M x out_p
+    x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p).contiguous()        # M x in_p
     M = x2.shape[0]
     if M == 0:
         return (torch.zeros_like(x), torch.zeros_like(A), torch.zeros_like(B),
                 torch.zeros_like(values))
-    gBs = (g2 @ B).mul_(scale)                             # M x r, scale folded in
-    dA = gBs.t() @ x2
-    dB = (g2.t() @ (saved[0] if saved else x2 @ A.t())).mul_(scale)
-    dx = gBs @ A                                           # cuBLAS; the sparse part added in place
+    Ap = aligned.pad_cols(A, in_p)
+    gBs = (g2 @ aligned.pad_rows(B, out_p)).mul_(scale)   # M x r, scale folded in
+    dA = aligned.cols(gBs.t() @ x2, in_features)
+    dB = (g2.t() @ (saved[0] if saved else x2 @ Ap.t()))[:out_features].mul_(scale)
+    base = gBs @ Ap                                        # cuBLAS, M x in_p
+    inplace = in_p == in_features                          # the sparse part then added in place
+    dx = base if inplace else _empty((M, in_features), x.dtype, x.device)
     vals = values.to(x.dtype)
     if spmm_config is None:
         scratch = []
 
         def trial(c):
             if not scratch:
-                scratch.append(dx.clone())
-            return bsr_spmm(g2, lay, vals, in_features, scratch[0], True, base=scratch[0],
-                            config=c)
+                scratch.append(base.clone() if inplace else torch.empty_like(dx))
+            return bsr_spmm(g2, lay, vals, in_features, scratch[0], True,
+                            base=scratch[0] if inplace else base, config=c)
         spmm_config = pick("bsr_spmm_t", (bucket(M), in_features, out_features, lay.nt, b, x.dtype),
                            SPMM_CANDIDATES, trial, SPMM_DEFAULT)
-    bsr_spmm(g2, lay, vals, in_features, dx, True, base=dx, config=spmm_config)
+    bsr_spmm(g2, lay, vals, in_features, dx, True, base=base, config=spmm_config)
     if sddmm_config is None:
         sddmm_config = pick("bsr_sddmm", (bucket(M), out_features, in_features, lay.nt, b, x.dtype),
                             SDDMM_CANDIDATES, lambda c: bsr_sddmm(g2, x2, lay, config=c),

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from structrewrite.codegen.triton import aligned
 from structrewrite.codegen.triton.support_cache import cached
 
 def channel_columns(crow: torch.Tensor, col: torch.Tensor, out_features: int) -> Optional[torch.Tensor]:
@@ -58,29 +59,35 @@ def _pad(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def _constant_blocks(cols: torch.Tensor, in_features: int, out_features: int, r: int, dtype):
+def _constant_blocks(cols: torch.Tensor, in_p: int, out_features: int, r: int, dtype):
     """The parts of A' and W' that do not change while training, made once per support:
-    E (k + pad rows: one-hot rows picking the channels, then zero rows) and the zero
-    columns that pad W'. Keeping them leaves fewer launches per call (fwd+bwd at
-    4096x4096 on the H200: 2.15 ms with them built per call, 1.79 ms cached)."""
+    E (k + pad rows: one-hot rows picking the channels, then zero rows; ``in_p`` columns)
+    and the zero columns that pad W'. Keeping them leaves fewer launches per call (fwd+bwd
+    at 4096x4096 on the H200: 2.15 ms with them built per call, 1.79 ms cached)."""
     k = cols.numel()
     pad = _pad(r + k) - r - k
 
     def build():
-        E = torch.zeros(k + pad, in_features, dtype=dtype, device=cols.device)
+        E = torch.zeros(k + pad, in_p, dtype=dtype, device=cols.device)
         E[torch.arange(k, device=cols.device), cols] = 1
         return E, torch.zeros(out_features, pad, dtype=dtype, device=cols.device)
-    return cached("channel_blocks", (cols,), (in_features, out_features, pad, dtype, cols.device), build)
+    return cached("channel_blocks", (cols,), (in_p, out_features, pad, dtype, cols.device), build)
 
 
-def _widened(A, B, values, cols, scale):
-    """A' = [A; E] (R x in) and W' = [s·B, V, 0] (out x R), R = r + k rounded up to 64."""
-    r, in_features = A.shape
+def _widened(A, B, values, cols, scale, in_p, out_p):
+    """A' = [A; E] (R x in_p) and W' = [s·B, V, 0] (out_p x R), R = r + k rounded up to 64;
+    ``in_p``/``out_p``: the widths padded for cuBLAS (``aligned``; zero columns of A',
+    zero rows of W')."""
+    r = A.shape[0]
     out_features = B.shape[0]
-    E, Z = _constant_blocks(cols, in_features, out_features, r, A.dtype)
-    Aw = torch.cat([A, E], dim=0)
+    E, Z = _constant_blocks(cols, in_p, out_features, r, A.dtype)
+    Aw = torch.cat([aligned.pad_cols(A, in_p), E], dim=0)
     Ww = torch.cat([B * scale, values.view(out_features, -1), Z], dim=1)
-    return Aw, Ww
+    return Aw, aligned.pad_rows(Ww, out_p)
+
+
+def _widths(A, B, dtype):
+    return aligned.width(A.shape[1], dtype), aligned.width(B.shape[0], dtype)
 
 
 def differentiable(x, A, B, values, cols, bias, scale):
@@ -88,36 +95,45 @@ def differentiable(x, A, B, values, cols, bias, scale):
     ``y = F.linear(F.linear(x, A'), W', bias)``. Autograd's engine runs the backward
     without any Python; the cost is that it computes the whole (R x in) gradient of A'
     (the rows of E and the padding too, 64 of 576 rows at 2048x2048) where ``backward``
-    computes only A's r rows."""
-    Aw, Ww = _widened(A, B, values, cols, scale)
-    return F.linear(F.linear(x, Aw), Ww, bias)
+    computes only A's r rows. Misaligned widths: x and the bias are padded here, and the
+    output's slice pads the incoming gradient in the backward."""
+    in_p, out_p = _widths(A, B, x.dtype)
+    Aw, Ww = _widened(A, B, values, cols, scale, in_p, out_p)
+    bias = aligned.pad_cols(bias, out_p) if bias is not None else None
+    y = F.linear(F.linear(aligned.pad_cols(x, in_p), Aw), Ww, bias)
+    return aligned.cols(y, B.shape[0])
 
 
 def forward(x, A, B, values, cols, bias, scale, saved=None):
     """``saved``: a list that receives (t, A', W') for ``backward``."""
     in_features, out_features = A.shape[1], B.shape[0]
-    Aw, Ww = _widened(A, B, values, cols, scale)
-    x2 = x.reshape(-1, in_features)
+    in_p, out_p = _widths(A, B, x.dtype)
+    Aw, Ww = _widened(A, B, values, cols, scale, in_p, out_p)
+    x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p)
     t = x2 @ Aw.t()                                      # [x Aᵀ, x[:, cols], 0]
     if saved is not None:
         saved += [t, Aw, Ww]
-    y = torch.addmm(bias, t, Ww.t()) if bias is not None else t @ Ww.t()
-    return y.reshape(*x.shape[:-1], out_features)
+    if bias is not None:
+        y = torch.addmm(aligned.pad_cols(bias, out_p), t, Ww.t())
+    else:
+        y = t @ Ww.t()
+    return aligned.cols(y, out_features).reshape(*x.shape[:-1], out_features)
 
 
 def backward(grad, x, A, B, values, cols, scale, saved=()):
     """``saved``: what ``forward`` put in its list (else recomputed)."""
     in_features, out_features = A.shape[1], B.shape[0]
+    in_p, out_p = _widths(A, B, x.dtype)
     r, k = A.shape[0], cols.numel()
-    t, Aw, Ww = saved if saved else (None, *_widened(A, B, values, cols, scale))
-    g2 = grad.reshape(-1, out_features)
-    x2 = x.reshape(-1, in_features)
+    t, Aw, Ww = saved if saved else (None, *_widened(A, B, values, cols, scale, in_p, out_p))
+    g2 = aligned.pad_cols(grad.reshape(-1, out_features), out_p)
+    x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p)
     dt = g2 @ Ww                                         # M x R
-    dx = dt @ Aw                                         # the one-hot rows add dt[:, r:r+k] at cols
-    dA = dt[:, :r].t() @ x2
+    dx = aligned.cols(dt @ Aw, in_features)              # the one-hot rows add dt[:, r:r+k] at cols
+    dA = aligned.cols(dt[:, :r].t() @ x2, in_features)
     if t is None:
         t = x2 @ Aw.t()
-    dw = g2.t() @ t                                      # out x R
+    dw = (g2.t() @ t)[:out_features]                     # out x R
     dB = dw[:, :r] * scale
     dv = dw[:, r:r + k].reshape(-1)
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv.to(values.dtype)

@@ -1,0 +1,49 @@
+"""Aligned leading dimensions for the cuBLAS GEMMs of the CUDA implementations.
+
+cuBLAS runs its fast kernels only when every matrix's leading dimension is a multiple of
+16 bytes. A layer with a width that is not (LLaMA-1B's MLP: 5461 features, 10922 bytes a
+row in bf16) makes every GEMM that reads or writes a tokens x 5461 matrix fall back to
+slow kernels: on the H200, dense ``F.linear`` fwd+bwd at 16384 x 2048 -> 5461 takes 8.8
+ms in eager mode and 1.8 ms under Inductor, which pads
+(``benchmarks/results/sparse_lowrank.md``). The implementations here pad the same way:
+
+* an operand whose rows are misaligned is copied once into a zero-padded buffer
+  (``pad_cols``; tokens x width, one read and one write of the matrix);
+* a product whose output would be misaligned is computed into a padded buffer, which
+  the sparse epilogue kernels read as their ``base`` while writing the real, contiguous
+  output (no extra pass), or which is sliced into a contiguous copy where no epilogue
+  follows;
+* the small weight operands are padded per call (rank x width).
+
+Zero padding keeps every sum exact: the extra columns of one operand meet zero columns
+of the other. Nothing is padded when the widths are aligned.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ALIGN_BYTES = 16
+
+
+def width(n: int, dtype: torch.dtype) -> int:
+    """``n`` rounded up so that ``n`` elements of ``dtype`` fill whole 16-byte units."""
+    per = max(1, ALIGN_BYTES // dtype.itemsize)
+    return -(-n // per) * per
+
+
+def pad_cols(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` (..., k) with zero columns appended up to ``n`` (``t`` itself when k == n)."""
+    k = t.shape[-1]
+    return t if k == n else F.pad(t, (0, n - k))
+
+
+def pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` (k, c) with zero rows appended up to ``n`` (``t`` itself when k == n)."""
+    k = t.shape[0]
+    return t if k == n else F.pad(t, (0, 0, 0, n - k))
+
+
+def cols(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` columns of a padded result, contiguous (``t`` itself when unpadded)."""
+    return t if t.shape[-1] == n else t[..., :n].contiguous()

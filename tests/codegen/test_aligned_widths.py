@@ -1,0 +1,94 @@
+"""Widths that are not a multiple of 16 bytes: the CUDA implementations pad the cuBLAS
+operands (``codegen/triton/aligned.py``) and must still compute the op exactly, with
+contiguous outputs of the real width. Every support kind, both entries (the op's
+implementation and the eager one), fp32 and bf16, under Triton's CPU interpreter."""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from structrewrite.codegen.triton import aligned  # noqa: E402
+from structrewrite.codegen.triton import sparse_lowrank as sl  # noqa: E402
+from structrewrite.codegen.triton import sparse_lowrank_block as blk  # noqa: E402
+from structrewrite.nn.sparse_lowrank import SparseLowRankLinear  # noqa: E402
+from structrewrite.ops.sparse_lowrank_linear import reference, reference_backward  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+KINDS = [("random", 1), ("lost", 1), ("random", 16)]
+# (in, out): aligned for both dtypes; misaligned in; misaligned out; both misaligned
+WIDTHS = [(64, 48), (53, 48), (64, 61), (50, 70)]
+
+
+@pytest.fixture(autouse=True)
+def small_tiles_and_poison(monkeypatch):
+    monkeypatch.setattr(sl, "SPMM_DEFAULT", (16, 16, 0, 0, 4))
+    monkeypatch.setattr(sl, "SDDMM_DEFAULT", ("mm", 16, 16, 16, 4, 2))
+    monkeypatch.setattr(blk, "SPMM_DEFAULT", (16, 4, 2))
+    monkeypatch.setattr(blk, "SDDMM_DEFAULT", (16, 0, 4, 2))
+    nan = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
+    monkeypatch.setattr(sl, "_empty", nan)
+    monkeypatch.setattr(blk, "_empty", nan)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def test_width_rounds_to_16_bytes():
+    assert aligned.width(5461, torch.bfloat16) == 5464
+    assert aligned.width(5461, torch.float32) == 5464
+    assert aligned.width(50, torch.float32) == 52 and aligned.width(50, torch.bfloat16) == 56
+    assert aligned.width(64, torch.bfloat16) == 64
+    t = torch.randn(3, 5)
+    p = aligned.pad_cols(t, 8)
+    assert p.shape == (3, 8) and float(p[:, 5:].abs().sum()) == 0.0
+    assert aligned.pad_cols(t, 5) is t and aligned.cols(t, 5) is t
+    c = aligned.cols(p, 5)
+    assert c.is_contiguous() and torch.equal(c, t)
+    assert aligned.pad_rows(t, 4).shape == (4, 5)
+
+
+def _layer(in_f, out_f, init, block, dtype, seed):
+    layer = SparseLowRankLinear(in_f, out_f, rank=8, density=0.15, init=init, block=block,
+                                key=f"a{seed}", dtype=dtype)
+    with torch.no_grad():
+        layer.B.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("init,block", KINDS)
+@pytest.mark.parametrize("in_f,out_f", WIDTHS)
+def test_padded_widths_match_the_reference(in_f, out_f, init, block, dtype):
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    layer = _layer(in_f, out_f, init, block, dtype, seed)
+    x = torch.randn(2, 9, in_f, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 9, out_f, dtype=dtype)
+    args = (x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
+            layer.sparse_row, layer.bias, layer.scale)
+    want_y = reference(*args)
+    want = (*reference_backward(g, *args[:7], layer.scale), g.reshape(-1, out_f).sum(0))
+    # the op's implementation
+    y = sl._forward_cuda(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    assert y.shape == want_y.shape and y.is_contiguous()
+    assert _rel(y, want_y) < TOL[dtype], f"y (seed {seed})"
+    got = sl._backward_cuda(g, *(a.detach() for a in args[:7]), layer.scale)
+    for name, a, b in zip(("dx", "dA", "dB", "dvalues"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous(), name
+        assert _rel(a, b) < TOL[dtype], f"op {name} (seed {seed})"
+    # the eager entry (autograd)
+    y = sl.eager(*args)
+    assert y.shape == want_y.shape and y.is_contiguous()
+    assert _rel(y, want_y) < TOL[dtype], f"eager y (seed {seed})"
+    grads = torch.autograd.grad(y, [x, layer.A, layer.B, layer.values, layer.bias], g)
+    for name, a, b in zip(("dx", "dA", "dB", "dvalues", "dbias"), grads, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert _rel(a, b) < TOL[dtype], f"eager {name} (seed {seed})"
