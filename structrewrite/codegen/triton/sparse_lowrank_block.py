@@ -128,7 +128,16 @@ def _bsr_spmm_kernel(
     offs_b = tl.arange(0, B)
     offs_n = p * B + offs_b
     mask_n = offs_n < N
-    acc = tl.zeros([BM, B], dtype=tl.float32)
+    mask = mask_m[:, None] & mask_n[None, :]
+    # the dense term first: its load is in flight while the tiles are fetched
+    if HAS_BASE:
+        bse = tl.load((base_ptr + offs_m64 * stride_bm)[:, None] + offs_n[None, :], mask=mask,
+                      other=0.0)
+        acc = scale * bse.to(tl.float32)
+    else:
+        acc = tl.zeros([BM, B], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     start = tl.load(ptr_ptr + p)
     stop = tl.load(ptr_ptr + p + 1)
     for e in range(start, stop):
@@ -149,13 +158,6 @@ def _bsr_spmm_kernel(
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if HAS_BASE:
-        bse = tl.load((base_ptr + offs_m64 * stride_bm)[:, None] + offs_n[None, :], mask=mask,
-                      other=0.0)
-        acc += scale * bse.to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store((out_ptr + offs_m64 * stride_om)[:, None] + offs_n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
