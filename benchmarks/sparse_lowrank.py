@@ -1,20 +1,25 @@
 """Benchmark of ``structrewrite::sparse_lowrank_linear`` (y = s·(x Aᵀ)Bᵀ + x Sᵀ) on CUDA.
 
-``python -m benchmarks sparse_lowrank [--tokens M] [--layers L] [--out DIR] [--quick]``
+``python -m benchmarks sparse_lowrank [--tokens M] [--shapes ...] [--reps N] [--layers L]
+[--skip-check] [--skip-e2e] [--out DIR]``
 
 1. Correctness on the device: the Triton implementation against the reference op
    (run on the CPU in float64), for bf16, fp16 and fp32, outputs poisoned with NaN.
 2. Per shape (bf16, M tokens, rank = in/4, density 0.03), fwd and fwd+bwd medians of
    ours (the layer's eager CUDA path, for the random, channel-wise and 16/32-tile
    supports; and the 32-tile layer through the torch.library op) and of the peers,
-   all in this run: dense cuBLAS ``F.linear``; the SLTrain-style
-   path (W = s·B@A with S scatter-added, then ``F.linear``; autograd through W); the
-   low-rank product alone. Ratios, achieved TFLOP/s and GB/s against the measured
-   ceilings, peak extra memory of fwd+bwd against the dense-free bound, and a
-   breakdown of our fwd+bwd into its kernels.
-3. End to end: one training step (fwd, bwd, AdamW) of a stack of LLaMA-1B-shaped
-   decoder layers (d=2048, ffn 5461, 16 heads), dense against every linear replaced by
-   SparseLowRankLinear (rank 512, density 0.03): tokens/s and peak memory.
+   all in this run: dense cuBLAS ``F.linear``; dense with its rows padded to 16 bytes
+   (what Inductor does); the SLTrain-style path (W = s·B@A with S scatter-added, then
+   ``F.linear``; autograd through W); the low-rank product alone. Ratios, achieved
+   TFLOP/s and GB/s against the measured ceilings, peak extra memory of fwd+bwd against
+   the dense-free bound, and a breakdown of our fwd+bwd into its kernels.
+3. Every way of running a fwd+bwd: eager back to back, synchronised, captured in a CUDA
+   graph, as a ``torch.cuda.make_graphed_callables`` layer, and (dense and the
+   structured supports) under ``torch.compile(mode="reduce-overhead")``.
+4. End to end: one training step (fwd, bwd, AdamW) of a stack of LLaMA-1B-shaped
+   decoder layers (d=2048, ffn 5461, 16 heads), dense (also with the MLP width rounded
+   up to 5504) against every linear replaced by SparseLowRankLinear (rank 512, density
+   0.03): tokens/s and peak memory.
 """
 from __future__ import annotations
 

@@ -91,10 +91,16 @@ gathered elements (8.2e9 at this shape) through L2 with one FMA each, about 2 ms
 apiece; ncu showed L2 throughput at 50-85% of peak and instruction issue at 55-75%, so
 they are limited by L2 bandwidth and latency, not by arithmetic. A tensor-core SpMM that
 built tiles of ``Sᵀ`` in registers from the entries was correct but 4x to 150x slower
-than the gather and is not included (benchmarks/README.md lists what was tried). Only
-where cuBLAS is slow on an unaligned dimension (2048 -> 5461) is the op faster than
-dense. Tile supports (32 x 32) run at 0.71x dense at 4096x4096 and channel-wise
-supports at 0.54x.
+than the gather and is not included (benchmarks/README.md lists what was tried). At
+2048 -> 5461 the op (5.4 ms) beats eager dense cuBLAS (8.8 ms, slow on the misaligned
+width) but not dense with padded rows (2.0 ms). Tile supports (32 x 32) run at 0.68x
+dense at 4096x4096 and channel-wise supports at 0.54x.
+
+Misaligned widths
+-----------------
+Where ``in`` or ``out`` is not a multiple of 16 bytes, the cuBLAS GEMMs run on
+zero-padded copies (``aligned.py``) and the epilogue kernels read the padded low-rank
+result while writing the real output.
 """
 from __future__ import annotations
 
@@ -580,8 +586,9 @@ class EagerFunction(torch.autograd.Function):
     Python dispatch layers of ``torch.library.custom_op``, and the backward reuses the
     forward's ``x Aᵀ`` (M x r, kept like the input of any linear layer) instead of
     recomputing it, one GEMM fewer. On the H200 (``benchmarks/results/sparse_lowrank.md``,
-    timing-modes table) this is faster than the op at every shape, most where the host
-    time dominates. Channel-wise supports skip it (``eager``)."""
+    table of the ways of running a layer: ``block32`` against ``block32_op``) this is
+    faster than the op at every shape, most where the host time dominates. Channel-wise
+    supports skip it (``eager``)."""
 
     @staticmethod
     def forward(ctx, x, A, B, values, crow, col, row, bias, scale, how):
