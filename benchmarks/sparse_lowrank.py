@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import Report, ceilings, environment, graphed, peak_extra, sync, timeit
+from structrewrite.codegen.triton import aligned
 
 SHAPES = [(4096, 4096), (4096, 11008), (2048, 2048), (2048, 5461)]
 COMPILED = ("channel", "block32")   # supports also timed under torch.compile (through the op)
@@ -252,9 +253,9 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         def dense(x):
             return F.linear(x, W)
 
+        in_p, out_p = aligned.width(in_f, dtype), aligned.width(out_f, dtype)
+
         def dense_padded(x):   # dense with its widths padded to 16 bytes, as Inductor does
-            from structrewrite.codegen.triton import aligned
-            in_p, out_p = aligned.width(in_f, dtype), aligned.width(out_f, dtype)
             Wp = aligned.pad_cols(aligned.pad_rows(W, out_p), in_p)
             return aligned.cols(F.linear(aligned.pad_cols(x, in_p), Wp), out_f)
 
@@ -387,8 +388,7 @@ def _lowrank_gemms(x, g, A, B, recompute=True):
     """The cuBLAS GEMMs of a fwd+bwd as the implementation runs them (widths padded to 16
     bytes where misaligned, the pads included): seven where the backward recomputes x Aᵀ
     (the op), six where it keeps the forward's (the layer's eager path)."""
-    from structrewrite.codegen.triton import aligned
-    in_p, out_p = aligned.width(x.shape[1], x.dtype), aligned.width(g.shape[1], g.dtype)
+    in_p, out_p = aligned.widths(A, B, x.dtype)
     xa, ga = aligned.pad_cols(x, in_p), aligned.pad_cols(g, out_p)
     Ap, Bp = aligned.pad_cols(A, in_p), aligned.pad_rows(B, out_p)
     xA = xa @ Ap.t()

@@ -32,6 +32,11 @@ def width(n: int, dtype: torch.dtype) -> int:
     return -(-n // per) * per
 
 
+def widths(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple[int, int]:
+    """(in, out) of a layer with ``A`` (r x in) and ``B`` (out x r), each rounded up by ``width``."""
+    return width(A.shape[1], dtype), width(B.shape[0], dtype)
+
+
 def pad_cols(t: torch.Tensor, n: int) -> torch.Tensor:
     """``t`` (..., k) with zero columns appended up to ``n`` (``t`` itself when k == n)."""
     k = t.shape[-1]

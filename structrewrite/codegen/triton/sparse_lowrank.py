@@ -467,7 +467,7 @@ def forward(x, A, B, values, crow, col, row, bias, scale, config=None, saved=Non
     y = _empty((M, out_features), x.dtype, x.device)
     if M == 0:
         return y.reshape(*x.shape[:-1], out_features)
-    in_p, out_p = aligned.width(in_features, x.dtype), aligned.width(out_features, x.dtype)
+    in_p, out_p = aligned.widths(A, B, x.dtype)
     t = aligned.pad_cols(x2, in_p) @ aligned.pad_cols(A, in_p).t()
     if saved is not None:
         saved.append(t)
@@ -497,7 +497,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
         return (_empty(x.shape, x.dtype, x.device).zero_(), torch.zeros_like(A),
                 torch.zeros_like(B), torch.zeros_like(values))
     # the cuBLAS GEMMs take copies with aligned rows where a width is misaligned (``aligned``)
-    in_p, out_p = aligned.width(in_features, x.dtype), aligned.width(out_features, x.dtype)
+    in_p, out_p = aligned.widths(A, B, x.dtype)
     ga, xa, Ap = aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p), aligned.pad_cols(A, in_p)
     gBs = (ga @ aligned.pad_rows(B, out_p)).mul_(scale)   # M x r, scale folded in
     xA = saved[0] if saved else xa @ Ap.t()

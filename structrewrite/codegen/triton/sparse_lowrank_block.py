@@ -274,7 +274,7 @@ def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, s
     layout where the caller has it (else looked up). Misaligned widths are padded for
     cuBLAS (``aligned``)."""
     in_features, out_features = A.shape[1], B.shape[0]
-    in_p, out_p = aligned.width(in_features, x.dtype), aligned.width(out_features, x.dtype)
+    in_p, out_p = aligned.widths(A, B, x.dtype)
     lay = lay or layout(crow, col, row, b, out_features, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     M = x2.shape[0]
@@ -305,7 +305,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
              sddmm_config=None, saved=(), lay: Optional[Layout] = None):
     """``saved``: what ``forward`` put in its list (else ``x Aᵀ`` is recomputed)."""
     in_features, out_features = A.shape[1], B.shape[0]
-    in_p, out_p = aligned.width(in_features, x.dtype), aligned.width(out_features, x.dtype)
+    in_p, out_p = aligned.widths(A, B, x.dtype)
     lay = lay or layout(crow, col, row, b, out_features, in_features)
     g2 = aligned.pad_cols(grad.reshape(-1, out_features), out_p).contiguous()   # M x out_p
     x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p).contiguous()        # M x in_p

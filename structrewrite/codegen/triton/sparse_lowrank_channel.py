@@ -86,10 +86,6 @@ def _widened(A, B, values, cols, scale, in_p, out_p):
     return Aw, aligned.pad_rows(Ww, out_p)
 
 
-def _widths(A, B, dtype):
-    return aligned.width(A.shape[1], dtype), aligned.width(B.shape[0], dtype)
-
-
 def differentiable(x, A, B, values, cols, bias, scale):
     """The same computation as plain differentiable torch ops, for eager mode:
     ``y = F.linear(F.linear(x, A'), W', bias)``. Autograd's engine runs the backward
@@ -97,7 +93,7 @@ def differentiable(x, A, B, values, cols, bias, scale):
     (the rows of E and the padding too, 64 of 576 rows at 2048x2048) where ``backward``
     computes only A's r rows. Misaligned widths: x and the bias are padded here, and the
     output's slice pads the incoming gradient in the backward."""
-    in_p, out_p = _widths(A, B, x.dtype)
+    in_p, out_p = aligned.widths(A, B, x.dtype)
     Aw, Ww = _widened(A, B, values, cols, scale, in_p, out_p)
     bias = aligned.pad_cols(bias, out_p) if bias is not None else None
     y = F.linear(F.linear(aligned.pad_cols(x, in_p), Aw), Ww, bias)
@@ -107,7 +103,7 @@ def differentiable(x, A, B, values, cols, bias, scale):
 def forward(x, A, B, values, cols, bias, scale, saved=None):
     """``saved``: a list that receives (t, A', W') for ``backward``."""
     in_features, out_features = A.shape[1], B.shape[0]
-    in_p, out_p = _widths(A, B, x.dtype)
+    in_p, out_p = aligned.widths(A, B, x.dtype)
     Aw, Ww = _widened(A, B, values, cols, scale, in_p, out_p)
     x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p)
     t = x2 @ Aw.t()                                      # [x Aᵀ, x[:, cols], 0]
@@ -123,7 +119,7 @@ def forward(x, A, B, values, cols, bias, scale, saved=None):
 def backward(grad, x, A, B, values, cols, scale, saved=()):
     """``saved``: what ``forward`` put in its list (else recomputed)."""
     in_features, out_features = A.shape[1], B.shape[0]
-    in_p, out_p = _widths(A, B, x.dtype)
+    in_p, out_p = aligned.widths(A, B, x.dtype)
     r, k = A.shape[0], cols.numel()
     t, Aw, Ww = saved if saved else (None, *_widened(A, B, values, cols, scale, in_p, out_p))
     g2 = aligned.pad_cols(grad.reshape(-1, out_features), out_p)
