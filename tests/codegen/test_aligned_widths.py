@@ -26,11 +26,7 @@ WIDTHS = [(64, 48), (53, 48), (64, 61), (50, 70)]
 
 
 @pytest.fixture(autouse=True)
-def small_tiles_and_poison(monkeypatch):
-    monkeypatch.setattr(sl, "SPMM_DEFAULT", (16, 16, 0, 0, 4))
-    monkeypatch.setattr(sl, "SDDMM_DEFAULT", ("mm", 16, 16, 16, 4, 2))
-    monkeypatch.setattr(blk, "SPMM_DEFAULT", (16, 4, 2))
-    monkeypatch.setattr(blk, "SDDMM_DEFAULT", (16, 0, 4, 2))
+def small_tiles_and_poison(small_tiles, monkeypatch):
     nan = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
     monkeypatch.setattr(sl, "_empty", nan)
     monkeypatch.setattr(blk, "_empty", nan)

@@ -27,14 +27,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.fixture(autouse=True)
-def small_tiles(monkeypatch):
-    # interpreter-sized default tiles for the kernels that pick their own
-    monkeypatch.setattr(sl, "SPMM_DEFAULT", (16, 16, 0, 0, 4))
-    monkeypatch.setattr(sl, "SDDMM_DEFAULT", ("mm", 16, 16, 16, 4, 2))
-    from structrewrite.codegen.triton import sparse_lowrank_block as blk
-    monkeypatch.setattr(blk, "SPMM_DEFAULT", (16, 4, 2))
-    monkeypatch.setattr(blk, "SDDMM_DEFAULT", (16, 0, 4, 2))
+pytestmark = pytest.mark.usefixtures("small_tiles")   # tests/codegen/conftest.py
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
