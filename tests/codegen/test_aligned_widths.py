@@ -51,6 +51,16 @@ def test_width_rounds_to_16_bytes():
     assert aligned.pad_rows(t, 4).shape == (4, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaled_mm_is_one_product_with_the_scale_applied(dtype):
+    a, b = torch.randn(7, 5, dtype=dtype), torch.randn(5, 6, dtype=dtype)
+    want = (a.double() @ b.double()) * 0.375
+    got = aligned.mm(a, b, 0.375)
+    assert got.dtype == dtype and got.shape == (7, 6)
+    assert _rel(got, want) < TOL[dtype]
+    assert torch.equal(aligned.mm(a, b), a @ b)
+
+
 def _layer(in_f, out_f, init, block, dtype, seed):
     layer = SparseLowRankLinear(in_f, out_f, rank=8, density=0.15, init=init, block=block,
                                 key=f"a{seed}", dtype=dtype)

@@ -22,10 +22,11 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+@pytest.mark.parametrize("alpha", [32.0, 3.0])   # 1/s exact (s on the GEMMs' alpha), or not (s on B)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("M, in_f, out_f, rank, k", [(37, 48, 29, 8, 5), (1, 33, 70, 16, 1), (64, 40, 40, 20, 12)])
-def test_channel_path_matches_the_reference(dtype, bias, M, in_f, out_f, rank, k):
+def test_channel_path_matches_the_reference(dtype, bias, M, in_f, out_f, rank, k, alpha):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     crow, col, row = channel_support(out_f, in_f, k, gen)
     cols = ch.channel_columns(crow, col, out_f)
@@ -36,17 +37,34 @@ def test_channel_path_matches_the_reference(dtype, bias, M, in_f, out_f, rank, k
     v = torch.randn(out_f * k, generator=gen).to(dtype)
     b = torch.randn(out_f, generator=gen).to(dtype) if bias else None
     g = torch.randn(M, out_f, generator=gen).to(dtype)
-    scale = 32.0 / rank
+    scale = alpha / rank
+    assert (ch.split_scale(scale, dtype)[0] == scale) == (alpha == 32.0 or dtype == torch.float64)
     up = lambda t: None if t is None else t.double()  # noqa: E731
     y_ref = op(up(x), up(A), up(B), up(v), crow, col, row, up(b), scale)
     grads_ref = op_bwd(up(g), up(x), up(A), up(B), up(v), crow, col, row, scale)
     y = ch.forward(x, A, B, v, cols, b, scale)
-    grads = ch.backward(g, x, A, B, v, cols, scale)
     assert y.dtype == dtype and y.shape == (M, out_f)
     assert rel(y, y_ref) < TOL[dtype]
-    for got, want in zip(grads, grads_ref):
-        assert got.dtype == dtype and got.shape == want.shape
+    saved: list = []
+    ch.forward(x, A, B, v, cols, b, scale, saved=saved)
+    for grads in (ch.backward(g, x, A, B, v, cols, scale),                 # recomputed
+                  ch.backward(g, x, A, B, v, cols, scale, saved=saved)):   # from the forward
+        for got, want in zip(grads, grads_ref):
+            assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+            assert rel(got, want) < TOL[dtype]
+    # the eager entry (plain differentiable GEMMs, s on B) computes the same
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, v)]
+    y_eager = ch.differentiable(*leaves, cols, b, scale)
+    assert rel(y_eager, y_ref) < TOL[dtype]
+    for got, want in zip(torch.autograd.grad(y_eager, leaves, g), grads_ref):
         assert rel(got, want) < TOL[dtype]
+
+
+def test_scale_rides_on_the_gemm_alpha_only_where_its_reciprocal_is_exact():
+    assert ch.split_scale(1 / 16, torch.bfloat16) == (1 / 16, 1.0, 16.0)
+    assert ch.split_scale(3 / 8, torch.float32) == (1.0, 3 / 8, 1.0)           # 8/3 is inexact
+    assert ch.split_scale(32 / 257, torch.float32) == (32 / 257, 1.0, 257 / 32)
+    assert ch.split_scale(32 / 257, torch.bfloat16) == (1.0, 32 / 257, 1.0)    # 257/32 needs 9 bits
 
 
 def test_detection_refuses_unstructured_supports_and_follows_updates():

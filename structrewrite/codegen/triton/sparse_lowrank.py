@@ -499,10 +499,10 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
     # the cuBLAS GEMMs take copies with aligned rows where a width is misaligned (``aligned``)
     in_p, out_p = aligned.widths(A, B, x.dtype)
     ga, xa, Ap = aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p), aligned.pad_cols(A, in_p)
-    gBs = (ga @ aligned.pad_rows(B, out_p)).mul_(scale)   # M x r, scale folded in
+    gBs = aligned.mm(ga, aligned.pad_rows(B, out_p), scale)   # M x r, scale folded in
     xA = saved[0] if saved else xa @ Ap.t()
     dA = aligned.cols(gBs.t() @ xa, in_features)
-    dB = (ga.t() @ xA)[:out_features].mul_(scale)
+    dB = aligned.mm(ga.t(), xA, scale)[:out_features]
     dx = _empty(x2.shape, x.dtype, x.device)
     nnz = values.numel()
     base = gBs @ Ap                                   # M x in_p

@@ -314,9 +314,9 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
         return (torch.zeros_like(x), torch.zeros_like(A), torch.zeros_like(B),
                 torch.zeros_like(values))
     Ap = aligned.pad_cols(A, in_p)
-    gBs = (g2 @ aligned.pad_rows(B, out_p)).mul_(scale)   # M x r, scale folded in
+    gBs = aligned.mm(g2, aligned.pad_rows(B, out_p), scale)   # M x r, scale folded in
     dA = aligned.cols(gBs.t() @ x2, in_features)
-    dB = (g2.t() @ (saved[0] if saved else x2 @ Ap.t()))[:out_features].mul_(scale)
+    dB = aligned.mm(g2.t(), saved[0] if saved else x2 @ Ap.t(), scale)[:out_features]
     base = gBs @ Ap                                        # cuBLAS, M x in_p
     inplace = in_p == in_features                          # the sparse part then added in place
     dx = base if inplace else _empty((M, in_features), x.dtype, x.device)

@@ -15,6 +15,11 @@ and the backward, with ``dt = g W'``:
     dx = dt A'                 (the one-hot rows add dt's channel columns at cols)
     dA = dt[:, :r]ᵀ x          dB = s · (gᵀ t)[:, :r]      d values = (gᵀ t)[:, r:r+k]
 
+Where the scale goes: ``differentiable`` (eager mode) scales B inside W' as written. The
+op's implementation (``forward``/``backward``) gives E's rows the value 1/s and applies
+s as the cuBLAS alpha of the second GEMM, of ``g W'`` and of ``gᵀ t`` (``split_scale``;
+B then enters W' unscaled), one pass fewer each way, wherever 1/s is exact in the dtype.
+
 R = r + k rounded up to a multiple of 64 (zero padding), because cuBLAS is only fast on
 aligned leading dimensions (benchmarks/README.md has the times of each version).
 The whole op runs on the tensor cores at the FLOPs of a rank-R layer, with no gathers
@@ -24,6 +29,7 @@ per support, once, with the detection below cached on the support buffers.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -59,9 +65,23 @@ def _pad(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def _constant_blocks(cols: torch.Tensor, in_p: int, out_features: int, r: int, dtype):
+@functools.lru_cache(maxsize=None)
+def split_scale(scale: float, dtype: torch.dtype) -> tuple[float, float, float]:
+    """Where the scale s goes: (alpha, beta, e) with alpha·beta = s and alpha·e = 1.
+
+    ``y = alpha · t W'ᵀ`` with ``W' = [beta·B, V, 0]`` and the one-hot rows of A' equal to
+    ``e``. When 1/s is exact in ``dtype`` (s = alpha/rank with a power-of-two ratio, the
+    common case), the rows carry 1/s and s rides on the GEMMs' alpha (``aligned.mm``): no
+    pass scales B. Otherwise B is scaled (one small pass) and the rows carry 1."""
+    inv = 1.0 / scale
+    if torch.tensor(inv, dtype=torch.float64).to(dtype).item() == inv:
+        return scale, 1.0, inv
+    return 1.0, scale, 1.0
+
+
+def _constant_blocks(cols: torch.Tensor, in_p: int, out_features: int, r: int, dtype, e: float):
     """The parts of A' and W' that do not change while training, made once per support:
-    E (k + pad rows: one-hot rows picking the channels, then zero rows; ``in_p`` columns)
+    E (k + pad rows: rows with ``e`` at the k channels, then zero rows; ``in_p`` columns)
     and the zero columns that pad W'. Keeping them leaves fewer launches per call (fwd+bwd
     at 4096x4096 on the H200: 2.15 ms with them built per call, 1.79 ms cached)."""
     k = cols.numel()
@@ -69,67 +89,85 @@ def _constant_blocks(cols: torch.Tensor, in_p: int, out_features: int, r: int, d
 
     def build():
         E = torch.zeros(k + pad, in_p, dtype=dtype, device=cols.device)
-        E[torch.arange(k, device=cols.device), cols] = 1
+        E[torch.arange(k, device=cols.device), cols] = e
         return E, torch.zeros(out_features, pad, dtype=dtype, device=cols.device)
-    return cached("channel_blocks", (cols,), (in_p, out_features, pad, dtype, cols.device), build)
+    return cached("channel_blocks", (cols,), (in_p, out_features, pad, dtype, e, cols.device), build)
 
 
-def _widened(A, B, values, cols, scale, in_p, out_p):
-    """A' = [A; E] (R x in_p) and W' = [s·B, V, 0] (out_p x R), R = r + k rounded up to 64;
-    ``in_p``/``out_p``: the widths padded for cuBLAS (``aligned``; zero columns of A',
-    zero rows of W')."""
+def _widened(A, B, values, cols, split, in_p, out_p):
+    """A' = [A; e·E] (R x in_p) and W' = [beta·B, V, 0] (out_p x R), R = r + k rounded up
+    to 64, for ``split`` = (alpha, beta, e) (``split_scale``); ``in_p``/``out_p``: the
+    widths padded for cuBLAS (``aligned``; zero columns of A', zero rows of W')."""
     r = A.shape[0]
     out_features = B.shape[0]
-    E, Z = _constant_blocks(cols, in_p, out_features, r, A.dtype)
+    _, beta, e = split
+    E, Z = _constant_blocks(cols, in_p, out_features, r, A.dtype, e)
     Aw = torch.cat([aligned.pad_cols(A, in_p), E], dim=0)
-    Ww = torch.cat([B * scale, values.view(out_features, -1), Z], dim=1)
+    Ww = torch.cat([B if beta == 1.0 else B * beta, values.view(out_features, -1), Z], dim=1)
     return Aw, aligned.pad_rows(Ww, out_p)
 
 
 def differentiable(x, A, B, values, cols, bias, scale):
     """The same computation as plain differentiable torch ops, for eager mode:
-    ``y = F.linear(F.linear(x, A'), W', bias)``. Autograd's engine runs the backward
-    without any Python; the cost is that it computes the whole (R x in) gradient of A'
-    (the rows of E and the padding too, 64 of 576 rows at 2048x2048) where ``backward``
-    computes only A's r rows. Misaligned widths: x and the bias are padded here, and the
-    output's slice pads the incoming gradient in the backward."""
+    ``y = F.linear(F.linear(x, A'), W', bias)`` with ``W' = [s·B, V, 0]`` (autograd has no
+    GEMM with a free scale: ``addmm``'s alpha costs a pass in its backward). Autograd's
+    engine runs the backward without any Python, which on the H200 host issues the call
+    faster than ``forward``/``backward`` below wrapped in an ``autograd.Function`` (host
+    time per fwd+bwd at 16384 x 2048 -> 2048: 0.57-0.59 ms against 0.73-0.77 ms, although
+    the Function issues two launches fewer). The cost is that it computes the whole
+    (R x in) gradient of A' (the rows of E and the padding too, 64 of 576 rows at
+    2048x2048) where ``backward`` computes only A's r rows. Misaligned widths: x and the
+    bias are padded here, and the output's slice pads the incoming gradient in the
+    backward."""
     in_p, out_p = aligned.widths(A, B, x.dtype)
-    Aw, Ww = _widened(A, B, values, cols, scale, in_p, out_p)
+    Aw, Ww = _widened(A, B, values, cols, (1.0, scale, 1.0), in_p, out_p)
     bias = aligned.pad_cols(bias, out_p) if bias is not None else None
     y = F.linear(F.linear(aligned.pad_cols(x, in_p), Aw), Ww, bias)
     return aligned.cols(y, B.shape[0])
 
 
 def forward(x, A, B, values, cols, bias, scale, saved=None):
-    """``saved``: a list that receives (t, A', W') for ``backward``."""
+    """``saved``: a list that receives (x, t, A', W') for ``backward``; ``x`` there is the
+    input as the GEMMs read it (2-D, padded where misaligned)."""
     in_features, out_features = A.shape[1], B.shape[0]
     in_p, out_p = aligned.widths(A, B, x.dtype)
-    Aw, Ww = _widened(A, B, values, cols, scale, in_p, out_p)
+    split = split_scale(scale, A.dtype)
+    alpha = split[0]
+    Aw, Ww = _widened(A, B, values, cols, split, in_p, out_p)
     x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p)
-    t = x2 @ Aw.t()                                      # [x Aᵀ, x[:, cols], 0]
+    t = x2 @ Aw.t()                                      # [x Aᵀ, e·x[:, cols], 0]
     if saved is not None:
-        saved += [t, Aw, Ww]
+        saved += [x2, t, Aw, Ww]
     if bias is not None:
-        y = torch.addmm(aligned.pad_cols(bias, out_p), t, Ww.t())
+        y = torch.addmm(aligned.pad_cols(bias, out_p), t, Ww.t(), alpha=alpha)
     else:
-        y = t @ Ww.t()
+        y = aligned.mm(t, Ww.t(), alpha)
     return aligned.cols(y, out_features).reshape(*x.shape[:-1], out_features)
 
 
 def backward(grad, x, A, B, values, cols, scale, saved=()):
-    """``saved``: what ``forward`` put in its list (else recomputed)."""
+    """``saved``: what ``forward`` put in its list (else recomputed; ``x`` is then only
+    read through it). With
+    ``y = alpha · t W'ᵀ``: ``dt = alpha · g W'``, ``dx = dt A'``, ``dA = dt[:, :r]ᵀ x`` and
+    ``alpha · gᵀ t`` holds dB (times beta) and d values (alpha·e = 1)."""
     in_features, out_features = A.shape[1], B.shape[0]
     in_p, out_p = aligned.widths(A, B, x.dtype)
     r, k = A.shape[0], cols.numel()
-    t, Aw, Ww = saved if saved else (None, *_widened(A, B, values, cols, scale, in_p, out_p))
-    g2 = aligned.pad_cols(grad.reshape(-1, out_features), out_p)
-    x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p)
-    dt = g2 @ Ww                                         # M x R
-    dx = aligned.cols(dt @ Aw, in_features)              # the one-hot rows add dt[:, r:r+k] at cols
-    dA = aligned.cols(dt[:, :r].t() @ x2, in_features)
-    if t is None:
+    split = split_scale(scale, A.dtype)
+    alpha, beta, _ = split
+    if saved:
+        x2, t, Aw, Ww = saved
+    else:
+        Aw, Ww = _widened(A, B, values, cols, split, in_p, out_p)
+        x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p)
         t = x2 @ Aw.t()
-    dw = (g2.t() @ t)[:out_features]                     # out x R
-    dB = dw[:, :r] * scale
-    dv = dw[:, r:r + k].reshape(-1)
-    return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv.to(values.dtype)
+    g2 = aligned.pad_cols(grad.reshape(-1, out_features), out_p)
+    dt = aligned.mm(g2, Ww, alpha)                       # M x R
+    dx = aligned.cols(dt @ Aw, in_features)              # the rows of E add dt's channel columns at cols
+    dA = aligned.cols(dt[:, :r].t() @ x2, in_features)
+    dw = aligned.mm(g2.t(), t, alpha)[:out_features]     # out x R
+    dB = dw[:, :r].contiguous() if beta == 1.0 else dw[:, :r] * beta
+    dv = dw[:, r:r + k].reshape(-1).contiguous()   # a strided view when k == 1
+    dx = dx.reshape(*grad.shape[:-1], in_features)
+    return dx, dA.to(A.dtype), dB.to(B.dtype), dv.to(values.dtype)
+
