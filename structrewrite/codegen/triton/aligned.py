@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from structrewrite.codegen.triton.support_cache import outside_graph_pools
+
 ALIGN_BYTES = 16
 
 
@@ -60,8 +62,9 @@ def mm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         return a @ b
     key = (a.dtype, a.device)
     zero = _ZEROS.get(key)
-    if zero is None:
-        zero = _ZEROS[key] = torch.zeros((), dtype=a.dtype, device=a.device)
+    if zero is None:   # kept for good: made outside CUDA-graph pools
+        zero = _ZEROS[key] = outside_graph_pools(
+            a.device, lambda: torch.zeros((), dtype=a.dtype, device=a.device))
     return torch.addmm(zero, a, b, beta=0, alpha=alpha)
 
 

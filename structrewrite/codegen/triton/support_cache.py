@@ -5,9 +5,17 @@ trains; only ``values`` do. Whatever a kernel derives from them (a CSC copy, the
 list of a channel-wise support, constant GEMM blocks) is cached here, keyed on the
 buffers' identity (data pointer, held weakly), version (an in-place change rebuilds) and
 the extra key parts the caller gives. Bounded: the oldest entry goes first.
+
+What is cached is allocated outside any CUDA-graph memory pool (``outside_graph_pools``):
+``torch.compile(mode="reduce-overhead")`` runs its first calls with the calling thread's
+allocations going to the graph's private pool, and checks afterwards that everything
+still alive in that pool is one of the graph's outputs. A layout cached there made a
+freshly compiled layer fail that check on the H200 ("Detected 3 tensor(s) in the
+cudagraph pool not tracked as outputs").
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -15,6 +23,47 @@ import torch
 
 _CACHE: dict = {}
 MAX_ENTRIES = 2048
+_SIDE: dict = {}
+
+
+def outside_graph_pools(device: torch.device, build: Callable[[], Any]):
+    """``build()`` with its allocations taken from the ordinary pools of the caching
+    allocator, also while CUDA graphs warm up. While ``torch.compile``'s CUDA graphs warm
+    up or record, every allocation of the calling thread goes to the graph's private pool;
+    so ``build()`` runs on a helper thread, on a side stream ordered after the work already
+    queued on the caller's stream, which then waits for it. Freed blocks go back to the
+    side stream's pool, and every later build waits for the caller's stream first, so a
+    block is never reused while queued kernels still read it. Not allowed during capture
+    itself (building synchronises with the host)."""
+    if device.type != "cuda":
+        return build()
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("a sparse support is first used inside CUDA-graph capture: call the "
+                           "layer once (forward and backward) before capturing it")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    main = torch.cuda.current_stream(index)
+    side = _SIDE.get(index)
+    if side is None:
+        side = _SIDE[index] = torch.cuda.Stream(index)
+    result: list = []
+
+    def work():
+        try:
+            torch.cuda.set_device(index)
+            side.wait_stream(main)
+            with torch.cuda.stream(side), torch.no_grad():
+                result.append((True, build()))
+        except BaseException as exc:   # re-raised in the caller
+            result.append((False, exc))
+
+    thread = threading.Thread(target=work, name="structrewrite-support-build")
+    thread.start()
+    thread.join()
+    main.wait_stream(side)
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 def cached(kind: str, tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], Any]):
@@ -24,7 +73,7 @@ def cached(kind: str, tensors: Sequence[torch.Tensor], extra: tuple, build: Call
     hit = _CACHE.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
         return hit[1]
-    value = build()
+    value = outside_graph_pools(tensors[0].device, build)
     if len(_CACHE) >= MAX_ENTRIES:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = (tuple(weakref.ref(t) for t in tensors), value)
