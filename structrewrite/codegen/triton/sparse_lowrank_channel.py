@@ -113,7 +113,7 @@ def differentiable(x, A, B, values, cols, bias, scale):
     GEMM with a free scale: ``addmm``'s alpha costs a pass in its backward). Autograd's
     engine runs the backward without any Python, which on the H200 host issues the call
     faster than ``forward``/``backward`` below wrapped in an ``autograd.Function`` (host
-    time per fwd+bwd at 16384 x 2048 -> 2048: 0.57-0.59 ms against 0.73-0.77 ms, although
+    time per fwd+bwd at 16384 x 2048 -> 2048: 0.57-0.59 ms against 0.75-0.77 ms, although
     the Function issues two launches fewer). The cost is that it computes the whole
     (R x in) gradient of A' (the rows of E and the padding too, 64 of 576 rows at
     2048x2048) where ``backward`` computes only A's r rows. Misaligned widths: x and the

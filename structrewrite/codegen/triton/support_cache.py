@@ -26,6 +26,26 @@ MAX_ENTRIES = 2048
 _SIDE: dict = {}
 
 
+def on_helper_thread(fn: Callable[[], Any]):
+    """``fn()`` run to completion on a new thread; its result returned, its exception
+    raised here."""
+    result: list = []
+
+    def work():
+        try:
+            result.append((True, fn()))
+        except BaseException as exc:   # re-raised in the caller
+            result.append((False, exc))
+
+    thread = threading.Thread(target=work, name="structrewrite-support-build")
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
 def outside_graph_pools(device: torch.device, build: Callable[[], Any]):
     """``build()`` with its allocations taken from the ordinary pools of the caching
     allocator, also while CUDA graphs warm up. While ``torch.compile``'s CUDA graphs warm
@@ -45,24 +65,15 @@ def outside_graph_pools(device: torch.device, build: Callable[[], Any]):
     side = _SIDE.get(index)
     if side is None:
         side = _SIDE[index] = torch.cuda.Stream(index)
-    result: list = []
 
     def work():
-        try:
-            torch.cuda.set_device(index)
-            side.wait_stream(main)
-            with torch.cuda.stream(side), torch.no_grad():
-                result.append((True, build()))
-        except BaseException as exc:   # re-raised in the caller
-            result.append((False, exc))
+        torch.cuda.set_device(index)
+        side.wait_stream(main)
+        with torch.cuda.stream(side), torch.no_grad():
+            return build()
 
-    thread = threading.Thread(target=work, name="structrewrite-support-build")
-    thread.start()
-    thread.join()
+    value = on_helper_thread(work)
     main.wait_stream(side)
-    ok, value = result[0]
-    if not ok:
-        raise value
     return value
 
 

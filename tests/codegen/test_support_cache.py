@@ -1,0 +1,46 @@
+"""The cache of what kernels derive from a sparse support (``support_cache``): built once
+per support as it is, rebuilt after an in-place change or for new buffers, and built on a
+helper thread on CUDA (so that CUDA graphs' private pools, which take the calling
+thread's allocations, never hold a cached tensor; checked on the device by the
+benchmark's fresh-layer check)."""
+import threading
+
+import pytest
+import torch
+
+from structrewrite.codegen.triton import support_cache as sc
+
+
+def test_built_once_per_support_and_rebuilt_after_a_change():
+    crow, col = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([3, 1], dtype=torch.int32)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return col.sum().item() + len(calls)
+
+    first = sc.cached("test-kind", (crow, col), (2,), build)
+    assert sc.cached("test-kind", (crow, col), (2,), build) == first and len(calls) == 1
+    assert sc.cached("test-kind", (crow, col), (3,), build) != first      # another extra key
+    col.add_(1)                                                            # in place: new version
+    sc.cached("test-kind", (crow, col), (2,), build)
+    assert len(calls) == 3
+    other = col.clone()                                                    # other buffers, same values
+    sc.cached("test-kind", (crow, other), (2,), build)
+    assert len(calls) == 4
+
+
+def test_helper_thread_returns_the_result_and_raises_the_error():
+    here = threading.get_ident()
+    assert sc.on_helper_thread(lambda: threading.get_ident()) != here
+    assert sc.on_helper_thread(lambda: 42) == 42
+
+    def fails():
+        raise ValueError("bad support")
+    with pytest.raises(ValueError, match="bad support"):
+        sc.on_helper_thread(fails)
+
+
+def test_cpu_builds_run_in_place():
+    here = threading.get_ident()
+    assert sc.outside_graph_pools(torch.device("cpu"), lambda: threading.get_ident()) == here
