@@ -14,13 +14,32 @@ The eager implementations here are the specification: the Triton kernels in
 ``structrewrite.codegen.triton`` are tested against them. They accumulate the sparse
 part in float32 (float64 for float64 inputs) and process the support in chunks so that neither an out x in matrix
 nor a tokens x nnz matrix larger than ``_CHUNK_ELEMS`` elements is ever built.
+
+Every implementation of the op (this default, the CPU and the CUDA kernels) computes in
+its inputs' dtype with autocast off (``autocast_off``): under autocast,
+``SparseLowRankLinear`` casts its inputs to the autocast dtype itself, and inside the op
+autocast would recast the float32 sums of half inputs back to half (and send bf16 to
+PyTorch's CPU CSR products, which have no bf16 kernel).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+def autocast_off(fn):
+    """``fn(first_tensor, ...)`` run with autocast disabled on the first tensor's device."""
+    @functools.wraps(fn)
+    def run(*args):
+        device = args[0].device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return fn(*args)
+        return fn(*args)
+    return run
+
 
 # Upper bound on the elements of one gathered (tokens x chunk) temporary.
 _CHUNK_ELEMS = 1 << 24
@@ -83,7 +102,7 @@ def sparse_lowrank_linear(
     scale: float,
 ) -> torch.Tensor:
     """The op; on every device without an implementation of its own, the reference."""
-    return reference(x, A, B, values, crow, col, row, bias, scale)
+    return autocast_off(reference)(x, A, B, values, crow, col, row, bias, scale)
 
 
 def reference(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
@@ -123,7 +142,7 @@ def sparse_lowrank_linear_backward(
 
     On every device without an implementation of its own, the reference.
     """
-    return reference_backward(grad, x, A, B, values, crow, col, row, scale)
+    return autocast_off(reference_backward)(grad, x, A, B, values, crow, col, row, scale)
 
 
 def reference_backward(grad, x, A, B, values, crow, col, row, scale: float):

@@ -85,6 +85,6 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
 
 def register() -> list[str]:
     """Register these as the ops' CPU implementations (called by the package)."""
-    torch.library.register_kernel(OP, "cpu", forward)
-    torch.library.register_kernel(OP_BACKWARD, "cpu", backward)
+    torch.library.register_kernel(OP, "cpu", ref.autocast_off(forward))
+    torch.library.register_kernel(OP_BACKWARD, "cpu", ref.autocast_off(backward))
     return [OP, OP_BACKWARD]

@@ -115,6 +115,7 @@ from structrewrite.codegen.triton import sparse_lowrank_block as block
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
+from structrewrite.ops.sparse_lowrank_linear import autocast_off
 
 OP = "structrewrite::sparse_lowrank_linear"
 OP_BACKWARD = "structrewrite::sparse_lowrank_linear_backward"
@@ -619,6 +620,6 @@ def eager(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
 
 def register() -> list[str]:
     """Register the kernels as the op's CUDA implementation (called by the package)."""
-    torch.library.register_kernel(OP, "cuda", _forward_cuda)
-    torch.library.register_kernel(OP_BACKWARD, "cuda", _backward_cuda)
+    torch.library.register_kernel(OP, "cuda", autocast_off(_forward_cuda))
+    torch.library.register_kernel(OP_BACKWARD, "cuda", autocast_off(_backward_cuda))
     return [OP, OP_BACKWARD]
