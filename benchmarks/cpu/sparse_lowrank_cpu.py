@@ -3,8 +3,10 @@
 
     python -m benchmarks.cpu.sparse_lowrank_cpu
 
-float32, rank in/4, element-wise random support at density 0.03, on the threads torch
-uses here. Writes benchmarks/results/sparse_lowrank_cpu.md and .json.
+float32, rank in/4, density 0.03, on the threads torch uses here: the element-wise random
+support (also through the reference), a channel-wise support (``init: lost``; dense
+GEMMs at rank r + k) and 32x32 tiles (``block: 32``; CSR products like the random one).
+Writes benchmarks/results/sparse_lowrank_cpu.md and .json.
 """
 from __future__ import annotations
 
@@ -59,8 +61,16 @@ def main(repeats: int = 5) -> dict:
         def lin():
             return torch.autograd.grad(dense(x), [x, dense.weight, dense.bias], g)
 
+        def structured(**kw):
+            other = SparseLowRankLinear(in_f, out_f, in_f // 4, 0.03, key="bench", **kw)
+            with torch.no_grad():
+                other.B.normal_(0.0, 0.02)
+            ps = [x, other.A, other.B, other.values, other.bias]
+            return lambda: torch.autograd.grad(other(x), ps, g)
+
         t = {k: _median_ms(f, repeats if k != "reference" else max(1, repeats // 2))
-             for k, f in (("ours", ours), ("reference", ref), ("dense", lin))}
+             for k, f in (("ours", ours), ("reference", ref), ("dense", lin),
+                          ("channel", structured(init="lost")), ("block32", structured(block=32)))}
         rows.append({"tokens": M, "in": in_f, "out": out_f, "rank": in_f // 4, "nnz": layer.nnz, **t})
         print(rows[-1], flush=True)
     meta = {"command": "python -m benchmarks.cpu.sparse_lowrank_cpu", "machine": platform.machine(),
@@ -71,14 +81,18 @@ def main(repeats: int = 5) -> dict:
              f"Python {meta['python']}, torch {meta['torch']}. Median of {repeats} runs "
              "(reference: fewer).", "",
              "ours: the op's CPU implementation (PyTorch CSR kernels) through the layer and "
-             "autograd; reference: the op's reference forward and backward; dense: nn.Linear "
-             "with autograd. Rank in/4, random support at density 0.03.", "",
-             "| tokens | in -> out | rank | nnz | ours (ms) | reference (ms) | dense (ms) | reference / ours | ours / dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "autograd, random element-wise support; reference: the op's reference forward and "
+             "backward on the same layer; dense: nn.Linear with autograd; channel: the layer with "
+             "a channel-wise support (init: lost; dense GEMMs at rank r + k); block32: random 32x32 "
+             "tiles (CSR products). Rank in/4, density 0.03.", "",
+             "| tokens | in -> out | rank | nnz | ours (ms) | reference (ms) | dense (ms) | reference / ours | ours / dense | channel (ms) | channel / dense | block32 (ms) | block32 / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['tokens']} | {r['in']} -> {r['out']} | {r['rank']} | {r['nnz']} | "
                      f"{r['ours']:.1f} | {r['reference']:.1f} | {r['dense']:.1f} | "
-                     f"{r['reference'] / r['ours']:.1f} | {r['ours'] / r['dense']:.2f} |")
+                     f"{r['reference'] / r['ours']:.1f} | {r['ours'] / r['dense']:.2f} | "
+                     f"{r['channel']:.1f} | {r['channel'] / r['dense']:.2f} | "
+                     f"{r['block32']:.1f} | {r['block32'] / r['dense']:.2f} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sparse_lowrank_cpu.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "sparse_lowrank_cpu.json").write_text(json.dumps({**meta, "cases": rows}, indent=1))

@@ -93,3 +93,73 @@ def test_no_dense_temporaries():
         cpu.forward(x, *args[1:])
         cpu.backward(torch.randn(2, out_f), x, *args[1:7], args[8])
     assert seen and max(seen) < out_f * in_f
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_channel_supports_run_as_dense_gemms(dtype, bias, monkeypatch):
+    """A channel-wise support (every row the same input channels) skips the CSR products."""
+    from structrewrite.nn.sparse_lowrank import channel_flat
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    in_f, out_f, k = rnd.randint(8, 90), rnd.randint(5, 90), rnd.randint(1, 6)
+    rank = rnd.randint(1, min(in_f, out_f))
+    crow, col, row = csr_from_flat(channel_flat(torch.randperm(in_f, generator=g)[:k], out_f, in_f),
+                                   out_f, in_f)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    args = (r(2, 7, in_f), r(rank, in_f), r(out_f, rank), r(col.numel()), crow, col, row,
+            r(out_f) if bias else None, 32.0 / rank)
+    grad = r(2, 7, out_f)
+
+    def no_csr(*_):
+        raise AssertionError("a CSR product ran for a channel-wise support")
+    monkeypatch.setattr(cpu, "_csr", no_csr)
+    y = cpu.forward(*args)
+    assert y.dtype == dtype and _rel(y, reference(*args)) < TOL[dtype], f"seed {seed}"
+    bargs = (grad, *args[:7], args[8])
+    for name, a, b in zip(("dx", "dA", "dB", "dvalues"), cpu.backward(*bargs), reference_backward(*bargs)):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous(), name
+        assert _rel(a, b) < TOL[dtype], f"{name} (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b", [16, 32, 64])
+@pytest.mark.parametrize("chunk", [1 << 24, 300])   # one token chunk, or many (bounded gathers)
+def test_tile_supports_run_as_batched_gemms(dtype, b, chunk, monkeypatch):
+    """A support of whole b x b tiles skips the CSR products: gathered column blocks times
+    the tiles, batched, with widths that are not multiples of b (whole tiles only)."""
+    from structrewrite.nn.sparse_lowrank import block_flat
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    in_f, out_f = rnd.randint(b, 3 * b + 7), rnd.randint(b, 3 * b + 7)
+    whole = (out_f // b) * (in_f // b)
+    tiles = torch.randperm(whole, generator=g)[:rnd.randint(1, whole)]
+    crow, col, row = csr_from_flat(block_flat(tiles, in_f, b), out_f, in_f)
+    rank = rnd.randint(1, min(in_f, out_f))
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
+    args = (r(3, rnd.randint(1, 40), in_f), r(rank, in_f), r(out_f, rank), r(col.numel()), crow, col,
+            row, r(out_f) if rnd.random() < 0.5 else None, 32.0 / rank)
+    grad = r(*args[0].shape[:-1], out_f)
+
+    def no_csr(*_):
+        raise AssertionError("a CSR product ran for a tile support")
+    monkeypatch.setattr(cpu, "_csr", no_csr)
+    monkeypatch.setattr(cpu, "_TILE_CHUNK", chunk)
+    y = cpu.forward(*args)
+    assert y.dtype == dtype and _rel(y, reference(*args)) < TOL[dtype], f"seed {seed}"
+    bargs = (grad, *args[:7], args[8])
+    for name, a, bb in zip(("dx", "dA", "dB", "dvalues"), cpu.backward(*bargs), reference_backward(*bargs)):
+        assert a.shape == bb.shape and a.dtype == bb.dtype and a.is_contiguous(), name
+        assert _rel(a, bb) < TOL[dtype], f"{name} (seed {seed})"
+
+
+def test_tile_support_with_no_tokens():
+    from structrewrite.nn.sparse_lowrank import block_flat
+    crow, col, row = csr_from_flat(block_flat(torch.tensor([0, 3]), 40, 16), 40, 40)
+    args = (torch.randn(0, 40), torch.randn(4, 40), torch.randn(40, 4), torch.randn(col.numel()),
+            crow, col, row, None, 1.0)
+    assert cpu.forward(*args).shape == (0, 40)
+    dx, dA, dB, dv = cpu.backward(torch.randn(0, 40), *args[:7], 1.0)
+    assert dx.shape == (0, 40) and float(dv.abs().sum()) == 0

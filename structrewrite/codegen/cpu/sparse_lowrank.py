@@ -1,20 +1,36 @@
 """CPU implementation of ``structrewrite::sparse_lowrank_linear`` (forward and backward).
 
-The support becomes a ``torch.sparse_csr_tensor`` over the layer's own buffers and values
-(no copy: ``crow``, ``col`` and ``values`` are already CSR), and the three sparse
-products run on PyTorch's CSR kernels (MKL where PyTorch has it):
+The low-rank part is two GEMMs each way. The sparse part takes one of three paths,
+decided once per support (cached on its buffers):
 
-    y      = s·(x Aᵀ) Bᵀ + bias + (S xᵀ)ᵀ        sparse x dense
-    dx     = s·(g B) A + g S                      dense x sparse
-    dvalues = (gᵀ x) at the support               ``torch.sparse.sampled_addmm``
+* **Element-wise support** (SLTrain's random one): ``S`` becomes a
+  ``torch.sparse_csr_tensor`` over the layer's own buffers and values (no copy: ``crow``,
+  ``col`` and ``values`` are already CSR), and the three products run on PyTorch's CSR
+  kernels (MKL where PyTorch has it):
 
-None of them forms an out x in matrix or a tokens x nnz gather (the reference's
-chunked gathers do the latter, in bounded chunks). Sums accumulate as in the reference:
-in the input dtype for float32/float64, in float32 for bf16/fp16 (the sparse products
-run on float32 copies of their operands, the low-rank GEMMs in the input dtype, rounded
-once). Mixed dtypes go to the reference. Measured fwd+bwd on 2 CPU threads (``benchmarks/results/sparse_lowrank_cpu.md``,
-rank in/4, 3% random support, 2048 tokens): 1024 -> 2752 in 165 ms against 3.7 s for the
-reference and 137 ms for a dense ``nn.Linear``.
+      y       = s·(x Aᵀ) Bᵀ + bias + (S xᵀ)ᵀ      sparse x dense
+      dx      = s·(g B) A + g S                    dense x sparse
+      dvalues = (gᵀ x) at the support             ``torch.sparse.sampled_addmm``
+
+* **Whole b x b tiles** (``block: 16/32/64``; detected and laid out by
+  ``codegen/triton/block_layout.py``, plain torch): each product is a batched GEMM over
+  the tiles. The b-wide column blocks of x (or g) that the tiles read are gathered, in
+  token chunks of at most ``_TILE_CHUNK`` elements, multiplied with every tile at once
+  (``bmm``) and added into the output's blocks (``index_add_``); the tiles' gradients
+  are ``g[:, I]ᵀ x[:, J]``, accumulated over the chunks.
+* **Channel-wise support** (LOST, ``init: lost``: every row holds the same k input
+  channels): folded into the low-rank GEMMs at rank r + k, as on CUDA
+  (``codegen/triton/sparse_lowrank_channel.py``, plain torch).
+
+None of them forms an out x in matrix or a tokens x nnz gather (the reference's chunked
+gathers do the latter, in bounded chunks). Sums accumulate as in the reference: in the
+input dtype for float32/float64, in float32 for bf16/fp16 (the sparse products run on
+float32 copies of their operands, the low-rank GEMMs in the input dtype, rounded once;
+the channel path rounds like the CUDA one). Mixed dtypes go to the reference.
+
+Measured fwd+bwd on 2 CPU threads (``benchmarks/results/sparse_lowrank_cpu.md``, float32,
+rank in/4, density 0.03, 2048 tokens, 1024 -> 2752): dense ``nn.Linear`` 127 ms; random
+support 154 ms (the reference: 3.6 s); 32x32 tiles 76 ms; channel-wise 61 ms.
 """
 from __future__ import annotations
 
@@ -22,6 +38,9 @@ import warnings
 
 import torch
 
+from structrewrite.codegen.triton import block_layout                        # plain torch, no Triton
+from structrewrite.codegen.triton import sparse_lowrank_channel as channel   # plain torch, no Triton
+from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.ops import sparse_lowrank_linear as ref
 
 OP = "structrewrite::sparse_lowrank_linear"
@@ -43,10 +62,67 @@ def _csr(values, crow, col, out_features, in_features) -> torch.Tensor:
                                    check_invariants=False)
 
 
+# Upper bound on the elements of one gathered (tokens x tiles x b) block of the tile path.
+_TILE_CHUNK = 1 << 24
+
+
+def _tiles(crow, col, row, out_features, in_features):
+    """(layout, index) of a block support, else None: ``index`` (nt, b, b) maps each tile's
+    entries to their place in ``values`` (made once per support)."""
+    b = block_layout.block_size(crow, col, row, out_features, in_features)
+    if b is None:
+        return None
+    lay = block_layout.layout(crow, col, row, b, out_features, in_features)
+
+    def build():
+        d = torch.arange(b, device=col.device)
+        return (lay.base.view(-1, 1, 1) + d.view(1, -1, 1) * lay.stride.long().view(-1, 1, 1)
+                + d.view(1, 1, -1))
+    return lay, cached("cpu_tile_index", (lay.base,), (b,), build)
+
+
+def _tile_view(t: torch.Tensor, b: int) -> torch.Tensor:
+    """(M, n) -> (M, n // b, b): the whole b-wide column blocks, a view."""
+    return t[:, : t.shape[1] // b * b].unflatten(1, (-1, b))
+
+
+def _token_step(M: int, lay) -> int:
+    return max(1, min(M, _TILE_CHUNK // max(1, lay.nt * lay.b)))
+
+
+def _tiles_forward(y, x2, V, lay):
+    """``y += x Sᵀ`` tile by tile: the x column blocks of every tile gathered (tokens in
+    bounded chunks), one batched GEMM with the tiles, added into y's row blocks."""
+    xin, yout = _tile_view(x2, lay.b), _tile_view(y, lay.b)
+    ti, tj = lay.ti.long(), lay.tj.long()
+    step = _token_step(x2.shape[0], lay)
+    for m in range(0, x2.shape[0], step):
+        xg = xin[m:m + step].index_select(1, tj).transpose(0, 1)       # nt x tokens x b
+        yout[m:m + step].index_add_(1, ti, torch.bmm(xg, V.transpose(1, 2)).transpose(0, 1))
+
+
+def _tiles_backward(dx, g2, x2, V, lay):
+    """``dx += g S`` and the tiles' gradients ``g[:, I]ᵀ x[:, J]`` (nt x b x b), sharing
+    the gathered blocks of g."""
+    gin, xin, dxout = _tile_view(g2, lay.b), _tile_view(x2, lay.b), _tile_view(dx, lay.b)
+    ti, tj = lay.ti.long(), lay.tj.long()
+    dV = torch.zeros_like(V)
+    step = _token_step(x2.shape[0], lay)
+    for m in range(0, x2.shape[0], step):
+        gg = gin[m:m + step].index_select(1, ti).transpose(0, 1)       # nt x tokens x b
+        dxout[m:m + step].index_add_(1, tj, torch.bmm(gg, V).transpose(0, 1))
+        xg = xin[m:m + step].index_select(1, tj).transpose(0, 1)
+        dV.baddbmm_(gg.transpose(1, 2), xg)
+    return dV
+
+
 def forward(x, A, B, values, crow, col, row, bias, scale):
     if not _covered(x, A, B, values, bias):
         return ref.reference(x, A, B, values, crow, col, row, bias, scale)
     in_features, out_features = A.shape[1], B.shape[0]
+    cols = channel.channel_columns(crow, col, out_features)
+    if cols is not None:   # channel-wise support: dense GEMMs at rank r + k, no CSR product
+        return channel.forward(x, A, B, values, cols, bias, scale)
     acc = ref._acc(x)
     x2 = x.reshape(-1, in_features)
     t = x2 @ A.t()
@@ -57,8 +133,12 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
         if bias is not None:
             y += bias.to(acc)
     if values.numel() and x2.shape[0]:
-        S = _csr(values.to(acc), crow, col, out_features, in_features)
-        y += (S @ x2.to(acc).t()).t()
+        tiles = _tiles(crow, col, row, out_features, in_features)
+        if tiles is not None:   # whole b x b tiles: batched dense GEMMs
+            _tiles_forward(y, x2.to(acc), values.to(acc)[tiles[1]], tiles[0])
+        else:
+            S = _csr(values.to(acc), crow, col, out_features, in_features)
+            y += (S @ x2.to(acc).t()).t()
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
@@ -66,6 +146,9 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     if not _covered(grad, x, A, B, values):
         return ref.reference_backward(grad, x, A, B, values, crow, col, row, scale)
     in_features, out_features = A.shape[1], B.shape[0]
+    cols = channel.channel_columns(crow, col, out_features)
+    if cols is not None:
+        return channel.backward(grad, x, A, B, values, cols, scale)
     acc = ref._acc(x)
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
@@ -73,7 +156,13 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     dx = (gB @ A).to(acc).mul_(scale)
     dA = (gB.t() @ x2).to(acc).mul_(scale)
     dB = (g2.t() @ (x2 @ A.t())).to(acc).mul_(scale)
-    if values.numel() and x2.shape[0]:
+    tiles = _tiles(crow, col, row, out_features, in_features) if values.numel() else None
+    if tiles is not None and x2.shape[0]:
+        lay, index = tiles
+        dV = _tiles_backward(dx, g2.to(acc), x2.to(acc), values.to(acc)[index], lay)
+        dv = values.new_empty(values.shape, dtype=acc)
+        dv[index.flatten()] = dV.flatten()
+    elif values.numel() and x2.shape[0]:
         S = _csr(values.to(acc), crow, col, out_features, in_features)
         ga, xa = g2.to(acc), x2.to(acc)
         dx += ga @ S
