@@ -70,9 +70,10 @@ def split_scale(scale: float, dtype: torch.dtype) -> tuple[float, float, float]:
     """Where the scale s goes: (alpha, beta, e) with alpha·beta = s and alpha·e = 1.
 
     ``y = alpha · t W'ᵀ`` with ``W' = [beta·B, V, 0]`` and the one-hot rows of A' equal to
-    ``e``. When 1/s is exact in ``dtype`` (s = alpha/rank with a power-of-two ratio, the
-    common case), the rows carry 1/s and s rides on the GEMMs' alpha (``aligned.mm``): no
-    pass scales B. Otherwise B is scaled (one small pass) and the rows carry 1."""
+    ``e``. When 1/s = rank/alpha is exact in ``dtype`` (a power of two, or few enough
+    significant bits: the common ranks and alphas), the rows carry 1/s and s rides on the
+    GEMMs' alpha (``aligned.mm``): no pass scales B. Otherwise B is scaled (one small
+    pass) and the rows carry 1."""
     inv = 1.0 / scale
     if torch.tensor(inv, dtype=torch.float64).to(dtype).item() == inv:
         return scale, 1.0, inv
