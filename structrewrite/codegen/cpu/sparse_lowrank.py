@@ -1,7 +1,8 @@
 """CPU implementation of ``structrewrite::sparse_lowrank_linear`` (forward and backward).
 
 The low-rank part is two GEMMs each way. The sparse part takes one of three paths,
-decided once per support (cached on its buffers):
+decided once per support as on CUDA (``codegen/triton/support_plan.py``, cached on the
+buffers):
 
 * **Element-wise support** (SLTrain's random one): ``S`` becomes a
   ``torch.sparse_csr_tensor`` over the layer's own buffers and values (no copy: ``crow``,
@@ -38,9 +39,9 @@ import warnings
 
 import torch
 
-from structrewrite.codegen.triton import block_layout                        # plain torch, no Triton
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel   # plain torch, no Triton
 from structrewrite.codegen.triton.support_cache import cached
+from structrewrite.codegen.triton.support_plan import plan                  # plain torch, no Triton
 from structrewrite.ops import sparse_lowrank_linear as ref
 
 OP = "structrewrite::sparse_lowrank_linear"
@@ -62,23 +63,18 @@ def _csr(values, crow, col, out_features, in_features) -> torch.Tensor:
                                    check_invariants=False)
 
 
-# Upper bound on the elements of one gathered (tokens x tiles x b) block of the tile path.
-_TILE_CHUNK = 1 << 24
+# Upper bound on the elements of one gathered (tokens x tiles x b) block of the tile
+# path: the reference's bound on its gathered temporaries.
+_TILE_CHUNK = ref._CHUNK_ELEMS
 
 
-def _tiles(crow, col, row, out_features, in_features):
-    """(layout, index) of a block support, else None: ``index`` (nt, b, b) maps each tile's
-    entries to their place in ``values`` (made once per support)."""
-    b = block_layout.block_size(crow, col, row, out_features, in_features)
-    if b is None:
-        return None
-    lay = block_layout.layout(crow, col, row, b, out_features, in_features)
-
+def _tile_index(lay) -> torch.Tensor:
+    """(nt, b, b): where each tile's entries sit in ``values`` (made once per support)."""
     def build():
-        d = torch.arange(b, device=col.device)
+        d = torch.arange(lay.b, device=lay.base.device)
         return (lay.base.view(-1, 1, 1) + d.view(1, -1, 1) * lay.stride.long().view(-1, 1, 1)
                 + d.view(1, 1, -1))
-    return lay, cached("cpu_tile_index", (lay.base,), (b,), build)
+    return cached("cpu_tile_index", (lay.base,), (lay.b,), build)
 
 
 def _tile_view(t: torch.Tensor, b: int) -> torch.Tensor:
@@ -120,9 +116,9 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
     if not _covered(x, A, B, values, bias):
         return ref.reference(x, A, B, values, crow, col, row, bias, scale)
     in_features, out_features = A.shape[1], B.shape[0]
-    cols = channel.channel_columns(crow, col, out_features)
-    if cols is not None:   # channel-wise support: dense GEMMs at rank r + k, no CSR product
-        return channel.forward(x, A, B, values, cols, bias, scale)
+    how = plan(crow, col, row, out_features, in_features)
+    if how.kind == "channel":   # dense GEMMs at rank r + k, no CSR product
+        return channel.forward(x, A, B, values, how.cols, bias, scale)
     acc = ref._acc(x)
     x2 = x.reshape(-1, in_features)
     t = x2 @ A.t()
@@ -133,9 +129,8 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
         if bias is not None:
             y += bias.to(acc)
     if values.numel() and x2.shape[0]:
-        tiles = _tiles(crow, col, row, out_features, in_features)
-        if tiles is not None:   # whole b x b tiles: batched dense GEMMs
-            _tiles_forward(y, x2.to(acc), values.to(acc)[tiles[1]], tiles[0])
+        if how.kind == "block":   # whole b x b tiles: batched dense GEMMs
+            _tiles_forward(y, x2.to(acc), values.to(acc)[_tile_index(how.layout)], how.layout)
         else:
             S = _csr(values.to(acc), crow, col, out_features, in_features)
             y += (S @ x2.to(acc).t()).t()
@@ -146,9 +141,9 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     if not _covered(grad, x, A, B, values):
         return ref.reference_backward(grad, x, A, B, values, crow, col, row, scale)
     in_features, out_features = A.shape[1], B.shape[0]
-    cols = channel.channel_columns(crow, col, out_features)
-    if cols is not None:
-        return channel.backward(grad, x, A, B, values, cols, scale)
+    how = plan(crow, col, row, out_features, in_features)
+    if how.kind == "channel":
+        return channel.backward(grad, x, A, B, values, how.cols, scale)
     acc = ref._acc(x)
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
@@ -156,10 +151,9 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     dx = (gB @ A).to(acc).mul_(scale)
     dA = (gB.t() @ x2).to(acc).mul_(scale)
     dB = (g2.t() @ (x2 @ A.t())).to(acc).mul_(scale)
-    tiles = _tiles(crow, col, row, out_features, in_features) if values.numel() else None
-    if tiles is not None and x2.shape[0]:
-        lay, index = tiles
-        dV = _tiles_backward(dx, g2.to(acc), x2.to(acc), values.to(acc)[index], lay)
+    if values.numel() and x2.shape[0] and how.kind == "block":
+        index = _tile_index(how.layout)
+        dV = _tiles_backward(dx, g2.to(acc), x2.to(acc), values.to(acc)[index], how.layout)
         dv = values.new_empty(values.shape, dtype=acc)
         dv[index.flatten()] = dV.flatten()
     elif values.numel() and x2.shape[0]:

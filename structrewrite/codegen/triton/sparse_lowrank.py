@@ -114,6 +114,7 @@ from structrewrite.codegen.triton import aligned
 from structrewrite.codegen.triton import sparse_lowrank_block as block
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton.support_cache import cached
+from structrewrite.codegen.triton.support_plan import Plan, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import autocast_off
 
@@ -534,29 +535,6 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
     else:
         dv = torch.zeros_like(values)
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
-
-
-class Plan:
-    """How the CUDA implementation computes one support, decided once per support:
-    ``kind`` is ``"channel"`` (``cols``: the shared input channels), ``"block"``
-    (``layout``: the tile lists of ``sparse_lowrank_block``) or ``"gather"``."""
-    __slots__ = ("kind", "cols", "layout")
-
-    def __init__(self, kind: str, cols=None, layout=None):
-        self.kind, self.cols, self.layout = kind, cols, layout
-
-
-def plan(crow, col, row, out_features: int, in_features: int) -> Plan:
-    """The support's ``Plan`` (cached on the buffers: one lookup per call)."""
-    def build():
-        cols = channel.channel_columns(crow, col, out_features)
-        if cols is not None:
-            return Plan("channel", cols=cols)
-        b = block.block_size(crow, col, row, out_features, in_features)
-        if b is not None:
-            return Plan("block", layout=block.layout(crow, col, row, b, out_features, in_features))
-        return Plan("gather")
-    return cached("plan", (crow, col, row), (out_features, in_features, col.device), build)
 
 
 def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=None):

@@ -1,0 +1,35 @@
+"""How a sparse support is computed, decided once per support (plain torch, no Triton).
+
+Both the CUDA implementation (``sparse_lowrank.py``) and the CPU implementation
+(``codegen/cpu/sparse_lowrank.py``) classify a support the same way: channel-wise
+(every output row holds the same input channels: dense GEMMs at a widened rank), whole
+b x b tiles (batched tile products), or element-wise (gather kernels on CUDA, CSR
+products on the CPU). The ``Plan`` is cached on the support buffers.
+"""
+from __future__ import annotations
+
+from structrewrite.codegen.triton import block_layout
+from structrewrite.codegen.triton import sparse_lowrank_channel as channel
+from structrewrite.codegen.triton.support_cache import cached
+
+
+class Plan:
+    """``kind`` is ``"channel"`` (``cols``: the shared input channels), ``"block"``
+    (``layout``: the tile lists of ``block_layout``) or ``"gather"`` (element-wise)."""
+    __slots__ = ("kind", "cols", "layout")
+
+    def __init__(self, kind: str, cols=None, layout=None):
+        self.kind, self.cols, self.layout = kind, cols, layout
+
+
+def plan(crow, col, row, out_features: int, in_features: int) -> Plan:
+    """The support's ``Plan`` (cached on the buffers: one lookup per call)."""
+    def build():
+        cols = channel.channel_columns(crow, col, out_features)
+        if cols is not None:
+            return Plan("channel", cols=cols)
+        b = block_layout.block_size(crow, col, row, out_features, in_features)
+        if b is not None:
+            return Plan("block", layout=block_layout.layout(crow, col, row, b, out_features, in_features))
+        return Plan("gather")
+    return cached("plan", (crow, col, row), (out_features, in_features, col.device), build)
