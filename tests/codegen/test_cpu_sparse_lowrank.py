@@ -95,6 +95,20 @@ def test_no_dense_temporaries():
     assert seen and max(seen) < out_f * in_f
 
 
+def _matches_without_csr(args, grad, dtype, seed, monkeypatch):
+    """The CPU implementation on a structured support matches the reference, forward and
+    backward, with contiguous gradients, and never runs a CSR product."""
+    def no_csr(*_):
+        raise AssertionError("a CSR product ran for a structured support")
+    monkeypatch.setattr(cpu, "_csr", no_csr)
+    y = cpu.forward(*args)
+    assert y.dtype == dtype and _rel(y, reference(*args)) < TOL[dtype], f"seed {seed}"
+    bargs = (grad, *args[:7], args[8])
+    for name, a, b in zip(("dx", "dA", "dB", "dvalues"), cpu.backward(*bargs), reference_backward(*bargs)):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous(), name
+        assert _rel(a, b) < TOL[dtype], f"{name} (seed {seed})"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_channel_supports_run_as_dense_gemms(dtype, bias, monkeypatch):
@@ -112,15 +126,7 @@ def test_channel_supports_run_as_dense_gemms(dtype, bias, monkeypatch):
             r(out_f) if bias else None, 32.0 / rank)
     grad = r(2, 7, out_f)
 
-    def no_csr(*_):
-        raise AssertionError("a CSR product ran for a channel-wise support")
-    monkeypatch.setattr(cpu, "_csr", no_csr)
-    y = cpu.forward(*args)
-    assert y.dtype == dtype and _rel(y, reference(*args)) < TOL[dtype], f"seed {seed}"
-    bargs = (grad, *args[:7], args[8])
-    for name, a, b in zip(("dx", "dA", "dB", "dvalues"), cpu.backward(*bargs), reference_backward(*bargs)):
-        assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous(), name
-        assert _rel(a, b) < TOL[dtype], f"{name} (seed {seed})"
+    _matches_without_csr(args, grad, dtype, seed, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -143,16 +149,8 @@ def test_tile_supports_run_as_batched_gemms(dtype, b, chunk, monkeypatch):
             row, r(out_f) if rnd.random() < 0.5 else None, 32.0 / rank)
     grad = r(*args[0].shape[:-1], out_f)
 
-    def no_csr(*_):
-        raise AssertionError("a CSR product ran for a tile support")
-    monkeypatch.setattr(cpu, "_csr", no_csr)
     monkeypatch.setattr(cpu, "_TILE_CHUNK", chunk)
-    y = cpu.forward(*args)
-    assert y.dtype == dtype and _rel(y, reference(*args)) < TOL[dtype], f"seed {seed}"
-    bargs = (grad, *args[:7], args[8])
-    for name, a, bb in zip(("dx", "dA", "dB", "dvalues"), cpu.backward(*bargs), reference_backward(*bargs)):
-        assert a.shape == bb.shape and a.dtype == bb.dtype and a.is_contiguous(), name
-        assert _rel(a, bb) < TOL[dtype], f"{name} (seed {seed})"
+    _matches_without_csr(args, grad, dtype, seed, monkeypatch)
 
 
 def test_tile_support_with_no_tokens():
