@@ -18,8 +18,9 @@ from structrewrite.codegen.triton import sparse_lowrank as sl  # noqa: E402
 from structrewrite.nn.sparse_lowrank import SparseLowRankLinear  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-# (init, block): element-wise (gather kernels), channel-wise (GEMMs), 16 x 16 tiles
-KINDS = [("random", 1), ("lost", 1), ("random", 16)]
+# (init, block, fold): element-wise (gather kernels), element-wise folded (W by chunks on
+# GEMMs, sparse_lowrank_folded), channel-wise (GEMMs), 16 x 16 tiles
+KINDS = [("random", 1, "never"), ("random", 1, "always"), ("lost", 1, "never"), ("random", 16, "never")]
 
 
 def _rel(a, b):
@@ -31,8 +32,14 @@ pytestmark = pytest.mark.usefixtures("small_tiles")   # tests/codegen/conftest.p
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("init,block", KINDS)
-def test_eager_function_matches_the_reference(dtype, init, block):
+@pytest.mark.parametrize("init,block,fold", KINDS)
+def test_eager_function_matches_the_reference(dtype, init, block, fold, monkeypatch):
+    monkeypatch.setattr(sl.folded, "MODE", fold)
+    if fold == "always":   # the gather kernels must not run
+        def gather(*a, **k):
+            raise AssertionError("gather kernels called on the folded path")
+        monkeypatch.setattr(sl, "forward", gather)
+        monkeypatch.setattr(sl, "backward", gather)
     seed = random.randrange(2**31)
     torch.manual_seed(seed)
     rnd = random.Random(seed)
@@ -66,8 +73,9 @@ def test_module_keeps_the_op_off_cuda_and_under_tracing():
         torch.ops.structrewrite.sparse_lowrank_linear in targets
 
 
-@pytest.mark.parametrize("init,block", KINDS)
-def test_eager_function_with_no_tokens(init, block):
+@pytest.mark.parametrize("init,block,fold", KINDS)
+def test_eager_function_with_no_tokens(init, block, fold, monkeypatch):
+    monkeypatch.setattr(sl.folded, "MODE", fold)
     layer = SparseLowRankLinear(40, 36, rank=4, density=0.12, init=init, block=block, key="z")
     x = torch.randn(2, 0, 40, requires_grad=True)
     args = (x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,

@@ -113,6 +113,7 @@ import triton.language as tl
 from structrewrite.codegen.triton import aligned
 from structrewrite.codegen.triton import sparse_lowrank_block as block
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
+from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
@@ -537,23 +538,35 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
 
 
-def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=None):
+def _folds(x, A, B, values) -> bool:
+    """Whether an element-wise support takes the folded path (``sparse_lowrank_folded``)."""
+    in_features = A.shape[1]
+    return x.numel() > 0 and folded.pays(x.numel() // in_features, in_features, B.shape[0],
+                                         A.shape[0], values.numel(), x.device)
+
+
+def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=None, fold=None):
+    """``fold``: whether an element-wise support takes the folded path (None: ``_folds``)."""
     how = how or plan(crow, col, row, B.shape[0], A.shape[1])
     if how.kind == "channel":     # channel-wise support (LOST): all dense GEMMs
         return channel.forward(x, A, B, values, how.cols, bias, scale, saved=saved)
     if how.kind == "block":       # tiles of b x b: tensor-core block-sparse kernels
         return block.forward(x, A, B, values, crow, col, row, bias, scale, how.layout.b,
                              saved=saved, lay=how.layout)
+    if _folds(x, A, B, values) if fold is None else fold:   # W by chunks on cuBLAS
+        return folded.forward(x, A, B, values, crow, col, row, bias, scale)
     return forward(x, A, B, values, crow, col, row, bias, scale, saved=saved)
 
 
-def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=None):
+def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=None, fold=None):
     how = how or plan(crow, col, row, B.shape[0], A.shape[1])
     if how.kind == "channel":
         return channel.backward(grad, x, A, B, values, how.cols, scale, saved=saved)
     if how.kind == "block":
         return block.backward(grad, x, A, B, values, crow, col, row, scale, how.layout.b,
                               saved=saved, lay=how.layout)
+    if _folds(x, A, B, values) if fold is None else fold:
+        return folded.backward(grad, x, A, B, values, crow, col, row, scale)
     return backward(grad, x, A, B, values, crow, col, row, scale, saved=saved)
 
 
@@ -572,16 +585,18 @@ class EagerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, values, crow, col, row, bias, scale, how):
         saved: list = []
-        y = _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=saved, how=how)
+        fold = how.kind == "gather" and _folds(x, A, B, values)   # the backward does the same
+        y = _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=saved, how=how,
+                          fold=fold)
         ctx.save_for_backward(x, A, B, values, crow, col, row, *saved)
-        ctx.scale, ctx.has_bias, ctx.how = scale, bias is not None, how
+        ctx.scale, ctx.has_bias, ctx.how, ctx.fold = scale, bias is not None, how, fold
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, A, B, values, crow, col, row, *saved = ctx.saved_tensors
         dx, dA, dB, dv = _backward_cuda(grad.contiguous(), x, A, B, values, crow, col, row,
-                                        ctx.scale, saved=saved, how=ctx.how)
+                                        ctx.scale, saved=saved, how=ctx.how, fold=ctx.fold)
         dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
         return dx, dA, dB, dv, None, None, None, dbias, None, None
 

@@ -1,0 +1,175 @@
+"""Element-wise supports on the tensor cores: the weight built a chunk of rows at a time.
+
+The gather kernels of ``sparse_lowrank.py`` do one FMA per gathered element on the CUDA
+cores. On the H200 they run at about 1/80 of cuBLAS's bf16 rate (``GATHER_RATE``), so
+once a random support is dense enough it is cheaper to multiply by the dense weight
+``W = s·B A + S`` on the tensor cores, which is what SLTrain's own implementation does
+with the whole out x in ``W`` and its whole gradient. Here at most one chunk of ``W`` and
+one chunk of its gradient exist at a time, each of at most ``CHUNK_ELEMS`` elements
+(C rows of in, or C columns of out; 16 MiB in bf16): never an out x in matrix. The
+low-rank GEMMs vanish into the chunk builds (out·r·in multiply-adds each, against
+M·r·(in + out) for the low-rank products).
+
+Per row chunk R (rows r0:r1 of W) and column chunk J (columns j0:j1):
+
+    forward    W_R  = s·B_R A, plus S_R scattered in       y[:, R]  = x W_Rᵀ + bias_R
+    backward   dW_R = g[:, R]ᵀ x                          d values = dW_R at the support
+               dB_R = s·dW_R Aᵀ                           dA      += s·B_Rᵀ dW_R
+               Wᵀ_J = s·A_Jᵀ Bᵀ, plus Sᵀ_J scattered in   dx[:, J] = g Wᵀ_Jᵀ
+
+Each product writes its slice of the output in place (cuBLAS takes the row stride), so
+``y`` and ``dx`` are written once with a single rounding, as are ``dB`` and ``d values``;
+``dA`` sums its chunks' bf16/fp16 products in float32 and is rounded once more.
+
+When (``pays``)
+---------------
+Counting multiply-adds of a fwd+bwd, with the gathers' rate a fraction ``GATHER_RATE``
+of the GEMMs':
+
+    gathers  3·M·r·(in + out) + 3·M·nnz / GATHER_RATE
+    folded   3·M·in·out + 4·out·r·in
+
+The folded path is taken where it is the smaller. On the H200 ``GATHER_RATE`` was
+measured at 0.012-0.013 for the three shapes of ``benchmarks/results/sparse_lowrank.md``
+(sparse products against dense cuBLAS, bf16, M = 16384): with rank in/4 at 4096 x 4096
+the crossover density is about 0.7%, so SLTrain's 3% runs folded. Small token counts
+(decoding) stay on the gathers: the chunk builds' out·r·in does not shrink with M.
+``STRUCTREWRITE_FOLD=always`` or ``never`` overrides the model (also ``MODE``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from structrewrite.codegen.triton import aligned
+from structrewrite.codegen.triton.support_cache import cached
+
+CHUNK_ELEMS = 1 << 23
+# the gathers' multiply-add rate as a fraction of cuBLAS's, by device type (measured)
+GATHER_RATE = {"cuda": 0.0125}
+MODE = os.environ.get("STRUCTREWRITE_FOLD", "auto")
+
+
+def pays(M: int, in_features: int, out_features: int, rank: int, nnz: int,
+         device: torch.device) -> bool:
+    """Whether the folded path is the cheaper for this call (see the module docstring)."""
+    if MODE in ("always", "never"):
+        return MODE == "always"
+    rate = GATHER_RATE.get(device.type)
+    if rate is None or nnz == 0 or M == 0:
+        return False
+    gathers = 3 * M * rank * (in_features + out_features) + 3 * M * nnz / rate
+    folded = 3 * M * in_features * out_features + 4 * out_features * rank * in_features
+    return folded < gathers
+
+
+@contextlib.contextmanager
+def forced(mode: str):
+    """``MODE`` set to ``mode`` ("auto", "always" or "never") inside the block. An eager
+    layer's backward follows what its forward chose."""
+    global MODE
+    old, MODE = MODE, mode
+    try:
+        yield
+    finally:
+        MODE = old
+
+
+def chunk(n: int, width: int) -> int:
+    """Rows per chunk of a (n x width) matrix: at most ``CHUNK_ELEMS`` elements, a multiple
+    of 64 rows (so that the chunks' output columns start 16-byte aligned), at least 64."""
+    return min(n, max(64, CHUNK_ELEMS // max(width, 1) // 64 * 64))
+
+
+def row_chunks(crow, col, row, out_features: int, in_p: int, c: int):
+    """[(r0, r1, e0, e1, flat)]: the CSR entries e0:e1 of rows r0:r1 and their flat
+    positions in a (r1 - r0) x in_p chunk of W (int64). Made once per support."""
+    def build():
+        ptr = crow.tolist()
+        chunks = []
+        for r0 in range(0, out_features, c):
+            r1 = min(out_features, r0 + c)
+            e0, e1 = ptr[r0], ptr[r1]
+            flat = (row[e0:e1].long() - r0) * in_p + col[e0:e1].long()
+            chunks.append((r0, r1, e0, e1, flat))
+        return chunks
+    return cached("folded_rows", (crow, col, row), (out_features, in_p, c, col.device), build)
+
+
+def col_chunks(col, row, in_features: int, out_p: int, c: int):
+    """(perm, [(j0, j1, p0, p1, flat)]): ``perm`` sorts the entries by column; the sorted
+    entries p0:p1 are those of columns j0:j1, at ``flat`` in a (j1 - j0) x out_p chunk of
+    Wᵀ. Made once per support."""
+    def build():
+        colv = col.long()
+        perm = torch.sort(colv, stable=True).indices
+        ptr = [0] + torch.cumsum(torch.bincount(colv, minlength=in_features), 0).tolist()
+        rows_s, cols_s = row.long()[perm], colv[perm]
+        chunks = []
+        for j0 in range(0, in_features, c):
+            j1 = min(in_features, j0 + c)
+            p0, p1 = ptr[j0], ptr[j1]
+            chunks.append((j0, j1, p0, p1, (cols_s[p0:p1] - j0) * out_p + rows_s[p0:p1]))
+        return perm, chunks
+    return cached("folded_cols", (col, row), (in_features, out_p, c, col.device), build)
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Allocation of the outputs (the tests replace it to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def forward(x, A, B, values, crow, col, row, bias, scale):
+    in_features, out_features = A.shape[1], B.shape[0]
+    x2 = x.reshape(-1, in_features)
+    M = x2.shape[0]
+    in_p, out_p = aligned.widths(A, B, x.dtype)
+    xa, Ap = aligned.pad_cols(x2, in_p), aligned.pad_cols(A, in_p)
+    v = values.to(x.dtype)
+    y = _empty((M, out_p), x.dtype, x.device)
+    for r0, r1, e0, e1, flat in row_chunks(crow, col, row, out_features, in_p,
+                                           chunk(out_features, in_p)):
+        W = aligned.mm(B[r0:r1], Ap, scale)
+        W.view(-1).index_add_(0, flat, v[e0:e1])
+        if bias is None:
+            torch.mm(xa, W.t(), out=y[:, r0:r1])
+        else:
+            torch.addmm(bias[r0:r1].to(x.dtype), xa, W.t(), out=y[:, r0:r1])
+    return aligned.cols(y, out_features).reshape(*x.shape[:-1], out_features)
+
+
+def backward(grad, x, A, B, values, crow, col, row, scale):
+    in_features, out_features = A.shape[1], B.shape[0]
+    g2 = grad.reshape(-1, out_features)
+    x2 = x.reshape(-1, in_features)
+    M = x2.shape[0]
+    in_p, out_p = aligned.widths(A, B, x.dtype)
+    ga, xa = aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p)
+    Ap, Bp = aligned.pad_cols(A, in_p), aligned.pad_rows(B, out_p)
+    v = values.to(x.dtype)
+    dv = _empty(values.shape, values.dtype, values.device)
+    dB = _empty(B.shape, B.dtype, B.device)
+    parts = []
+    for r0, r1, e0, e1, flat in row_chunks(crow, col, row, out_features, in_p,
+                                           chunk(out_features, in_p)):
+        dW = ga[:, r0:r1].t() @ xa                               # (r1 - r0) x in_p
+        dv[e0:e1] = dW.view(-1).index_select(0, flat)
+        dB[r0:r1] = aligned.mm(dW, Ap.t(), scale)
+        parts.append(aligned.mm(B[r0:r1].t(), dW, scale))        # r x in_p
+    if len(parts) == 1:
+        dA = parts[0]
+    else:
+        dA = parts[0].to(torch.promote_types(parts[0].dtype, torch.float32))
+        for p in parts[1:]:
+            dA += p
+    dA = aligned.cols(dA.to(A.dtype), in_features)
+    dx = _empty((M, in_p), x.dtype, x.device)
+    perm, chunks = col_chunks(col, row, in_features, out_p, chunk(in_features, out_p))
+    vc = v[perm]
+    for j0, j1, p0, p1, flat in chunks:
+        Wt = aligned.mm(Ap[:, j0:j1].t(), Bp.t(), scale)          # (j1 - j0) x out_p
+        Wt.view(-1).index_add_(0, flat, vc[p0:p1])
+        torch.mm(ga, Wt.t(), out=dx[:, j0:j1])
+    return aligned.cols(dx, in_features).reshape(x.shape), dA, dB, dv

@@ -1,0 +1,73 @@
+"""The folded path of the op's CUDA implementation (W built a chunk at a time, cuBLAS
+products; plain torch), run on the CPU against the reference op: fp64, fp32 and bf16,
+fresh random inputs, misaligned widths, several chunks each way, outputs poisoned with
+NaN so that an unwritten element fails. Tolerances as relative Frobenius error against
+the float64 reference: fp64 1e-12, fp32 1e-5, bf16 1e-2."""
+import pytest
+import torch
+
+import structrewrite  # noqa: F401
+from structrewrite.codegen.triton import sparse_lowrank_folded as fold
+from structrewrite.nn.sparse_lowrank import csr_from_flat
+from structrewrite.ops.sparse_lowrank_linear import reference as op
+from structrewrite.ops.sparse_lowrank_linear import reference_backward as op_bwd
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(fold, "_empty", lambda s, dt, dev: torch.full(s, float("nan"), dtype=dt, device=dev))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk_elems", [1 << 22, 64 * 80])   # one chunk each way, or several
+@pytest.mark.parametrize("M, in_f, out_f, rank, density",
+                         [(37, 131, 203, 16, 0.05), (1, 64, 200, 8, 0.1), (50, 257, 130, 64, 0.0)])
+def test_folded_path_matches_the_reference(dtype, bias, chunk_elems, M, in_f, out_f, rank, density,
+                                           monkeypatch):
+    monkeypatch.setattr(fold, "CHUNK_ELEMS", chunk_elems)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    nnz = int(density * in_f * out_f)
+    crow, col, row = csr_from_flat(torch.randperm(in_f * out_f, generator=gen)[:nnz], out_f, in_f)
+    x = torch.randn(M, in_f, generator=gen).to(dtype)
+    A = (torch.randn(rank, in_f, generator=gen) / in_f ** 0.5).to(dtype)
+    B = (torch.randn(out_f, rank, generator=gen) / rank ** 0.5).to(dtype)
+    v = torch.randn(nnz, generator=gen).to(dtype)
+    b = torch.randn(out_f, generator=gen).to(dtype) if bias else None
+    g = torch.randn(M, out_f, generator=gen).to(dtype)
+    scale = 0.37
+    up = lambda t: None if t is None else t.double()  # noqa: E731
+    y_ref = op(up(x), up(A), up(B), up(v), crow, col, row, up(b), scale)
+    grads_ref = op_bwd(up(g), up(x), up(A), up(B), up(v), crow, col, row, scale)
+    if chunk_elems < in_f * out_f:   # several chunks of rows (64 each)
+        assert len(fold.row_chunks(crow, col, row, out_f, in_f, fold.chunk(out_f, in_f))) > 1
+    y = fold.forward(x, A, B, v, crow, col, row, b, scale)
+    assert y.dtype == dtype and y.shape == (M, out_f) and y.is_contiguous()
+    assert rel(y, y_ref) < TOL[dtype]
+    for got, want in zip(fold.backward(g, x, A, B, v, crow, col, row, scale), grads_ref):
+        assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+        assert torch.isfinite(got).all()
+        assert rel(got, want) < TOL[dtype]
+
+
+def test_cost_model_folds_dense_random_supports_at_many_tokens_only(monkeypatch):
+    monkeypatch.setattr(fold, "MODE", "auto")
+    cuda = torch.device("cuda")
+    # SLTrain's setting at 4096 x 4096, rank in/4, 3%: folded at 16k tokens
+    assert fold.pays(16384, 4096, 4096, 1024, int(0.03 * 4096 * 4096), cuda)
+    # a sparser support, or decoding a few tokens, stays on the gathers
+    assert not fold.pays(16384, 4096, 4096, 1024, int(0.002 * 4096 * 4096), cuda)
+    assert not fold.pays(8, 4096, 4096, 1024, int(0.03 * 4096 * 4096), cuda)
+    assert not fold.pays(16384, 4096, 4096, 1024, 0, cuda)
+    # no measured rate: never
+    assert not fold.pays(16384, 4096, 4096, 1024, int(0.03 * 4096 * 4096), torch.device("cpu"))
+    monkeypatch.setattr(fold, "MODE", "never")
+    assert not fold.pays(16384, 4096, 4096, 1024, int(0.03 * 4096 * 4096), cuda)
+    monkeypatch.setattr(fold, "MODE", "always")
+    assert fold.pays(8, 64, 64, 8, 1, torch.device("cpu"))
