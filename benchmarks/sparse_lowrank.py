@@ -16,13 +16,13 @@
    TFLOP/s and GB/s against the measured ceilings, peak extra memory of fwd+bwd against
    the dense-free bound, and a breakdown of our fwd+bwd into its kernels.
 3. Every way of running a fwd+bwd: eager back to back, synchronised, captured in a CUDA
-   graph, as a ``torch.cuda.make_graphed_callables`` layer, and (dense and the
-   structured supports) under ``torch.compile(mode="reduce-overhead")``.
+   graph, as a ``torch.cuda.make_graphed_callables`` layer, and (dense, the random
+   support and the structured ones) under ``torch.compile(mode="reduce-overhead")``.
 4. End to end: one training step (fwd, bwd, AdamW) of a stack of LLaMA-1B-shaped
    decoder layers (d=2048, ffn 5461, 16 heads), dense (also with the MLP width rounded
    up to 5504) against every linear replaced by SparseLowRankLinear (rank 512, density
-   0.03): tokens/s and peak memory; then the dense and structured variants again with
-   the model under ``torch.compile`` (default mode).
+   0.03): tokens/s and peak memory; then every variant again with the model under
+   ``torch.compile`` (default mode).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from benchmarks.harness import Report, ceilings, environment, graphed, peak_extr
 from structrewrite.codegen.triton import aligned
 
 SHAPES = [(4096, 4096), (4096, 11008), (2048, 2048), (2048, 5461)]
-COMPILED = ("channel", "block32")   # supports also timed under torch.compile (through the op)
+COMPILED = ("channel", "block32")   # structured supports also timed under torch.compile (through the op)
 DENSITY = 0.03
 
 
@@ -98,12 +98,15 @@ def check(report: Report) -> bool:
     cases = [  # (M, in, out, rank, density, bias, support)
         (1000, 1000, 1500, 64, 0.03, True, "random"), (333, 777, 555, 300, 0.1, False, "random"),
         (4097, 512, 1030, 8, 0.0, True, "random"), (1, 256, 300, 128, 0.05, True, "random"),
+        # the first two random cases take the folded path; run them on the gathers too
+        (1000, 1000, 1500, 64, 0.03, True, "random-gathers"), (333, 777, 555, 300, 0.1, False, "random-gathers"),
         (1000, 1000, 1500, 64, 0.03, True, "channel"), (333, 777, 555, 300, 0.1, False, "channel"),
         (1000, 1000, 1500, 64, 0.03, True, "block32"), (333, 777, 555, 300, 0.1, False, "block16"),
         (4097, 512, 1030, 8, 0.05, True, "block64"), (1, 256, 300, 128, 0.1, False, "block32"),
     ]
     poisoned = lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device)  # noqa: E731
     saved, sl._empty = sl._empty, poisoned
+    saved_f, sl.folded._empty = sl.folded._empty, poisoned
     from structrewrite.codegen.triton import tuning
     tune, tuning.TUNE = tuning.TUNE, False   # default tiles here; the timed shapes check the tuned ones
     rows, ok_all = [], True
@@ -128,10 +131,15 @@ def check(report: Report) -> bool:
                     ref_in["x"], ref_in["A"], ref_in["B"], ref_in["values"], *c3, ref_in["bias"], scale)
                 grads_ref = reference_backward(
                     g.to(dtype).double(), ref_in["x"], ref_in["A"], ref_in["B"], ref_in["values"], *c3, scale)
-                y = torch.ops.structrewrite.sparse_lowrank_linear(
-                    dev["x"], dev["A"], dev["B"], dev["values"], crow, col, row, dev["bias"], scale)
-                grads = torch.ops.structrewrite.sparse_lowrank_linear_backward(
-                    g.to("cuda", dtype), dev["x"], dev["A"], dev["B"], dev["values"], crow, col, row, scale)
+                with sl.folded.forced("never" if support.endswith("-gathers") else "auto"):
+                    if sl.plan(crow, col, row, out_f, in_f).kind == "gather":
+                        support = "random (folded)" if sl._folds(dev["x"], dev["A"], dev["B"], dev["values"]) \
+                            else "random (gathers)"
+                    y = torch.ops.structrewrite.sparse_lowrank_linear(
+                        dev["x"], dev["A"], dev["B"], dev["values"], crow, col, row, dev["bias"], scale)
+                    grads = torch.ops.structrewrite.sparse_lowrank_linear_backward(
+                        g.to("cuda", dtype), dev["x"], dev["A"], dev["B"], dev["values"], crow, col, row,
+                        scale)
                 sync()
                 errs = [_rel(y, y_ref)] + [(_rel(a, b) if b.numel() else 0.0)
                                            for a, b in zip(grads, grads_ref)]
@@ -141,7 +149,7 @@ def check(report: Report) -> bool:
                 rows.append([str(dtype).replace("torch.", ""), support, f"{M}x{in_f}->{out_f}", rank, nnz,
                              has_bias, *[f"{e:.1e}" for e in errs], "yes" if ok else "NO"])
     finally:
-        sl._empty, tuning.TUNE = saved, tune
+        sl._empty, tuning.TUNE, sl.folded._empty = saved, tune, saved_f
     report.table("Correctness on the device (relative Frobenius error against the reference in float64)",
                  ["dtype", "support", "M x in -> out", "rank", "nnz", "bias", "y", "dx", "dA", "dB", "dvalues", "pass"],
                  rows, note="Outputs poisoned with NaN before each run; tolerances bf16 1e-2, "
@@ -224,8 +232,11 @@ def check_modes(report: Report) -> bool:
     from structrewrite.nn.sparse_lowrank import SparseLowRankLinear
     from structrewrite.ops.sparse_lowrank_linear import reference, reference_backward
 
-    kinds = {"random": dict(init="random"), "channel": dict(init="lost"),
-             "block32": dict(init="random", block=32)}
+    from structrewrite.codegen.triton import sparse_lowrank_folded as folded
+
+    # random: the folded path at these sizes; random-gathers: the same kept on the gathers
+    kinds = {"random": dict(init="random"), "random-gathers": dict(init="random"),
+             "channel": dict(init="lost"), "block32": dict(init="random", block=32)}
     rows, ok_all = [], True
     for mode in ("eager", "reduce-overhead"):
         for kind, kw in kinds.items():
@@ -243,8 +254,9 @@ def check_modes(report: Report) -> bool:
                         g = torch.randn(4, 512, out_f, device="cuda", dtype=torch.bfloat16)
                         if mode != "eager":
                             torch.compiler.cudagraph_mark_step_begin()
-                        y = run(x)
-                        grads = torch.autograd.grad(y, [x, *params], g)
+                        with folded.forced("never" if kind == "random-gathers" else "auto"):
+                            y = run(x)
+                            grads = torch.autograd.grad(y, [x, *params], g)
                         got = [t.detach().clone() for t in (y, *grads)]
                     sync()
                     ref = [t.detach().double().cpu() for t in (x, layer.A, layer.B, layer.values)]
@@ -298,6 +310,10 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         def ours(x):
             return sl.eager(x, A, B, values, crow, col, row, None, scale)
 
+        def gathers(x):   # the same layer kept on the gather kernels (the folded path's alternative)
+            with folded.forced("never"):
+                return sl.eager(x, A, B, values, crow, col, row, None, scale)
+
         def with_support(kind):
             (scrow, scol, srow), svalues = structured[kind]
             return lambda x: sl.eager(x, A, B, svalues, scrow, scol, srow, None, scale)
@@ -324,7 +340,7 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         def lowrank(x):
             return F.linear(F.linear(x, A), B)
 
-        peers = {"ours": (ours, [A, B, values]),
+        peers = {"ours": (ours, [A, B, values]), "gathers": (gathers, [A, B, values]),
                  **{k: (with_support(k), [A, B, structured[k][1]]) for k in STRUCTURED},
                  "block32_op": (block32_op, [A, B, structured["block32"][1]]),
                  "dense": (dense, [W]), "dense_padded": (dense_padded, [W]),
@@ -355,6 +371,7 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         def op_fn(x, A, B, v, crow, col, row):
             return torch.ops.structrewrite.sparse_lowrank_linear(x, A, B, v, crow, col, row, None, scale)
         compiled = {"dense": _Layer(lambda x, W: F.linear(x, W), [W]),
+                    "ours": _Layer(op_fn, [A, B, values], (crow, col, row)),
                     **{k: _Layer(op_fn, [A, B, structured[k][1]], structured[k][0]) for k in COMPILED}}
         for name, layer in compiled.items():
             case[f"{name}_fwdbwd_compiled"] = _compiled(layer, xs, gs, nsets, reps)
@@ -484,12 +501,16 @@ def tables(report: Report, cases: list[dict]):
                       "ours/dense", "sltrain/ours", "FLOP bound/dense", "ours TFLOP/s",
                       "% matmul ceiling", "ours GB/s", "% copy ceiling"], rows,
                      note="ours: SparseLowRankLinear's eager CUDA path (EagerFunction: the op's kernels, "
-                          "called without the dispatcher), random element-wise support (SLTrain). "
+                          "called without the dispatcher), random element-wise support (SLTrain), on "
+                          "the path the op's cost model picks (sparse_lowrank_folded.pays): at these "
+                          "shapes the folded one, W = s·B A + S built a chunk of rows at a time and "
+                          "multiplied on cuBLAS (the table of the ways of running a layer also has "
+                          "'gathers', the same layer on the gather kernels). "
                           "dense: cuBLAS F.linear; sltrain: W = s·B@A + S materialised, then F.linear "
                           "(autograd through W); lowrank: F.linear(F.linear(x, A), B). Target: "
                           "ours/dense <= 0.75 and sltrain/ours >= 1.5 for fwd+bwd. FLOP bound: our "
                           "useful FLOPs at the measured matmul rate.")
-    mem_peers = ("ours", *STRUCTURED, "dense", "sltrain", "lowrank")
+    mem_peers = ("ours", "gathers", *STRUCTURED, "dense", "sltrain", "lowrank")
     rows = []
     for c in cases:
         rows.append([f"{c['in']}->{c['out']}", *[c[f"{p}_peak_extra_bytes"] / 2**20 for p in mem_peers],
@@ -512,12 +533,14 @@ def tables(report: Report, cases: list[dict]):
                       "SLTrain path of the table above. dense_padded: dense with its rows padded to 16 "
                       "bytes (see the table of the ways of running a layer).")
     report.table("Peak extra memory of one fwd+bwd (MiB, gradients included)",
-                 ["in->out", "ours", *[f"ours ({k})" for k in STRUCTURED], "dense", "sltrain", "lowrank",
+                 ["in->out", "ours", "gathers", *[f"ours ({k})" for k in STRUCTURED], "dense", "sltrain", "lowrank",
                   "dense-free bound", "one out x in bf16 matrix"],
                  rows, note="Dense-free bound: y, dx, dA, dB, dvalues and the two M x rank intermediates. "
-                            "Ours also holds xᵀ and gᵀ (M x in, M x out) and the cuBLAS low-rank outputs that "
-                            "the sparse epilogues read; no out x in temporary.")
-    launch_peers = ("ours", *STRUCTURED, "block32_op", "dense", "dense_padded", "sltrain", "lowrank")
+                            "gathers and the tile kernels also hold xᵀ and gᵀ (M x in, M x out) and the "
+                            "cuBLAS low-rank outputs that the sparse epilogues read; ours (folded) holds "
+                            "one chunk of W and one of its gradient (at most 2^23 elements each). No out x "
+                            "in temporary in any of them.")
+    launch_peers = ("ours", "gathers", *STRUCTURED, "block32_op", "dense", "dense_padded", "sltrain", "lowrank")
     get = lambda c, k: c[k]["median_ms"] if k in c else float("nan")  # noqa: E731
     rows = []
     def best(c, p):   # the fastest of the ways a user runs a layer: eager, graphed callable, compiled
@@ -599,7 +622,7 @@ def sparsify(model, rank: int, density: float, init: str = "random", block: int 
     return len(names)
 
 
-COMPILED_E2E = ("dense", "dense_ffn5504", "sparse_lowrank_channel", "sparse_lowrank_block32")
+COMPILED_E2E = ("dense", "dense_ffn5504", "sparse_lowrank", "sparse_lowrank_channel", "sparse_lowrank_block32")
 
 
 def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
