@@ -311,7 +311,7 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
             return sl.eager(x, A, B, values, crow, col, row, None, scale)
 
         def gathers(x):   # the same layer kept on the gather kernels (the folded path's alternative)
-            with folded.forced("never"):
+            with sl.folded.forced("never"):
                 return sl.eager(x, A, B, values, crow, col, row, None, scale)
 
         def with_support(kind):

@@ -46,7 +46,7 @@ def test_folded_path_matches_the_reference(dtype, bias, chunk_elems, M, in_f, ou
     y_ref = op(up(x), up(A), up(B), up(v), crow, col, row, up(b), scale)
     grads_ref = op_bwd(up(g), up(x), up(A), up(B), up(v), crow, col, row, scale)
     if chunk_elems < in_f * out_f:   # several chunks of rows (64 each)
-        assert len(fold.row_chunks(crow, col, row, out_f, in_f, fold.chunk(out_f, in_f))) > 1
+        assert len(fold.row_chunks(crow, col, row, out_f, out_f, in_f, fold.chunk(out_f, in_f))) > 1
     y = fold.forward(x, A, B, v, crow, col, row, b, scale)
     assert y.dtype == dtype and y.shape == (M, out_f) and y.is_contiguous()
     assert rel(y, y_ref) < TOL[dtype]

@@ -54,18 +54,19 @@ def pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 _ZEROS: dict = {}
 
 
-def mm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def mm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, out=None) -> torch.Tensor:
     """``alpha · (a @ b)`` in one cuBLAS call: the scale is applied to the float32 sum in
     the GEMM's epilogue (``addmm`` with ``beta = 0``, which reads no input), so a scaled
-    product costs no extra pass over its output and is rounded once."""
+    product costs no extra pass over its output and is rounded once. ``out``: written in
+    place (a slice with unit column stride is fine)."""
     if alpha == 1.0:
-        return a @ b
+        return torch.mm(a, b, out=out)
     key = (a.dtype, a.device)
     zero = _ZEROS.get(key)
     if zero is None:   # kept for good: made outside CUDA-graph pools
         zero = _ZEROS[key] = outside_graph_pools(
             a.device, lambda: torch.zeros((), dtype=a.dtype, device=a.device))
-    return torch.addmm(zero, a, b, beta=0, alpha=alpha)
+    return torch.addmm(zero, a, b, beta=0, alpha=alpha, out=out)
 
 
 def cols(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -83,37 +83,38 @@ def chunk(n: int, width: int) -> int:
     return min(n, max(64, CHUNK_ELEMS // max(width, 1) // 64 * 64))
 
 
-def row_chunks(crow, col, row, out_features: int, in_p: int, c: int):
-    """[(r0, r1, e0, e1, flat)]: the CSR entries e0:e1 of rows r0:r1 and their flat
-    positions in a (r1 - r0) x in_p chunk of W (int64). Made once per support."""
+def row_chunks(crow, col, row, out_features: int, out_p: int, in_p: int, c: int):
+    """[(r0, r1, e0, e1, flat)]: chunks of c rows over the padded height ``out_p``; the
+    CSR entries e0:e1 of rows r0:r1 and their flat positions in a (r1 - r0) x in_p chunk
+    of W (int64). Made once per support."""
     def build():
         ptr = crow.tolist()
         chunks = []
-        for r0 in range(0, out_features, c):
-            r1 = min(out_features, r0 + c)
-            e0, e1 = ptr[r0], ptr[r1]
+        for r0 in range(0, out_p, c):
+            r1 = min(out_p, r0 + c)
+            e0, e1 = ptr[min(r0, out_features)], ptr[min(r1, out_features)]
             flat = (row[e0:e1].long() - r0) * in_p + col[e0:e1].long()
             chunks.append((r0, r1, e0, e1, flat))
         return chunks
-    return cached("folded_rows", (crow, col, row), (out_features, in_p, c, col.device), build)
+    return cached("folded_rows", (crow, col, row), (out_features, out_p, in_p, c, col.device), build)
 
 
-def col_chunks(col, row, in_features: int, out_p: int, c: int):
-    """(perm, [(j0, j1, p0, p1, flat)]): ``perm`` sorts the entries by column; the sorted
-    entries p0:p1 are those of columns j0:j1, at ``flat`` in a (j1 - j0) x out_p chunk of
-    Wᵀ. Made once per support."""
+def col_chunks(col, row, in_features: int, in_p: int, out_p: int, c: int):
+    """(perm, [(j0, j1, p0, p1, flat)]): ``perm`` sorts the entries by column; chunks of c
+    columns over the padded width ``in_p``; the sorted entries p0:p1 are those of columns
+    j0:j1, at ``flat`` in a (j1 - j0) x out_p chunk of Wᵀ. Made once per support."""
     def build():
         colv = col.long()
         perm = torch.sort(colv, stable=True).indices
         ptr = [0] + torch.cumsum(torch.bincount(colv, minlength=in_features), 0).tolist()
         rows_s, cols_s = row.long()[perm], colv[perm]
         chunks = []
-        for j0 in range(0, in_features, c):
-            j1 = min(in_features, j0 + c)
-            p0, p1 = ptr[j0], ptr[j1]
+        for j0 in range(0, in_p, c):
+            j1 = min(in_p, j0 + c)
+            p0, p1 = ptr[min(j0, in_features)], ptr[min(j1, in_features)]
             chunks.append((j0, j1, p0, p1, (cols_s[p0:p1] - j0) * out_p + rows_s[p0:p1]))
         return perm, chunks
-    return cached("folded_cols", (col, row), (in_features, out_p, c, col.device), build)
+    return cached("folded_cols", (col, row), (in_features, in_p, out_p, c, col.device), build)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -125,18 +126,22 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
     in_features, out_features = A.shape[1], B.shape[0]
     x2 = x.reshape(-1, in_features)
     M = x2.shape[0]
+    # misaligned widths: every product runs on zero-padded operands, so that cuBLAS sees
+    # 16-byte multiples in every size and leading dimension (``aligned``)
     in_p, out_p = aligned.widths(A, B, x.dtype)
-    xa, Ap = aligned.pad_cols(x2, in_p), aligned.pad_cols(A, in_p)
+    xa, Ap, Bp = aligned.pad_cols(x2, in_p), aligned.pad_cols(A, in_p), aligned.pad_rows(B, out_p)
+    if bias is not None:
+        bias = aligned.pad_cols(bias.to(x.dtype), out_p)
     v = values.to(x.dtype)
     y = _empty((M, out_p), x.dtype, x.device)
-    for r0, r1, e0, e1, flat in row_chunks(crow, col, row, out_features, in_p,
-                                           chunk(out_features, in_p)):
-        W = aligned.mm(B[r0:r1], Ap, scale)
+    for r0, r1, e0, e1, flat in row_chunks(crow, col, row, out_features, out_p, in_p,
+                                           chunk(out_p, in_p)):
+        W = aligned.mm(Bp[r0:r1], Ap, scale)
         W.view(-1).index_add_(0, flat, v[e0:e1])
         if bias is None:
             torch.mm(xa, W.t(), out=y[:, r0:r1])
         else:
-            torch.addmm(bias[r0:r1].to(x.dtype), xa, W.t(), out=y[:, r0:r1])
+            torch.addmm(bias[r0:r1], xa, W.t(), out=y[:, r0:r1])
     return aligned.cols(y, out_features).reshape(*x.shape[:-1], out_features)
 
 
@@ -149,27 +154,32 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     ga, xa = aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p)
     Ap, Bp = aligned.pad_cols(A, in_p), aligned.pad_rows(B, out_p)
     v = values.to(x.dtype)
+    same = values.dtype == x.dtype
     dv = _empty(values.shape, values.dtype, values.device)
-    dB = _empty(B.shape, B.dtype, B.device)
-    parts = []
-    for r0, r1, e0, e1, flat in row_chunks(crow, col, row, out_features, in_p,
-                                           chunk(out_features, in_p)):
+    dB = _empty((out_p, B.shape[1]), B.dtype, B.device)
+    dA = None
+    chunks = row_chunks(crow, col, row, out_features, out_p, in_p, chunk(out_p, in_p))
+    for r0, r1, e0, e1, flat in chunks:
         dW = ga[:, r0:r1].t() @ xa                               # (r1 - r0) x in_p
-        dv[e0:e1] = dW.view(-1).index_select(0, flat)
-        dB[r0:r1] = aligned.mm(dW, Ap.t(), scale)
-        parts.append(aligned.mm(B[r0:r1].t(), dW, scale))        # r x in_p
-    if len(parts) == 1:
-        dA = parts[0]
-    else:
-        dA = parts[0].to(torch.promote_types(parts[0].dtype, torch.float32))
-        for p in parts[1:]:
-            dA += p
+        if same:
+            torch.index_select(dW.view(-1), 0, flat, out=dv[e0:e1])
+        else:
+            dv[e0:e1] = dW.view(-1).index_select(0, flat)
+        aligned.mm(dW, Ap.t(), scale, out=dB[r0:r1])
+        part = aligned.mm(Bp[r0:r1].t(), dW, scale)              # r x in_p
+        if len(chunks) == 1:
+            dA = part
+        elif dA is None:   # several chunks: summed in float32 (or wider), rounded once
+            dA = part.to(torch.promote_types(part.dtype, torch.float32))
+        else:
+            dA += part
     dA = aligned.cols(dA.to(A.dtype), in_features)
     dx = _empty((M, in_p), x.dtype, x.device)
-    perm, chunks = col_chunks(col, row, in_features, out_p, chunk(in_features, out_p))
+    perm, cchunks = col_chunks(col, row, in_features, in_p, out_p, chunk(in_p, out_p))
     vc = v[perm]
-    for j0, j1, p0, p1, flat in chunks:
+    for j0, j1, p0, p1, flat in cchunks:
         Wt = aligned.mm(Ap[:, j0:j1].t(), Bp.t(), scale)          # (j1 - j0) x out_p
         Wt.view(-1).index_add_(0, flat, vc[p0:p1])
         torch.mm(ga, Wt.t(), out=dx[:, j0:j1])
+    dB = dB if out_p == out_features else dB[:out_features].contiguous()
     return aligned.cols(dx, in_features).reshape(x.shape), dA, dB, dv
