@@ -581,11 +581,12 @@ def tables(report: Report, cases: list[dict]):
                       "scalings, the sum of the gradient kernel's token-range partials and the bias "
                       "gradient.")
     keys = list(cases[0]["breakdown"])
-    report.table("Breakdown of our fwd+bwd (median ms of each part run alone)",
-                 ["in->out", *keys, "sum", "op fwd+bwd", "tiles (spmm, spmm_t, sddmm)"],
+    report.table("Breakdown of the random support's fwd+bwd on the gather kernels (median ms of "
+                 "each part run alone)",
+                 ["in->out", *keys, "sum", "gathers fwd+bwd", "tiles (spmm, spmm_t, sddmm)"],
                  [[f"{c['in']}->{c['out']}", *[c["breakdown"][k] for k in keys],
                    sum(c["breakdown"].values()) + c["breakdown"]["transpose x"],
-                   m(c, "ours_fwdbwd"), f"{c['configs']['spmm']} {c['configs']['spmm_t']} {c['configs']['sddmm']}"]
+                   m(c, "gathers_fwdbwd"), f"{c['configs']['spmm']} {c['configs']['spmm_t']} {c['configs']['sddmm']}"]
                   for c in cases],
                  note="The op transposes x in the forward and g in the backward (and x again when a "
                       "'gather' sddmm config is chosen); 'sum' counts the transpose twice and leaves "

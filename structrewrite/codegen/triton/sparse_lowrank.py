@@ -6,6 +6,9 @@ The op computes ``y = s·(x Aᵀ) Bᵀ + x Sᵀ + bias`` with ``x`` (M x in), ``
 
 Split of the work
 -----------------
+(For an element-wise support the op first asks ``sparse_lowrank_folded.pays`` whether
+the folded path, W built a chunk at a time and multiplied on cuBLAS, is cheaper for the
+call; what follows is the other path, the gather kernels.)
 The six low-rank products (plus ``x Aᵀ`` recomputed in the backward) are dense GEMMs
 with ``r`` = 8..in/2 on one side; cuBLAS (``torch.matmul``) runs them. Triton runs the
 rest, as three kernels:
@@ -85,16 +88,18 @@ wide (``benchmarks/results/sparse_lowrank.md``).
 
 Speed (H200, bf16, M=16384, rank in/4, density 3%; see benchmarks/README.md)
 ---------------------------------------------------------------------------
-Random support, fwd+bwd at 4096x4096: 6.5 ms, against dense cuBLAS 2.4 ms and the
-SLTrain path 2.7 ms. The gathers are the cost: ``x Sᵀ`` and ``g S`` each move nnz·M
-gathered elements (8.2e9 at this shape) through L2 with one FMA each, about 2 ms
-apiece; ncu showed L2 throughput at 50-85% of peak and instruction issue at 55-75%, so
-they are limited by L2 bandwidth and latency, not by arithmetic. A tensor-core SpMM that
-built tiles of ``Sᵀ`` in registers from the entries was correct but 4x to 150x slower
-than the gather and is not included (benchmarks/README.md lists what was tried). At
-2048 -> 5461 the op (5.4 ms) beats eager dense cuBLAS (8.8 ms, slow on the misaligned
-width) but not dense with padded rows (2.0 ms). Tile supports (32 x 32) run at 0.68x
-dense at 4096x4096 and channel-wise supports at 0.54x.
+The gather kernels, random support, fwd+bwd at 4096x4096: 6.4 ms, against dense cuBLAS
+2.4 ms and the SLTrain path 2.7 ms. The gathers are the cost: ``x Sᵀ`` and ``g S`` each
+move nnz·M gathered elements (8.2e9 at this shape) through L2 with one FMA each, about
+2 ms apiece; ncu showed L2 throughput at 50-85% of peak and instruction issue at 55-75%,
+so they are limited by L2 bandwidth and latency, not by arithmetic. A tensor-core SpMM
+that built tiles of ``Sᵀ`` in registers from the entries was correct but 4x to 150x
+slower than the gather and is not included (benchmarks/README.md lists what was tried).
+So at this density and token count the op does not use them: the cost model of
+``sparse_lowrank_folded.py`` sends the call to the folded path (W built a chunk at a
+time, cuBLAS products), 2.3 ms. The gathers remain the path for sparser supports and
+few tokens. Tile supports (32 x 32) run at 0.67x dense at 4096x4096 and channel-wise
+supports at 0.54x.
 
 Misaligned widths
 -----------------
