@@ -10,6 +10,7 @@ import torch
 
 import structrewrite  # noqa: F401  (registers the ops and their CPU implementation)
 from structrewrite.codegen.cpu import sparse_lowrank as cpu
+from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.nn.sparse_lowrank import csr_from_flat
 from structrewrite.ops.sparse_lowrank_linear import reference, reference_backward
 
@@ -37,7 +38,9 @@ def _problem(dtype, density, bias, seed, tokens=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("density", [0.0, 0.03, 0.3])
 @pytest.mark.parametrize("bias", [True, False])
-def test_cpu_implementation_matches_the_reference(dtype, density, bias):
+@pytest.mark.parametrize("fold", ["never", "always"])   # CSR products, or the folded path (fp32/fp64)
+def test_cpu_implementation_matches_the_reference(dtype, density, bias, fold, monkeypatch):
+    monkeypatch.setattr(folded, "MODE", fold)
     seed = random.randrange(2**31)
     args, grad = _problem(dtype, density, bias, seed)
     y, y_ref = cpu.forward(*args), reference(*args)
@@ -74,9 +77,29 @@ def test_no_tokens_and_mixed_dtypes():
         cpu.forward(*mixed)
 
 
-def test_no_dense_temporaries():
-    """Every strided tensor the CPU path makes is smaller than out x in (the CSR view of
+def test_dense_random_supports_take_the_folded_path_in_float32_only(monkeypatch):
+    """By the cost model (CPU rate), a 10% support at 512 tokens runs folded in float32
+    (no CSR product) and on the CSR products in bf16."""
+    monkeypatch.setattr(folded, "MODE", "auto")
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    crow, col, row = csr_from_flat(torch.randperm(64 * 64, generator=gen)[:410], 64, 64)
+    calls = []
+    real_csr = cpu._csr
+    monkeypatch.setattr(cpu, "_csr", lambda *a: calls.append(1) or real_csr(*a))
+    for dtype, csr_runs in ((torch.float32, False), (torch.bfloat16, True)):
+        r = lambda *s: torch.randn(*s, generator=gen).to(dtype)  # noqa: E731
+        args = (r(512, 64), r(16, 64), r(64, 16), r(410), crow, col, row, r(64), 0.5)
+        calls.clear()
+        y = cpu.forward(*args)
+        grads = cpu.backward(r(512, 64), *args[:7], 0.5)
+        assert bool(calls) == csr_runs, dtype
+        assert _rel(y, reference(*args)) < TOL[dtype] and all(torch.isfinite(t).all() for t in grads)
+
+
+def test_no_dense_temporaries(monkeypatch):
+    """Every strided tensor the CSR path makes is smaller than out x in (the CSR view of
     the support stores nnz values only)."""
+    monkeypatch.setattr(folded, "MODE", "never")
     args, grad = _problem(torch.float32, 0.05, True, 11)
     out_f, in_f = args[2].shape[0], args[1].shape[1]
     seen = []

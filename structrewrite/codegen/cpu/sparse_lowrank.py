@@ -1,10 +1,14 @@
 """CPU implementation of ``structrewrite::sparse_lowrank_linear`` (forward and backward).
 
-The low-rank part is two GEMMs each way. The sparse part takes one of three paths,
+The low-rank part is two GEMMs each way. The sparse part takes one of four paths,
 decided once per support as on CUDA (``codegen/triton/support_plan.py``, cached on the
 buffers):
 
-* **Element-wise support** (SLTrain's random one): ``S`` becomes a
+* **Element-wise support, float32/float64, dense enough** (``_folds``): the folded path
+  of ``codegen/triton/sparse_lowrank_folded.py`` (plain torch): W = s·B A + S built a
+  chunk of rows (or columns) at a time and multiplied with dense GEMMs, where its cost
+  model says that beats the CSR products.
+* **Element-wise support** otherwise (SLTrain's random one): ``S`` becomes a
   ``torch.sparse_csr_tensor`` over the layer's own buffers and values (no copy: ``crow``,
   ``col`` and ``values`` are already CSR), and the three products run on PyTorch's CSR
   kernels (MKL where PyTorch has it):
@@ -23,15 +27,17 @@ buffers):
   channels): folded into the low-rank GEMMs at rank r + k, as on CUDA
   (``codegen/triton/sparse_lowrank_channel.py``, plain torch).
 
-None of them forms an out x in matrix or a tokens x nnz gather (the reference's chunked
+None of them forms an out x in matrix (the folded path holds chunks of at most 2^23
+elements) or a tokens x nnz gather (the reference's chunked
 gathers do the latter, in bounded chunks). Sums accumulate as in the reference: in the
 input dtype for float32/float64, in float32 for bf16/fp16 (the sparse products run on
 float32 copies of their operands, the low-rank GEMMs in the input dtype, rounded once;
 the channel path rounds like the CUDA one). Mixed dtypes go to the reference.
 
 Measured fwd+bwd on 2 CPU threads (``benchmarks/results/sparse_lowrank_cpu.md``, float32,
-rank in/4, density 0.03, 2048 tokens, 1024 -> 2752): dense ``nn.Linear`` 127 ms; random
-support 154 ms (the reference: 3.6 s); 32x32 tiles 76 ms; channel-wise 61 ms.
+rank in/4, density 0.03, 2048 tokens, 1024 -> 2752): dense ``nn.Linear`` 112 ms; random
+support 132 ms folded, 138 ms on the CSR products (the reference: 3.6 s); 32x32 tiles
+82 ms; channel-wise 59 ms.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ import warnings
 import torch
 
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel   # plain torch, no Triton
+from structrewrite.codegen.triton import sparse_lowrank_folded as folded     # plain torch, no Triton
 from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import plan                  # plain torch, no Triton
 from structrewrite.ops import sparse_lowrank_linear as ref
@@ -112,6 +119,15 @@ def _tiles_backward(dx, g2, x2, V, lay):
     return dV
 
 
+def _folds(how, x, A, B, values) -> bool:
+    """An element-wise float32/float64 support dense enough for the folded path
+    (``sparse_lowrank_folded.pays``, with the CPU's measured rate)."""
+    in_features = A.shape[1]
+    return (how.kind == "gather" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
+            and folded.pays(x.numel() // in_features, in_features, B.shape[0], A.shape[0],
+                            values.numel(), "cpu"))
+
+
 def forward(x, A, B, values, crow, col, row, bias, scale):
     if not _covered(x, A, B, values, bias):
         return ref.reference(x, A, B, values, crow, col, row, bias, scale)
@@ -119,6 +135,8 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
     how = plan(crow, col, row, out_features, in_features)
     if how.kind == "channel":   # dense GEMMs at rank r + k, no CSR product
         return channel.forward(x, A, B, values, how.cols, bias, scale)
+    if _folds(how, x, A, B, values):   # W a chunk at a time, dense GEMMs
+        return folded.forward(x, A, B, values, crow, col, row, bias, scale)
     acc = ref._acc(x)
     x2 = x.reshape(-1, in_features)
     t = x2 @ A.t()
@@ -144,6 +162,8 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     how = plan(crow, col, row, out_features, in_features)
     if how.kind == "channel":
         return channel.backward(grad, x, A, B, values, how.cols, scale)
+    if _folds(how, x, A, B, values):
+        return folded.backward(grad, x, A, B, values, crow, col, row, scale)
     acc = ref._acc(x)
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)

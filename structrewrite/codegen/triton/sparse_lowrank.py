@@ -544,10 +544,12 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
 
 
 def _folds(x, A, B, values) -> bool:
-    """Whether an element-wise support takes the folded path (``sparse_lowrank_folded``)."""
+    """Whether an element-wise support takes the folded path (``sparse_lowrank_folded``).
+    On CPU tensors (the kernels under Triton's interpreter) the model has no gather rate
+    and keeps the gathers."""
     in_features = A.shape[1]
     return x.numel() > 0 and folded.pays(x.numel() // in_features, in_features, B.shape[0],
-                                         A.shape[0], values.numel(), x.device)
+                                         A.shape[0], values.numel(), "cuda" if x.is_cuda else None)
 
 
 def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=None, fold=None):

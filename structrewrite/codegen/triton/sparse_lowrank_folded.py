@@ -35,11 +35,20 @@ measured at 0.012-0.013 for the three shapes of ``benchmarks/results/sparse_lowr
 the crossover density is about 0.7%, so SLTrain's 3% runs folded. Small token counts
 (decoding) stay on the gathers: the chunk builds' out·r·in does not shrink with M.
 ``STRUCTREWRITE_FOLD=always`` or ``never`` overrides the model (also ``MODE``).
+
+The CPU implementation (``codegen/cpu/sparse_lowrank.py``) uses the same path for
+float32/float64 element-wise supports, against PyTorch's CSR products. There the rate is
+not one number: measured on 2 threads in float32 at the three shapes of the CPU
+benchmark at 1% and 3% density, the CSR products ran at 0.010-0.029 of the GEMMs' rate,
+with fixed costs that make it rise with the density. ``GATHER_RATE["cpu"] = 0.01``
+picks the faster path in five of those six cases; in the sixth (2048 tokens, 1024 ->
+2752, 1%) the folded path took 142 ms against 126 ms for CSR.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 
@@ -47,17 +56,20 @@ from structrewrite.codegen.triton import aligned
 from structrewrite.codegen.triton.support_cache import cached
 
 CHUNK_ELEMS = 1 << 23
-# the gathers' multiply-add rate as a fraction of cuBLAS's, by device type (measured)
-GATHER_RATE = {"cuda": 0.0125}
+# the sparse products' multiply-add rate as a fraction of the dense GEMMs', by implementation
+# (measured; see the module docstring)
+GATHER_RATE = {"cuda": 0.0125, "cpu": 0.01}
 MODE = os.environ.get("STRUCTREWRITE_FOLD", "auto")
 
 
 def pays(M: int, in_features: int, out_features: int, rank: int, nnz: int,
-         device: torch.device) -> bool:
-    """Whether the folded path is the cheaper for this call (see the module docstring)."""
+         implementation: Optional[str]) -> bool:
+    """Whether the folded path is the cheaper for this call (see the module docstring).
+    ``implementation``: whose sparse products it competes with, "cuda" (the gather
+    kernels) or "cpu" (the CSR products); None: no measured rate, never folded."""
     if MODE in ("always", "never"):
         return MODE == "always"
-    rate = GATHER_RATE.get(device.type)
+    rate = GATHER_RATE.get(implementation)
     if rate is None or nnz == 0 or M == 0:
         return False
     gathers = 3 * M * rank * (in_features + out_features) + 3 * M * nnz / rate
@@ -122,6 +134,7 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@torch.no_grad()   # an implementation (the op's autograd is its own); products write in place
 def forward(x, A, B, values, crow, col, row, bias, scale):
     in_features, out_features = A.shape[1], B.shape[0]
     x2 = x.reshape(-1, in_features)
@@ -145,6 +158,7 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
     return aligned.cols(y, out_features).reshape(*x.shape[:-1], out_features)
 
 
+@torch.no_grad()
 def backward(grad, x, A, B, values, crow, col, row, scale):
     in_features, out_features = A.shape[1], B.shape[0]
     g2 = grad.reshape(-1, out_features)
