@@ -731,9 +731,10 @@ def plot(cases: list[dict], path):
     labels = [f"{c['in']}->{c['out']}" for c in cases]
     xs = range(len(cases))
     for ax, what, title in ((axes[0], "fwdbwd", "fwd+bwd"), (axes[1], "fwd", "forward")):
-        for peer, style in (("ours", "o-"), ("channel", "D-"), ("block16", "P-"), ("block32", "X-"),
+        for peer, style in (("ours", "o-"), ("gathers", "o:"), ("channel", "D-"), ("block16", "P-"), ("block32", "X-"),
                             ("dense", "s-"), ("sltrain", "^-"), ("lowrank", "v--")):
-            ax.plot(xs, [c[f"{peer}_{what}"]["median_ms"] for c in cases], style, label=peer)
+            ax.plot(xs, [c[f"{peer}_{what}"]["median_ms"] for c in cases], style,
+                    label="ours (random)" if peer == "ours" else peer)
         ax.plot(xs, [c["flop_bound_ms"][f"ours_{what}"] for c in cases], "k:", label="FLOP bound (ours)")
         ax.plot(xs, [c["flop_bound_ms"][f"dense_{what}"] for c in cases], color="gray", ls=":",
                 label="FLOP bound (dense)")

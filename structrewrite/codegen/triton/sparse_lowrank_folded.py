@@ -29,17 +29,19 @@ of the GEMMs':
     gathers  3·M·r·(in + out) + 3·M·nnz / GATHER_RATE
     folded   3·M·in·out + 4·out·r·in
 
-The folded path is taken where it is the smaller. On the H200 ``GATHER_RATE`` was
-measured at 0.012-0.013 for the three shapes of ``benchmarks/results/sparse_lowrank.md``
-(sparse products against dense cuBLAS, bf16, M = 16384): with rank in/4 at 4096 x 4096
-the crossover density is about 0.7%, so SLTrain's 3% runs folded. Small token counts
+The folded path is taken where it is the smaller. On the H200 the rate of the three
+sparse products (the ``gathers`` peer less the ``lowrank`` peer, against ``dense``; bf16,
+M = 16384) was 0.012-0.013 at the three aligned shapes in the benchmark's run of
+2026-11-28 13:34 UTC and 0.010-0.013 in that of 14:55 UTC
+(``benchmarks/results/sparse_lowrank.md``); ``GATHER_RATE`` takes 0.0125. With rank
+in/4 at 4096 x 4096 the crossover density is about 0.7%, so SLTrain's 3% runs folded. Small token counts
 (decoding) stay on the gathers: the chunk builds' out·r·in does not shrink with M.
 ``STRUCTREWRITE_FOLD=always`` or ``never`` overrides the model (also ``MODE``).
 
 The CPU implementation (``codegen/cpu/sparse_lowrank.py``) uses the same path for
 float32/float64 element-wise supports, against PyTorch's CSR products. There the rate is
 not one number: measured on 2 threads in float32 at the three shapes of the CPU
-benchmark at 1% and 3% density, the CSR products ran at 0.010-0.029 of the GEMMs' rate,
+benchmark at 1% and 3% density, the CSR products ran at 0.004-0.029 of the GEMMs' rate,
 with fixed costs that make it rise with the density. ``GATHER_RATE["cpu"] = 0.01``
 picks the faster path in five of those six cases; in the sixth (2048 tokens, 1024 ->
 2752, 1%) the folded path took 142 ms against 126 ms for CSR.
