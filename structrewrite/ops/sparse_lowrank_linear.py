@@ -56,26 +56,28 @@ def _chunks(nnz: int, tokens: int):
         yield start, min(nnz, start + step)
 
 
+def _entry_product(a2: torch.Tensor, values: torch.Tensor, take: torch.Tensor,
+                   put: torch.Tensor, width: int) -> torch.Tensor:
+    """(M x width) in ``_acc``: ``out[:, put[k]] += a2[:, take[k]] · values[k]`` over the
+    entries k, in chunks of at most ``_CHUNK_ELEMS`` gathered elements."""
+    acc = _acc(a2)
+    out = a2.new_zeros((a2.shape[0], width), dtype=acc)
+    for s, e in _chunks(values.numel(), a2.shape[0]):
+        contrib = a2[:, take[s:e].long()].to(acc) * values[s:e].to(acc)
+        out.index_add_(1, put[s:e].long(), contrib)
+    return out
+
+
 def sparse_matmul_t(x2: torch.Tensor, values: torch.Tensor, row: torch.Tensor,
                     col: torch.Tensor, out_features: int) -> torch.Tensor:
     """x2 (M x in) @ Sᵀ -> (M x out) accumulated in ``_acc``, S in COO (row, col, values)."""
-    acc = _acc(x2)
-    out = x2.new_zeros((x2.shape[0], out_features), dtype=acc)
-    for s, e in _chunks(values.numel(), x2.shape[0]):
-        contrib = x2[:, col[s:e].long()].to(acc) * values[s:e].to(acc)
-        out.index_add_(1, row[s:e].long(), contrib)
-    return out
+    return _entry_product(x2, values, col, row, out_features)
 
 
 def sparse_t_matmul(g2: torch.Tensor, values: torch.Tensor, row: torch.Tensor,
                     col: torch.Tensor, in_features: int) -> torch.Tensor:
     """g2 (M x out) @ S -> (M x in) accumulated in ``_acc``."""
-    acc = _acc(g2)
-    out = g2.new_zeros((g2.shape[0], in_features), dtype=acc)
-    for s, e in _chunks(values.numel(), g2.shape[0]):
-        contrib = g2[:, row[s:e].long()].to(acc) * values[s:e].to(acc)
-        out.index_add_(1, col[s:e].long(), contrib)
-    return out
+    return _entry_product(g2, values, row, col, in_features)
 
 
 def sampled_grad(g2: torch.Tensor, x2: torch.Tensor, row: torch.Tensor,
