@@ -71,3 +71,33 @@ def test_cost_model_folds_dense_random_supports_at_many_tokens_only(monkeypatch)
     assert not fold.pays(16384, 4096, 4096, 1024, int(0.03 * 4096 * 4096), cuda)
     monkeypatch.setattr(fold, "MODE", "always")
     assert fold.pays(8, 64, 64, 8, 1, "cpu")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_layer_on_the_folded_path_trains_eagerly_and_compiled(compiled, monkeypatch):
+    """A float32 layer whose op takes the folded path on the CPU (forced), called eagerly
+    and under torch.compile (AOTAutograd; the op opaque): output and every gradient match
+    the float64 reference."""
+    from structrewrite.nn.sparse_lowrank import SparseLowRankLinear
+    from structrewrite.codegen.cpu import sparse_lowrank as cpu
+    monkeypatch.setattr(fold, "MODE", "always")
+
+    def no_csr(*_):
+        raise AssertionError("the CSR products ran on the folded path")
+    monkeypatch.setattr(cpu, "_csr", no_csr)
+    torch.manual_seed(torch.seed() % 2**31)
+    layer = SparseLowRankLinear(70, 45, rank=12, density=0.08, init="random", key="fold")
+    with torch.no_grad():
+        layer.B.normal_()
+    run = torch.compile(layer, backend="aot_eager", fullgraph=True) if compiled else layer
+    x = torch.randn(3, 11, 70, requires_grad=True)
+    g = torch.randn(3, 11, 45)
+    params = [x, layer.A, layer.B, layer.values, layer.bias]
+    got = torch.autograd.grad(run(x), params, g)
+    args = [t.detach().double() for t in (x, layer.A, layer.B, layer.values)]
+    sup = (layer.sparse_crow, layer.sparse_col, layer.sparse_row)
+    y_ref = op(*args, *sup, layer.bias.detach().double(), layer.scale)
+    want = (*op_bwd(g.double(), *args, *sup, layer.scale), g.double().reshape(-1, 45).sum(0))
+    assert rel(run(x), y_ref) < TOL[torch.float32]
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and rel(a, b) < TOL[torch.float32]
