@@ -122,10 +122,8 @@ def _tiles_backward(dx, g2, x2, V, lay):
 def _folds(how, x, A, B, values) -> bool:
     """An element-wise float32/float64 support dense enough for the folded path
     (``sparse_lowrank_folded.pays``, with the CPU's measured rate)."""
-    in_features = A.shape[1]
-    return (how.kind == "gather" and x.dtype in (torch.float32, torch.float64) and x.numel() > 0
-            and folded.pays(x.numel() // in_features, in_features, B.shape[0], A.shape[0],
-                            values.numel(), "cpu"))
+    return (how.kind == "gather" and x.dtype in (torch.float32, torch.float64)
+            and folded.folds(x, A, B, values, "cpu"))
 
 
 def forward(x, A, B, values, crow, col, row, bias, scale):

@@ -120,7 +120,7 @@ from structrewrite.codegen.triton import sparse_lowrank_block as block
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
-from structrewrite.codegen.triton.support_plan import Plan, plan  # noqa: F401  (re-exported)
+from structrewrite.codegen.triton.support_plan import Plan, csc_of, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import autocast_off
 
@@ -442,23 +442,6 @@ def transpose(a: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------
-# CSC copy of the support (for dx), cached
-# ----------------------------------------------------------------------------------
-def csc_of(col: torch.Tensor, row: torch.Tensor, in_features: int):
-    """(col_ptr (in+1), row of each entry, perm into values, column of each entry), all
-    int32, for the support given in CSR order: the same entries sorted by column, then
-    row. Made once per support (``support_cache``)."""
-    def build():
-        colv = col.long()
-        perm = torch.sort(colv, stable=True).indices        # rows stay ascending inside a column
-        counts = torch.bincount(colv, minlength=in_features)
-        ptr = torch.zeros(in_features + 1, dtype=torch.int32, device=col.device)
-        ptr[1:] = torch.cumsum(counts, 0)
-        return ptr, row[perm].contiguous(), perm.int(), col[perm].contiguous()
-    return cached("csc", (col, row), (in_features, col.device), build)
-
-
-# ----------------------------------------------------------------------------------
 # the op's CUDA implementation
 # ----------------------------------------------------------------------------------
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -547,9 +530,7 @@ def _folds(x, A, B, values) -> bool:
     """Whether an element-wise support takes the folded path (``sparse_lowrank_folded``).
     On CPU tensors (the kernels under Triton's interpreter) the model has no gather rate
     and keeps the gathers."""
-    in_features = A.shape[1]
-    return x.numel() > 0 and folded.pays(x.numel() // in_features, in_features, B.shape[0],
-                                         A.shape[0], values.numel(), "cuda" if x.is_cuda else None)
+    return folded.folds(x, A, B, values, "cuda" if x.is_cuda else None)
 
 
 def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=None, fold=None):

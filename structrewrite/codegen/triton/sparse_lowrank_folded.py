@@ -56,6 +56,7 @@ import torch
 
 from structrewrite.codegen.triton import aligned
 from structrewrite.codegen.triton.support_cache import cached
+from structrewrite.codegen.triton.support_plan import csc_of
 
 CHUNK_ELEMS = 1 << 23
 # the sparse products' multiply-add rate as a fraction of the dense GEMMs', by implementation
@@ -77,6 +78,13 @@ def pays(M: int, in_features: int, out_features: int, rank: int, nnz: int,
     gathers = 3 * M * rank * (in_features + out_features) + 3 * M * nnz / rate
     folded = 3 * M * in_features * out_features + 4 * out_features * rank * in_features
     return folded < gathers
+
+
+def folds(x, A, B, values, implementation: Optional[str]) -> bool:
+    """``pays`` for one call of the op on these operands (M = the tokens of ``x``)."""
+    in_features = A.shape[1]
+    return x.numel() > 0 and pays(x.numel() // in_features, in_features, B.shape[0],
+                                  A.shape[0], values.numel(), implementation)
 
 
 @contextlib.contextmanager
@@ -114,14 +122,14 @@ def row_chunks(crow, col, row, out_features: int, out_p: int, in_p: int, c: int)
 
 
 def col_chunks(col, row, in_features: int, in_p: int, out_p: int, c: int):
-    """(perm, [(j0, j1, p0, p1, flat)]): ``perm`` sorts the entries by column; chunks of c
-    columns over the padded width ``in_p``; the sorted entries p0:p1 are those of columns
-    j0:j1, at ``flat`` in a (j1 - j0) x out_p chunk of Wᵀ. Made once per support."""
+    """(perm, [(j0, j1, p0, p1, flat)]): ``perm`` sorts the entries by column (the
+    support's ``csc_of``); chunks of c columns over the padded width ``in_p``; the sorted
+    entries p0:p1 are those of columns j0:j1, at ``flat`` in a (j1 - j0) x out_p chunk of
+    Wᵀ. Made once per support."""
     def build():
-        colv = col.long()
-        perm = torch.sort(colv, stable=True).indices
-        ptr = [0] + torch.cumsum(torch.bincount(colv, minlength=in_features), 0).tolist()
-        rows_s, cols_s = row.long()[perm], colv[perm]
+        cptr, crows, perm, ccols = csc_of(col, row, in_features)
+        ptr = cptr.tolist()
+        rows_s, cols_s = crows.long(), ccols.long()
         chunks = []
         for j0 in range(0, in_p, c):
             j1 = min(in_p, j0 + c)

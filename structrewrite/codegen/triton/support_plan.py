@@ -4,9 +4,13 @@ Both the CUDA implementation (``sparse_lowrank.py``) and the CPU implementation
 (``codegen/cpu/sparse_lowrank.py``) classify a support the same way: channel-wise
 (every output row holds the same input channels: dense GEMMs at a widened rank), whole
 b x b tiles (batched tile products), or element-wise (gather kernels on CUDA, CSR
-products on the CPU). The ``Plan`` is cached on the support buffers.
+products on the CPU). The ``Plan`` is cached on the support buffers, and so is
+``csc_of``, the support's entries in column order (for the gather kernels' dx and the
+folded path's column chunks).
 """
 from __future__ import annotations
+
+import torch
 
 from structrewrite.codegen.triton import block_layout
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
@@ -33,3 +37,17 @@ def plan(crow, col, row, out_features: int, in_features: int) -> Plan:
             return Plan("block", layout=block_layout.layout(crow, col, row, b, out_features, in_features))
         return Plan("gather")
     return cached("plan", (crow, col, row), (out_features, in_features, col.device), build)
+
+
+def csc_of(col: torch.Tensor, row: torch.Tensor, in_features: int):
+    """(col_ptr (in+1), row of each entry, perm into values, column of each entry), all
+    int32, for the support given in CSR order: the same entries sorted by column, then
+    row. Made once per support (``support_cache``)."""
+    def build():
+        colv = col.long()
+        perm = torch.sort(colv, stable=True).indices        # rows stay ascending inside a column
+        counts = torch.bincount(colv, minlength=in_features)
+        ptr = torch.zeros(in_features + 1, dtype=torch.int32, device=col.device)
+        ptr[1:] = torch.cumsum(counts, 0)
+        return ptr, row[perm].contiguous(), perm.int(), col[perm].contiguous()
+    return cached("csc", (col, row), (in_features, col.device), build)
