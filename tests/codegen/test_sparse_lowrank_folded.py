@@ -45,8 +45,12 @@ def test_folded_path_matches_the_reference(dtype, bias, chunk_elems, M, in_f, ou
     up = lambda t: None if t is None else t.double()  # noqa: E731
     y_ref = op(up(x), up(A), up(B), up(v), crow, col, row, up(b), scale)
     grads_ref = op_bwd(up(g), up(x), up(A), up(B), up(v), crow, col, row, scale)
-    if chunk_elems < in_f * out_f:   # several chunks of rows (64 each)
-        assert len(fold.row_chunks(crow, col, row, out_f, out_f, in_f, fold.chunk(out_f, in_f))) > 1
+    in_p, out_p = fold.aligned.widths(A, B, dtype)
+    lay = fold.layout(crow, col, row, out_f, in_f, in_p, out_p)
+    if chunk_elems < in_p * out_p:   # several chunks of rows (64 each), columns for dx
+        assert len(lay.rows) > 1 and lay.cols is not None
+    else:                            # one chunk: the backward builds W as the forward does
+        assert len(lay.rows) == 1 and lay.cols is None
     y = fold.forward(x, A, B, v, crow, col, row, b, scale)
     assert y.dtype == dtype and y.shape == (M, out_f) and y.is_contiguous()
     assert rel(y, y_ref) < TOL[dtype]

@@ -27,8 +27,8 @@ buffers):
   channels): folded into the low-rank GEMMs at rank r + k, as on CUDA
   (``codegen/triton/sparse_lowrank_channel.py``, plain torch).
 
-None of them forms an out x in matrix (the folded path holds chunks of at most 2^23
-elements) or a tokens x nnz gather (the reference's chunked
+None of them forms an out x in matrix of more than 2^23 elements (the folded path holds
+chunks of at most 2^23 elements; a smaller layer's W is one chunk) or a tokens x nnz gather (the reference's chunked
 gathers do the latter, in bounded chunks). Sums accumulate as in the reference: in the
 input dtype for float32/float64, in float32 for bf16/fp16 (the sparse products run on
 float32 copies of their operands, the low-rank GEMMs in the input dtype, rounded once;
@@ -134,7 +134,7 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
     if how.kind == "channel":   # dense GEMMs at rank r + k, no CSR product
         return channel.forward(x, A, B, values, how.cols, bias, scale)
     if _folds(how, x, A, B, values):   # W a chunk at a time, dense GEMMs
-        return folded.forward(x, A, B, values, crow, col, row, bias, scale)
+        return folded.forward(x, A, B, values, crow, col, row, bias, scale, memo=how.memo)
     acc = ref._acc(x)
     x2 = x.reshape(-1, in_features)
     t = x2 @ A.t()
@@ -161,7 +161,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     if how.kind == "channel":
         return channel.backward(grad, x, A, B, values, how.cols, scale)
     if _folds(how, x, A, B, values):
-        return folded.backward(grad, x, A, B, values, crow, col, row, scale)
+        return folded.backward(grad, x, A, B, values, crow, col, row, scale, memo=how.memo)
     acc = ref._acc(x)
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)

@@ -2,7 +2,8 @@
 
 The op computes ``y = s·(x Aᵀ) Bᵀ + x Sᵀ + bias`` with ``x`` (M x in), ``A`` (r x in),
 ``B`` (out x r) and ``S`` (out x in) sparse in CSR by output row (``crow``, ``col``,
-``row``, ``values``). Nothing here forms an out x in matrix, in forward or backward.
+``row``, ``values``). The gather kernels never form an out x in matrix, in forward or
+backward.
 
 Split of the work
 -----------------
@@ -542,7 +543,7 @@ def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=
         return block.forward(x, A, B, values, crow, col, row, bias, scale, how.layout.b,
                              saved=saved, lay=how.layout)
     if _folds(x, A, B, values) if fold is None else fold:   # W by chunks on cuBLAS
-        return folded.forward(x, A, B, values, crow, col, row, bias, scale)
+        return folded.forward(x, A, B, values, crow, col, row, bias, scale, memo=how.memo)
     return forward(x, A, B, values, crow, col, row, bias, scale, saved=saved)
 
 
@@ -554,7 +555,7 @@ def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=N
         return block.backward(grad, x, A, B, values, crow, col, row, scale, how.layout.b,
                               saved=saved, lay=how.layout)
     if _folds(x, A, B, values) if fold is None else fold:
-        return folded.backward(grad, x, A, B, values, crow, col, row, scale)
+        return folded.backward(grad, x, A, B, values, crow, col, row, scale, memo=how.memo)
     return backward(grad, x, A, B, values, crow, col, row, scale, saved=saved)
 
 

@@ -6,8 +6,13 @@ once a random support is dense enough it is cheaper to multiply by the dense wei
 ``W = s·B A + S`` on the tensor cores, which is what SLTrain's own implementation does
 with the whole out x in ``W`` and its whole gradient. Here at most one chunk of ``W`` and
 one chunk of its gradient exist at a time, each of at most ``CHUNK_ELEMS`` elements
-(C rows of in, or C columns of out; 16 MiB in bf16): never an out x in matrix. The
-low-rank GEMMs vanish into the chunk builds (out·r·in multiply-adds each, against
+(C rows of in, or C columns of out; 16 MiB in bf16), so the memory they take is bounded
+whatever the layer's size. A layer of at most ``CHUNK_ELEMS`` weights (2048 x 2048 has
+2^22) is a single chunk: its whole ``W`` and gradient are built, one after the other,
+as SLTrain does; splitting it further costs launches (host time) and bought nothing in
+memory (``benchmarks/README.md``: 2^21-element chunks took 2048 x 2048 from 1.06 to
+1.25 ms). With one chunk the backward takes ``dx = g W`` from a ``W`` built as in the
+forward, without the column chunks. The low-rank GEMMs vanish into the chunk builds (out·r·in multiply-adds each, against
 M·r·(in + out) for the low-rank products).
 
 Per row chunk R (rows r0:r1 of W) and column chunk J (columns j0:j1):
@@ -55,7 +60,7 @@ from typing import Optional
 import torch
 
 from structrewrite.codegen.triton import aligned
-from structrewrite.codegen.triton.support_cache import cached
+from structrewrite.codegen.triton.support_cache import cached, outside_graph_pools
 from structrewrite.codegen.triton.support_plan import csc_of
 
 CHUNK_ELEMS = 1 << 23
@@ -105,38 +110,67 @@ def chunk(n: int, width: int) -> int:
     return min(n, max(64, CHUNK_ELEMS // max(width, 1) // 64 * 64))
 
 
-def row_chunks(crow, col, row, out_features: int, out_p: int, in_p: int, c: int):
+def _row_chunks(crow, col, row, out_features: int, out_p: int, in_p: int, c: int):
     """[(r0, r1, e0, e1, flat)]: chunks of c rows over the padded height ``out_p``; the
     CSR entries e0:e1 of rows r0:r1 and their flat positions in a (r1 - r0) x in_p chunk
-    of W (int64). Made once per support."""
-    def build():
-        ptr = crow.tolist()
-        chunks = []
-        for r0 in range(0, out_p, c):
-            r1 = min(out_p, r0 + c)
-            e0, e1 = ptr[min(r0, out_features)], ptr[min(r1, out_features)]
-            flat = (row[e0:e1].long() - r0) * in_p + col[e0:e1].long()
-            chunks.append((r0, r1, e0, e1, flat))
-        return chunks
-    return cached("folded_rows", (crow, col, row), (out_features, out_p, in_p, c, col.device), build)
+    of W (int64)."""
+    ptr = crow.tolist()
+    chunks = []
+    for r0 in range(0, out_p, c):
+        r1 = min(out_p, r0 + c)
+        e0, e1 = ptr[min(r0, out_features)], ptr[min(r1, out_features)]
+        flat = (row[e0:e1].long() - r0) * in_p + col[e0:e1].long()
+        chunks.append((r0, r1, e0, e1, flat))
+    return chunks
 
 
-def col_chunks(col, row, in_features: int, in_p: int, out_p: int, c: int):
+def _col_chunks(col, row, in_features: int, in_p: int, out_p: int, c: int):
     """(perm, [(j0, j1, p0, p1, flat)]): ``perm`` sorts the entries by column (the
     support's ``csc_of``); chunks of c columns over the padded width ``in_p``; the sorted
     entries p0:p1 are those of columns j0:j1, at ``flat`` in a (j1 - j0) x out_p chunk of
-    Wᵀ. Made once per support."""
+    Wᵀ."""
+    cptr, crows, perm, ccols = csc_of(col, row, in_features)
+    ptr = cptr.tolist()
+    rows_s, cols_s = crows.long(), ccols.long()
+    chunks = []
+    for j0 in range(0, in_p, c):
+        j1 = min(in_p, j0 + c)
+        p0, p1 = ptr[min(j0, in_features)], ptr[min(j1, in_features)]
+        chunks.append((j0, j1, p0, p1, (cols_s[p0:p1] - j0) * out_p + rows_s[p0:p1]))
+    return perm, chunks
+
+
+class Layout:
+    """Where a support's entries go in the chunks of W, at given padded widths.
+
+    ``rows``: the row chunks of the forward and of the gradient (``_row_chunks``);
+    ``cols``: the column chunks of dx (``_col_chunks``), or None when W is a single
+    chunk of rows: the backward then builds the whole W as the forward does and takes
+    ``dx = g W`` from it, without the transposed build."""
+    __slots__ = ("rows", "cols")
+
+    def __init__(self, rows, cols):
+        self.rows, self.cols = rows, cols
+
+
+def layout(crow, col, row, out_features: int, in_features: int, in_p: int, out_p: int,
+           memo: Optional[dict] = None) -> Layout:
+    """The support's ``Layout`` at these widths, made once. ``memo``: the dict of the
+    support's ``Plan`` (``support_plan``), which the callers have already looked up;
+    without it, the support cache (one more lookup)."""
+    key = (out_features, in_features, in_p, out_p, CHUNK_ELEMS)
+
     def build():
-        cptr, crows, perm, ccols = csc_of(col, row, in_features)
-        ptr = cptr.tolist()
-        rows_s, cols_s = crows.long(), ccols.long()
-        chunks = []
-        for j0 in range(0, in_p, c):
-            j1 = min(in_p, j0 + c)
-            p0, p1 = ptr[min(j0, in_features)], ptr[min(j1, in_features)]
-            chunks.append((j0, j1, p0, p1, (cols_s[p0:p1] - j0) * out_p + rows_s[p0:p1]))
-        return perm, chunks
-    return cached("folded_cols", (col, row), (in_features, in_p, out_p, c, col.device), build)
+        rows = _row_chunks(crow, col, row, out_features, out_p, in_p, chunk(out_p, in_p))
+        cols = None if len(rows) == 1 else _col_chunks(col, row, in_features, in_p, out_p,
+                                                        chunk(in_p, out_p))
+        return Layout(rows, cols)
+    if memo is None:
+        return cached("folded", (crow, col, row), (*key, col.device), build)
+    hit = memo.get(("folded", key))
+    if hit is None:
+        hit = memo[("folded", key)] = outside_graph_pools(col.device, build)
+    return hit
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -144,8 +178,16 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _rows_of_w(Bp, Ap, scale, r0, r1, flat, v):
+    """Rows r0:r1 of W = s·B A + S (padded widths), S's entries ``v`` added at ``flat``."""
+    W = aligned.mm(Bp[r0:r1], Ap, scale)
+    W.view(-1).index_add_(0, flat, v)
+    return W
+
+
 @torch.no_grad()   # an implementation (the op's autograd is its own); products write in place
-def forward(x, A, B, values, crow, col, row, bias, scale):
+def forward(x, A, B, values, crow, col, row, bias, scale, memo: Optional[dict] = None):
+    """``memo``: the support ``Plan``'s dict (``layout``)."""
     in_features, out_features = A.shape[1], B.shape[0]
     x2 = x.reshape(-1, in_features)
     M = x2.shape[0]
@@ -157,10 +199,9 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
         bias = aligned.pad_cols(bias.to(x.dtype), out_p)
     v = values.to(x.dtype)
     y = _empty((M, out_p), x.dtype, x.device)
-    for r0, r1, e0, e1, flat in row_chunks(crow, col, row, out_features, out_p, in_p,
-                                           chunk(out_p, in_p)):
-        W = aligned.mm(Bp[r0:r1], Ap, scale)
-        W.view(-1).index_add_(0, flat, v[e0:e1])
+    for r0, r1, e0, e1, flat in layout(crow, col, row, out_features, in_features, in_p, out_p,
+                                       memo).rows:
+        W = _rows_of_w(Bp, Ap, scale, r0, r1, flat, v[e0:e1])
         if bias is None:
             torch.mm(xa, W.t(), out=y[:, r0:r1])
         else:
@@ -169,7 +210,8 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
 
 
 @torch.no_grad()
-def backward(grad, x, A, B, values, crow, col, row, scale):
+def backward(grad, x, A, B, values, crow, col, row, scale, memo: Optional[dict] = None):
+    """``memo``: the support ``Plan``'s dict (``layout``)."""
     in_features, out_features = A.shape[1], B.shape[0]
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
@@ -182,8 +224,8 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     dv = _empty(values.shape, values.dtype, values.device)
     dB = _empty((out_p, B.shape[1]), B.dtype, B.device)
     dA = None
-    chunks = row_chunks(crow, col, row, out_features, out_p, in_p, chunk(out_p, in_p))
-    for r0, r1, e0, e1, flat in chunks:
+    lay = layout(crow, col, row, out_features, in_features, in_p, out_p, memo)
+    for r0, r1, e0, e1, flat in lay.rows:
         dW = ga[:, r0:r1].t() @ xa                               # (r1 - r0) x in_p
         if same:
             torch.index_select(dW.view(-1), 0, flat, out=dv[e0:e1])
@@ -191,7 +233,8 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
             dv[e0:e1] = dW.view(-1).index_select(0, flat)
         aligned.mm(dW, Ap.t(), scale, out=dB[r0:r1])
         part = aligned.mm(Bp[r0:r1].t(), dW, scale)              # r x in_p
-        if len(chunks) == 1:
+        del dW
+        if len(lay.rows) == 1:
             dA = part
         elif dA is None:   # several chunks: summed in float32 (or wider), rounded once
             dA = part.to(torch.promote_types(part.dtype, torch.float32))
@@ -199,11 +242,15 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
             dA += part
     dA = aligned.cols(dA.to(A.dtype), in_features)
     dx = _empty((M, in_p), x.dtype, x.device)
-    perm, cchunks = col_chunks(col, row, in_features, in_p, out_p, chunk(in_p, out_p))
-    vc = v[perm]
-    for j0, j1, p0, p1, flat in cchunks:
-        Wt = aligned.mm(Ap[:, j0:j1].t(), Bp.t(), scale)          # (j1 - j0) x out_p
-        Wt.view(-1).index_add_(0, flat, vc[p0:p1])
-        torch.mm(ga, Wt.t(), out=dx[:, j0:j1])
+    if lay.cols is None:   # W is one chunk: built again as in the forward, dx = g W
+        (r0, r1, e0, e1, flat), = lay.rows
+        torch.mm(ga, _rows_of_w(Bp, Ap, scale, r0, r1, flat, v[e0:e1]), out=dx)
+    else:
+        perm, cchunks = lay.cols
+        vc = v[perm]
+        for j0, j1, p0, p1, flat in cchunks:
+            Wt = aligned.mm(Ap[:, j0:j1].t(), Bp.t(), scale)      # (j1 - j0) x out_p
+            Wt.view(-1).index_add_(0, flat, vc[p0:p1])
+            torch.mm(ga, Wt.t(), out=dx[:, j0:j1])
     dB = dB if out_p == out_features else dB[:out_features].contiguous()
     return aligned.cols(dx, in_features).reshape(x.shape), dA, dB, dv

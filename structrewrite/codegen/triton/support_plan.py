@@ -19,11 +19,14 @@ from structrewrite.codegen.triton.support_cache import cached
 
 class Plan:
     """``kind`` is ``"channel"`` (``cols``: the shared input channels), ``"block"``
-    (``layout``: the tile lists of ``block_layout``) or ``"gather"`` (element-wise)."""
-    __slots__ = ("kind", "cols", "layout")
+    (``layout``: the tile lists of ``block_layout``) or ``"gather"`` (element-wise).
+    ``memo``: what an implementation derives from the support at a given shape (the
+    folded path's chunk lists), kept with the plan so that a call looks the support up
+    once; it lives and dies with the plan's cache entry."""
+    __slots__ = ("kind", "cols", "layout", "memo")
 
     def __init__(self, kind: str, cols=None, layout=None):
-        self.kind, self.cols, self.layout = kind, cols, layout
+        self.kind, self.cols, self.layout, self.memo = kind, cols, layout, {}
 
 
 def plan(crow, col, row, out_features: int, in_features: int) -> Plan:
