@@ -7,6 +7,11 @@
   next, so host-side launch cost shows only where it exceeds the device time. The host
   time per call is returned too (``host_ms``). ``sync_each=True`` synchronises before
   every call instead (each call then also pays its launch latency on an idle device).
+* ``interleaved(fns, nsets)``: ``timeit`` of several functions (a case's peers) in
+  alternating rounds, so that a drift of the device's speed during the run (clocks,
+  temperature; on the H200 the median of the same dense fwd+bwd ranged from 2.10 to
+  2.92 ms across four rounds of one process) falls on every peer alike; the statistics
+  of each are over all of its calls.
 * ``graphed(fn)``: the same call captured in a CUDA graph and replayed: device time
   without any host work between the kernels.
 * ``peak_extra(fn)``: peak device memory allocated by ``fn()`` above what was allocated
@@ -38,8 +43,9 @@ def sync():
 
 
 def timeit(fn: Callable[[int], object], nsets: int = 1, warmup: int = 5, reps: int = 30,
-           min_ms: float = 0.0, sync_each: bool = False) -> dict:
-    """Median/quartiles (ms) of ``fn(i % nsets)``, each call timed with its own events."""
+           min_ms: float = 0.0, sync_each: bool = False, raw: bool = False) -> dict:
+    """Median/quartiles (ms) of ``fn(i % nsets)``, each call timed with its own events.
+    ``raw``: the per-call device and host times too (``times``, ``host``)."""
     for i in range(warmup):
         fn(i % nsets)
     sync()
@@ -60,9 +66,31 @@ def timeit(fn: Callable[[int], object], nsets: int = 1, warmup: int = 5, reps: i
             i += 1
         sync()
         times += [start.elapsed_time(stop) for start, stop in events]
+    out = _stats(times, host, sync_each)
+    if raw:
+        out["times"], out["host"] = times, host
+    return out
+
+
+def _stats(times: list, host: list, sync_each: bool) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "reps": len(times),
             "host_ms": statistics.median(host), "sync_each": sync_each}
+
+
+def interleaved(fns: dict, nsets: int = 1, reps: int = 30, rounds: int = 3,
+                sync_each: bool = False) -> dict:
+    """``{name: timeit result}`` for ``fns`` ({name: fn(i)}), timed in ``rounds`` rounds
+    that each run every function for about reps / rounds calls (after its warm-up), in
+    turn; each result's statistics are over all of that function's calls."""
+    per = max(1, -(-reps // rounds))
+    raw = {name: ([], []) for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = timeit(fn, nsets, reps=per, sync_each=sync_each, raw=True)
+            raw[name][0].extend(t["times"])
+            raw[name][1].extend(t["host"])
+    return {name: _stats(times, host, sync_each) for name, (times, host) in raw.items()}
 
 
 def graphed(fn: Callable[[int], object], reps: int = 30) -> dict:

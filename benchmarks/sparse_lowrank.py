@@ -37,7 +37,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, ceilings, environment, graphed, peak_extra, sync, timeit
+from benchmarks.harness import Report, ceilings, environment, graphed, interleaved, peak_extra, sync, timeit
 from structrewrite.codegen.triton import aligned
 
 SHAPES = [(4096, 4096), (4096, 11008), (2048, 2048), (2048, 5461)]
@@ -349,6 +349,7 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
                  "sltrain": (sltrain, [A, B, values]), "lowrank": (lowrank, [A, B])}
         case = {"in": in_f, "out": out_f, "M": M, "rank": rank, "nnz": nnz, "density": DENSITY,
                 **{f"{k}_nnz": structured[k][1].numel() for k in STRUCTURED}}
+        fwds, fwdbwds = {}, {}
         for name, (fn, params) in peers.items():
             def fwd(i, fn=fn):
                 with torch.no_grad():
@@ -359,9 +360,13 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
                 return torch.autograd.grad(y, [xs[i], *params], gs[i])
 
             fwdbwd(0)  # first call: compile and pick tiles
-            case[f"{name}_fwd"] = timeit(fwd, nsets, reps=reps)
-            case[f"{name}_fwdbwd"] = timeit(fwdbwd, nsets, reps=reps)
-            case[f"{name}_fwdbwd_synced"] = timeit(fwdbwd, nsets, reps=reps, sync_each=True)
+            fwds[name], fwdbwds[name] = fwd, fwdbwd
+        # the peers in alternating rounds: a drift of the device's speed falls on all alike
+        for suffix, fns, sync_each in (("fwd", fwds, False), ("fwdbwd", fwdbwds, False),
+                                       ("fwdbwd_synced", fwdbwds, True)):
+            for name, t in interleaved(fns, nsets, reps=reps, sync_each=sync_each).items():
+                case[f"{name}_{suffix}"] = t
+        for name, fwdbwd in fwdbwds.items():
             case[f"{name}_fwdbwd_graphed"] = graphed(fwdbwd, reps=reps)
             case[f"{name}_peak_extra_bytes"] = peak_extra(lambda: fwdbwd(0))
         # the two CUDA-graph modes a user has for host-bound layers
