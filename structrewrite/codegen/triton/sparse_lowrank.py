@@ -89,18 +89,19 @@ wide (``benchmarks/results/sparse_lowrank.md``).
 
 Speed (H200, bf16, M=16384, rank in/4, density 3%; see benchmarks/README.md)
 ---------------------------------------------------------------------------
-The gather kernels, random support, fwd+bwd at 4096x4096: 6.4 ms, against dense cuBLAS
-2.4 ms and the SLTrain path 2.7 ms. The gathers are the cost: ``x Sᵀ`` and ``g S`` each
-move nnz·M gathered elements (8.2e9 at this shape) through L2 with one FMA each, about
-2 ms apiece; ncu showed L2 throughput at 50-85% of peak and instruction issue at 55-75%,
-so they are limited by L2 bandwidth and latency, not by arithmetic. A tensor-core SpMM
+The gather kernels, random support, fwd+bwd at 4096x4096: 6.4-6.7 ms, against dense
+cuBLAS 2.4 ms and the SLTrain path 2.7-3.0 ms (runs of 14:55 and 15:52 UTC). The
+gathers are the cost: ``x Sᵀ`` and ``g S`` each move nnz·M gathered elements (8.2e9 at
+this shape) through L2 with one FMA each, about 2 ms apiece; ncu showed L2 throughput
+at 50-85% of peak and instruction issue at 55-75%, so they are limited by L2 bandwidth
+and latency, not by arithmetic. A tensor-core SpMM
 that built tiles of ``Sᵀ`` in registers from the entries was correct but 4x to 150x
 slower than the gather and is not included (benchmarks/README.md lists what was tried).
 So at this density and token count the op does not use them: the cost model of
 ``sparse_lowrank_folded.py`` sends the call to the folded path (W built a chunk at a
-time, cuBLAS products), 2.3 ms. The gathers remain the path for sparser supports and
-few tokens. Tile supports (32 x 32) run at 0.67x dense at 4096x4096 and channel-wise
-supports at 0.54x.
+time, cuBLAS products), 2.3-2.7 ms. The gathers remain the path for sparser supports
+and few tokens. Tile supports (32 x 32) run at 0.67-0.72x dense at 4096x4096 and
+channel-wise supports at 0.53x.
 
 Misaligned widths
 -----------------

@@ -37,10 +37,10 @@ of the GEMMs':
 The folded path is taken where it is the smaller. On the H200 the rate of the three
 sparse products (the ``gathers`` peer less the ``lowrank`` peer, against ``dense``; bf16,
 M = 16384) was 0.012-0.013 at the three aligned shapes in the benchmark's run of
-2026-11-28 13:34 UTC and 0.010-0.013 in that of 14:55 UTC
-(``benchmarks/results/sparse_lowrank.md``); ``GATHER_RATE`` takes 0.0125. With rank
-in/4 at 4096 x 4096 the crossover density is about 0.7%, so SLTrain's 3% runs folded. Small token counts
-(decoding) stay on the gathers: the chunk builds' out·r·in does not shrink with M.
+2026-11-28 13:34 UTC, 0.010-0.013 in that of 14:55 UTC and 0.012-0.014 in that of
+15:52 UTC (``benchmarks/results/sparse_lowrank.md``); ``GATHER_RATE`` takes 0.0125.
+With rank in/4 at 4096 x 4096 the crossover density is about 0.7%, so SLTrain's 3% runs
+folded. Small token counts (decoding) stay on the gathers: the chunk builds' out·r·in does not shrink with M.
 ``STRUCTREWRITE_FOLD=always`` or ``never`` overrides the model (also ``MODE``).
 
 The CPU implementation (``codegen/cpu/sparse_lowrank.py``) uses the same path for
