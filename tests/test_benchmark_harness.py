@@ -16,7 +16,8 @@ class DriftingDevice:
         for _ in range(reps):
             times.append(self.cost[fn] * (1.0 + self.drift * self.calls))
             self.calls += 1
-        return {"times": times, "host": [0.01] * reps, **harness._stats(times, [0.01] * reps, sync_each)}
+        host = [0.01] * reps
+        return {"times": times, "host": host, **harness._stats(times, host, sync_each)}
 
 
 def test_interleaved_runs_the_peers_in_alternating_rounds_and_pools_their_calls(monkeypatch):

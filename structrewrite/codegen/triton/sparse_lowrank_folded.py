@@ -12,9 +12,10 @@ whatever the layer's size. A layer of at most ``CHUNK_ELEMS`` weights (2048 x 20
 as SLTrain does. Splitting it in two each way costs launches and bought nothing in
 memory: on the H200 at 2048 x 2048, 16384 tokens, bf16, fwd+bwd took 0.81-0.85 ms
 whole and 1.17-1.30 ms in halves (0.572 against 0.650 ms replayed from a CUDA graph),
-with a peak of 140 against 143 MiB (``benchmarks/README.md``). With one chunk the backward takes ``dx = g W`` from a ``W`` built as in the
-forward, without the column chunks. The low-rank GEMMs vanish into the chunk builds (out·r·in multiply-adds each, against
-M·r·(in + out) for the low-rank products).
+with a peak of 140 against 143 MiB (``benchmarks/README.md``). With one chunk the
+backward takes ``dx = g W`` from a ``W`` built as in the forward, without the column
+chunks. The low-rank GEMMs vanish into the chunk builds (out·r·in multiply-adds each,
+against M·r·(in + out) for the low-rank products).
 
 Per row chunk R (rows r0:r1 of W) and column chunk J (columns j0:j1):
 
@@ -41,7 +42,8 @@ M = 16384) was 0.012-0.013 at the three aligned shapes in the benchmark's run of
 2026-11-28 13:34 UTC, 0.010-0.013 in that of 14:55 UTC and 0.012-0.014 in that of
 15:52 UTC (``benchmarks/results/sparse_lowrank.md``); ``GATHER_RATE`` takes 0.0125.
 With rank in/4 at 4096 x 4096 the crossover density is about 0.7%, so SLTrain's 3% runs
-folded. Small token counts (decoding) stay on the gathers: the chunk builds' out·r·in does not shrink with M.
+folded. Small token counts (decoding) stay on the gathers: the chunk builds' out·r·in
+does not shrink with M.
 ``STRUCTREWRITE_FOLD=always`` or ``never`` overrides the model (also ``MODE``).
 
 The CPU implementation (``codegen/cpu/sparse_lowrank.py``) uses the same path for
