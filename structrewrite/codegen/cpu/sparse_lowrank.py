@@ -32,7 +32,8 @@ chunks of at most 2^23 elements; a smaller layer's W is one chunk) or a tokens x
 gather (the reference's chunked gathers do the latter, in bounded chunks). Sums
 accumulate as in the reference: in the input dtype for float32/float64, in float32 for
 bf16/fp16 (the sparse products run on float32 copies of their operands, the low-rank
-GEMMs in the input dtype, rounded once; the channel path rounds like the CUDA one). Mixed dtypes go to the reference.
+GEMMs in the input dtype, rounded once; the channel path rounds like the CUDA one).
+Mixed dtypes go to the reference.
 
 Measured fwd+bwd on 2 CPU threads (``benchmarks/results/sparse_lowrank_cpu.md``, float32,
 rank in/4, density 0.03, 2048 tokens, 1024 -> 2752): dense ``nn.Linear`` 112 ms; random
