@@ -377,9 +377,14 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
 
         def op_fn(x, A, B, v, crow, col, row):
             return torch.ops.structrewrite.sparse_lowrank_linear(x, A, B, v, crow, col, row, None, scale)
+
+        def train_fn(x, A, B, v, crow, col, row):   # what the layer calls when it trains compiled
+            return torch.ops.structrewrite.sparse_lowrank_linear_train(x, A, B, v, crow, col, row,
+                                                                       None, scale)[0]
         compiled = {"dense": _Layer(lambda x, W: F.linear(x, W), [W]),
                     "ours": _Layer(op_fn, [A, B, values], (crow, col, row)),
-                    **{k: _Layer(op_fn, [A, B, structured[k][1]], structured[k][0]) for k in COMPILED}}
+                    **{k: _Layer(train_fn, [A, B, structured[k][1]], structured[k][0]) for k in COMPILED},
+                    "block32_op": _Layer(op_fn, [A, B, structured["block32"][1]], structured["block32"][0])}
         for name, layer in compiled.items():
             case[f"{name}_fwdbwd_compiled"] = _compiled(layer, xs, gs, nsets, reps)
         with torch.no_grad():  # the tuned tiles at this shape, against the materialised weight
@@ -569,12 +574,14 @@ def tables(report: Report, cases: list[dict]):
                       "wrapped by torch.cuda.make_graphed_callables, called back to back (a graph each "
                       "for forward and backward; x and the incoming gradient are copied into its static "
                       "buffers every call); compiled: torch.compile(layer, mode='reduce-overhead'), "
-                      "through the torch.library op (Inductor with CUDA graphs; non-static inputs are "
-                      "copied likewise), called back to back; host: host time to issue one eager call "
+                      "through the torch.library op the layer uses when it trains compiled "
+                      "(sparse_lowrank_linear for the random support, sparse_lowrank_linear_train, "
+                      "which keeps x Aᵀ for the backward, for channel and tiles; Inductor with CUDA "
+                      "graphs; non-static inputs are copied likewise), called back to back; host: host time to issue one eager call "
                       "(median, b2b; it includes waits when the launch queue is full). Where host "
                       "exceeds b2b, the eager call is bound by Python and launch overhead, not by the "
-                      "device. block32_op: the block32 layer called through the torch.library op "
-                      "(dispatcher layers, x Aᵀ recomputed in the backward). dense_padded: dense with x, "
+                      "device. block32_op: the block32 layer called through sparse_lowrank_linear "
+                      "(dispatcher layers, x Aᵀ recomputed in the backward; compiled likewise). dense_padded: dense with x, "
                       "W and the output padded to 16-byte rows (what Inductor does; eager cuBLAS is slow "
                       "on a 5461-wide matrix). best / dense best: the fastest of b2b, graphed callable "
                       "and compiled (the ways a user runs a layer), over the fastest of the same for "
@@ -720,9 +727,10 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
         report.table("End to end under torch.compile (default mode): the same steps with the model compiled",
                      ["model", "params (M)", "step ms (median)", "tokens/s", "peak memory (GiB)"], crows,
                      note="torch.compile(model) (Inductor, no CUDA graphs), AdamW eager, otherwise as "
-                          "above. The sparse layers reach Inductor as the torch.library op (an opaque "
-                          "kernel; its backward recomputes x Aᵀ); everything around them is fused by "
-                          "Inductor. Best compiled dense / compiled sparse: "
+                          "above. The sparse layers reach Inductor as torch.library ops (opaque kernels; "
+                          "channel and tile supports through sparse_lowrank_linear_train, which keeps x "
+                          "Aᵀ for the backward; the random support through sparse_lowrank_linear, whose "
+                          "folded backward needs none); everything around them is fused by Inductor. Best compiled dense / compiled sparse: "
                           + ", ".join(f"{k} {v:.2f}x" for k, v in out["compiled_speedup_vs_best_dense"].items())
                           + ".")
     return out

@@ -262,7 +262,18 @@ class SparseLowRankLinear(nn.Module):
                 self.scale)
         if plain and _eager_ok(x, A, B, values):
             return _EAGER[0](*args)
+        if self._keeps_xa(x, A, B, values):
+            return torch.ops.structrewrite.sparse_lowrank_linear_train(*args)[0]
         return torch.ops.structrewrite.sparse_lowrank_linear(*args)
+
+    def _keeps_xa(self, *tensors) -> bool:
+        """Whether the call goes through ``sparse_lowrank_linear_train``, which hands x Aᵀ
+        from the forward to the backward instead of computing it twice: a training step
+        under ``torch.compile`` (not export, which keeps the op) of a tile or channel-wise
+        support, whose backward uses x Aᵀ. A random support's folded path needs none."""
+        return (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+                and torch.is_grad_enabled() and (self.init == "lost" or self.block > 1)
+                and any(t.requires_grad for t in tensors))
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:

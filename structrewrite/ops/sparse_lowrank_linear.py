@@ -147,13 +147,14 @@ def sparse_lowrank_linear_backward(
     return autocast_off(reference_backward)(grad, x, A, B, values, crow, col, row, scale)
 
 
-def reference_backward(grad, x, A, B, values, crow, col, row, scale: float):
-    """Reference implementation of the backward (the specification of the op)."""
+def reference_backward(grad, x, A, B, values, crow, col, row, scale: float, xa=None):
+    """Reference implementation of the backward (the specification of the op).
+    ``xa``: x Aᵀ from the forward (``sparse_lowrank_linear_train``), else computed here."""
     in_features = A.shape[1]
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, in_features)
     gB = g2 @ B                      # M x r
-    xA = x2 @ A.t()                  # M x r
+    xA = x2 @ A.t() if xa is None else xa.reshape(-1, A.shape[0])   # M x r
     acc = _acc(g2)
     dx = (gB @ A).to(acc) * scale + sparse_t_matmul(g2, values, row, col, in_features)
     dA = (gB.t() @ x2).to(acc) * scale
@@ -185,3 +186,90 @@ def _backward(ctx, grad):
 
 
 sparse_lowrank_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------
+# The same op for a training step under torch.compile, keeping x Aᵀ for the backward
+# ----------------------------------------------------------------------------------
+# ``sparse_lowrank_linear``'s autograd sees only its output, so its backward computes
+# x Aᵀ (tokens x rank) again: one GEMM of M·r·in, about as long as the sparse part of a
+# tile or channel-wise support. In eager mode the layer's own autograd entry keeps it
+# (``EagerFunction``); under torch.compile, where the layer has to be the op, it calls
+# this pair instead: ``sparse_lowrank_linear_train`` returns x Aᵀ beside y, and
+# ``sparse_lowrank_linear_backward_train`` takes it. Tracing and export keep seeing
+# ``sparse_lowrank_linear`` (``SparseLowRankLinear._keeps_xa``).
+@torch.library.custom_op("structrewrite::sparse_lowrank_linear_train", mutates_args=())
+def sparse_lowrank_linear_train(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    row: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x Aᵀ): y as ``sparse_lowrank_linear``, x Aᵀ of shape (..., rank) for the
+    backward (not differentiable). On every device without an implementation of its own,
+    the reference."""
+    return autocast_off(reference_train)(x, A, B, values, crow, col, row, bias, scale)
+
+
+def reference_train(x, A, B, values, crow, col, row, bias, scale: float):
+    """Reference implementation of ``sparse_lowrank_linear_train``."""
+    y = reference(x, A, B, values, crow, col, row, bias, scale)
+    xa = F.linear(x.reshape(-1, x.shape[-1]), A)
+    return y, xa.reshape(*x.shape[:-1], A.shape[0])
+
+
+@sparse_lowrank_linear_train.register_fake
+def _(x, A, B, values, crow, col, row, bias, scale):
+    return x.new_empty((*x.shape[:-1], B.shape[0])), x.new_empty((*x.shape[:-1], A.shape[0]))
+
+
+@torch.library.custom_op("structrewrite::sparse_lowrank_linear_backward_train", mutates_args=())
+def sparse_lowrank_linear_backward_train(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    values: torch.Tensor,
+    crow: torch.Tensor,
+    col: torch.Tensor,
+    row: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sparse_lowrank_linear_backward`` given ``xa`` = x Aᵀ from the forward."""
+    return autocast_off(reference_backward_train)(grad, x, xa, A, B, values, crow, col, row, scale)
+
+
+def reference_backward_train(grad, x, xa, A, B, values, crow, col, row, scale: float):
+    return reference_backward(grad, x, A, B, values, crow, col, row, scale, xa=xa)
+
+
+@sparse_lowrank_linear_backward_train.register_fake
+def _(grad, x, xa, A, B, values, crow, col, row, scale):
+    return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(values))
+
+
+def _setup_context_train(ctx, inputs, output):
+    x, A, B, values, crow, col, row, bias, scale = inputs
+    xa = output[1]
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, xa, A, B, values, crow, col, row)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+
+
+def _backward_train(ctx, grad, _grad_xa):
+    x, xa, A, B, values, crow, col, row = ctx.saved_tensors
+    dx, dA, dB, dv = torch.ops.structrewrite.sparse_lowrank_linear_backward_train(
+        grad, x, xa, A, B, values, crow, col, row, ctx.scale)
+    dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return dx, dA, dB, dv, None, None, None, dbias, None
+
+
+sparse_lowrank_linear_train.register_autograd(_backward_train, setup_context=_setup_context_train)

@@ -184,3 +184,50 @@ def test_tile_support_with_no_tokens():
     assert cpu.forward(*args).shape == (0, 40)
     dx, dA, dB, dv = cpu.backward(torch.randn(0, 40), *args[:7], 1.0)
     assert dx.shape == (0, 40) and float(dv.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["random", "random-folded", "channel", "tiles"])
+def test_train_ops_keep_xa_and_match_the_reference(dtype, kind, monkeypatch):
+    """``sparse_lowrank_linear_train`` on the CPU returns y and x Aᵀ; its backward, given
+    that x Aᵀ, matches the reference and multiplies nothing by x from the left again."""
+    from structrewrite.nn.sparse_lowrank import SparseLowRankLinear
+    monkeypatch.setattr(folded, "MODE", "always" if kind == "random-folded" else "never")
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    rnd = random.Random(seed)
+    in_f, out_f = rnd.randint(33, 47), rnd.randint(57, 70)
+    layer = SparseLowRankLinear(in_f, out_f, rank=rnd.randint(2, 12), density=0.1,
+                                init="lost" if kind == "channel" else "random",
+                                block=16 if kind == "tiles" else 1, key=f"c{seed}", dtype=dtype)
+    with torch.no_grad():
+        layer.B.normal_()
+    args = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in (
+        torch.randn(3, rnd.randint(1, 20), in_f, dtype=dtype), layer.A, layer.B, layer.values,
+        layer.sparse_crow, layer.sparse_col, layer.sparse_row, layer.bias, layer.scale))
+    x, A = args[0], args[1]
+    g = torch.randn(*x.shape[:-1], out_f, dtype=dtype)
+    y, xa = torch.ops.structrewrite.sparse_lowrank_linear_train(*args)
+    assert xa.shape == (*x.shape[:-1], A.shape[0])
+    assert _rel(y, reference(*args)) < TOL[dtype]
+    assert _rel(xa, x.double() @ A.double().t()) < TOL[dtype]
+    tokens, seen, real = x.numel() // in_f, [], torch.Tensor.__matmul__
+
+    per = 16 // dtype.itemsize
+    widths = (in_f, -(-in_f // per) * per)   # x, or x with rows padded to 16 bytes
+
+    def spy(a, b):   # a product with an x-shaped left operand
+        if a.dim() == 2 and a.shape[0] == tokens and a.shape[1] in widths:
+            seen.append(tuple(b.shape))
+        return real(a, b)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    got = torch.ops.structrewrite.sparse_lowrank_linear_backward_train(g, x, xa, *args[1:7], args[8])
+    assert seen == [], f"x Aᵀ computed again: {seen}"
+    if not (kind == "random-folded" and dtype == torch.float32):   # the spy sees a recompute
+        torch.ops.structrewrite.sparse_lowrank_linear_backward(g, *args[:7], args[8])
+        assert seen
+    monkeypatch.undo()
+    want = reference_backward(g, *args[:7], args[8])
+    for name, a, b in zip(("dx", "dA", "dB", "dvalues"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert _rel(a, b) < TOL[dtype], f"{name} (seed {seed}, {kind})"

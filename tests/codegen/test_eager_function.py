@@ -111,3 +111,53 @@ def test_channel_support_runs_as_differentiable_gemms():
     y2 = sl.eager(x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
                   layer.sparse_row, None, layer.scale)
     assert "EagerFunction" not in type(y2.grad_fn).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("init,block,fold", KINDS)
+def test_train_ops_of_the_cuda_implementation_match_the_reference(dtype, init, block, fold,
+                                                                   monkeypatch):
+    """The CUDA implementation of ``sparse_lowrank_linear_train`` (y and the x Aᵀ its
+    forward kept) and of its backward (given that x Aᵀ), under the interpreter: every
+    support kind against the reference op. The backward multiplies nothing by x from the
+    left, where the plain backward computes x Aᵀ (or x A'ᵀ) again."""
+    monkeypatch.setattr(sl.folded, "MODE", fold)
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    rnd = random.Random(seed)
+    in_f, out_f = rnd.randint(33, 47), rnd.randint(57, 70)   # padded widths differ too
+    layer = SparseLowRankLinear(in_f, out_f, rank=rnd.randint(4, 16), density=0.12, init=init,
+                                block=block, key=f"t{seed}", dtype=dtype)
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(2, rnd.randint(1, 30), in_f, dtype=dtype)
+    g = torch.randn(*x.shape[:-1], out_f, dtype=dtype)
+    A, B, v, b = layer.A.detach(), layer.B.detach(), layer.values.detach(), layer.bias.detach()
+    sup = (layer.sparse_crow, layer.sparse_col, layer.sparse_row)
+    y, xa = sl._forward_train_cuda(x, A, B, v, *sup, b, layer.scale)
+    assert xa.shape == (*x.shape[:-1], A.shape[0]) and xa.dtype == dtype
+    assert _rel(y, reference(x, A, B, v, *sup, b, layer.scale)) < TOL[dtype]
+    assert _rel(xa, x.double() @ A.double().t()) < TOL[dtype]
+
+    tokens = x.numel() // in_f
+    x_products = []
+    real = torch.Tensor.__matmul__
+
+    per = 16 // dtype.itemsize
+    widths = (in_f, -(-in_f // per) * per)   # x, or x with rows padded to 16 bytes
+
+    def spy(a, b_):   # a product with an x-shaped left operand (x Aᵀ or x A'ᵀ)
+        if a.dim() == 2 and a.shape[0] == tokens and a.shape[1] in widths:
+            x_products.append(tuple(b_.shape))
+        return real(a, b_)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    got = sl._backward_train_cuda(g, x, xa, A, B, v, *sup, layer.scale)
+    assert x_products == [], f"x Aᵀ computed again: {x_products}"
+    if fold == "never":   # the spy sees the plain backward's recomputation
+        sl._backward_cuda(g, x, A, B, v, *sup, layer.scale)
+        assert x_products
+    monkeypatch.undo()
+    want = reference_backward(g, x, A, B, v, *sup, layer.scale)
+    for name, a, b_ in zip(("dx", "dA", "dB", "dvalues"), got, want):
+        assert a.shape == b_.shape and a.dtype == b_.dtype, name
+        assert _rel(a, b_) < TOL[dtype], f"{name} (seed {seed}, {init}, block {block}, fold {fold})"

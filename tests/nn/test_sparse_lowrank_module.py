@@ -47,3 +47,45 @@ def test_support_is_in_the_state_dict_as_index_buffers():
     other.load_state_dict(sd)
     x = torch.randn(3, 10)
     assert torch.equal(other(x), mod(x))
+
+
+def _compiled_ops(layer, x, grad_enabled=True):
+    """The structrewrite ops in the graph torch.compile captures for ``layer(x)`` (run
+    through AOTAutograd), and the output."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad_enabled):
+        y = torch.compile(layer, backend=backend, fullgraph=True)(x)
+    names = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    return {n.split(".")[1] for n in names if n.startswith("structrewrite.")}, y
+
+
+@pytest.mark.parametrize("init,block,train_op", [("lost", 1, True), ("random", 16, True),
+                                                 ("random", 1, False)])
+def test_compiled_training_keeps_xa_for_tile_and_channel_supports(init, block, train_op):
+    """Under torch.compile a training step of a tile or channel-wise layer goes through
+    ``sparse_lowrank_linear_train`` (x Aᵀ kept for the backward) and matches the eager
+    layer; a random support, inference and export keep ``sparse_lowrank_linear``."""
+    torch.manual_seed(0)
+    layer = SparseLowRankLinear(48, 40, rank=6, density=0.1, init=init, block=block, key="c")
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    g = torch.randn(3, 5, 40)
+    params = [x, layer.A, layer.B, layer.values, layer.bias]
+    ops, y = _compiled_ops(layer, x)
+    assert ops == ({"sparse_lowrank_linear_train"} if train_op else {"sparse_lowrank_linear"})
+    got = torch.autograd.grad(y, params, g)
+    want = torch.autograd.grad(layer(x), params, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert _compiled_ops(layer, x, grad_enabled=False)[0] == {"sparse_lowrank_linear"}
+    exported = torch.export.export(layer, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert any("sparse_lowrank_linear.default" in t for t in targets)
+    assert not any("_train" in t for t in targets)

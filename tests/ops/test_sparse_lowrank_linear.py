@@ -123,3 +123,40 @@ def test_fake_impl_and_opcheck():
         fx_ = fm.from_tensor(x)
         out = op(fx_, *(fm.from_tensor(t) for t in (A, B, v, crow, col, row, b)), 0.5)
         assert out.shape == (2, 3, 16)
+
+
+def test_train_ops_fake_impl_opcheck_and_reference():
+    """``sparse_lowrank_linear_train`` returns y and x Aᵀ; its backward given that x Aᵀ
+    equals the op's backward; both pass opcheck and have fake implementations."""
+    A, B, v, crow, col, row, b = make(16, 12, 4, 0.1, dtype=torch.float64)
+    x = torch.randn(2, 3, 12, dtype=torch.float64)
+    g = torch.randn(2, 3, 16, dtype=torch.float64)
+    train = torch.ops.structrewrite.sparse_lowrank_linear_train
+    back = torch.ops.structrewrite.sparse_lowrank_linear_backward_train
+    torch.library.opcheck(train, (x, A, B, v, crow, col, row, b, 0.5))
+    y, xa = mod.reference_train(x, A, B, v, crow, col, row, b, 0.5)
+    torch.testing.assert_close(y, mod.reference(x, A, B, v, crow, col, row, b, 0.5))
+    torch.testing.assert_close(xa, x @ A.t())
+    torch.library.opcheck(back, (g, x, xa, A, B, v, crow, col, row, 0.5))
+    for got, want in zip(mod.reference_backward_train(g, x, xa, A, B, v, crow, col, row, 0.5),
+                         mod.reference_backward(g, x, A, B, v, crow, col, row, 0.5)):
+        torch.testing.assert_close(got, want)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as fm:
+        f = [fm.from_tensor(t) for t in (x, A, B, v, crow, col, row, b)]
+        y_f, xa_f = train(*f, 0.5)
+        assert y_f.shape == (2, 3, 16) and xa_f.shape == (2, 3, 4)
+
+
+def test_train_op_autograd_matches_the_op_and_xa_is_not_differentiable():
+    A, B, v, crow, col, row, b = make(16, 12, 4, 0.1, dtype=torch.float64)
+    params = [t.clone().requires_grad_() for t in (A, B, v, b)]
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 16, dtype=torch.float64)
+    y, xa = torch.ops.structrewrite.sparse_lowrank_linear_train(x, params[0], params[1], params[2],
+                                                                crow, col, row, params[3], 0.5)
+    assert not xa.requires_grad
+    got = torch.autograd.grad(y, [x, *params], g)
+    y2 = op(x, params[0], params[1], params[2], crow, col, row, params[3], 0.5)
+    want = torch.autograd.grad(y2, [x, *params], g)
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_)

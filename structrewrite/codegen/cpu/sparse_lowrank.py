@@ -49,11 +49,13 @@ import torch
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel   # plain torch, no Triton
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded     # plain torch, no Triton
 from structrewrite.codegen.triton.support_cache import cached
-from structrewrite.codegen.triton.support_plan import plan                  # plain torch, no Triton
+from structrewrite.codegen.triton.support_plan import kept_xa, plan         # plain torch, no Triton
 from structrewrite.ops import sparse_lowrank_linear as ref
 
 OP = "structrewrite::sparse_lowrank_linear"
 OP_BACKWARD = "structrewrite::sparse_lowrank_linear_backward"
+OP_TRAIN = "structrewrite::sparse_lowrank_linear_train"
+OP_BACKWARD_TRAIN = "structrewrite::sparse_lowrank_linear_backward_train"
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # torch.sparse_csr_tensor warns once per process that CSR support is in beta; this module
 # uses the CSR products that PyTorch has shipped since 1.13 (matmul, sampled_addmm)
@@ -127,18 +129,21 @@ def _folds(how, x, A, B, values) -> bool:
             and folded.folds(x, A, B, values, "cpu"))
 
 
-def forward(x, A, B, values, crow, col, row, bias, scale):
+def forward(x, A, B, values, crow, col, row, bias, scale, saved=None):
+    """``saved``: a list that receives what the backward can reuse (``kept_xa``)."""
     if not _covered(x, A, B, values, bias):
         return ref.reference(x, A, B, values, crow, col, row, bias, scale)
     in_features, out_features = A.shape[1], B.shape[0]
     how = plan(crow, col, row, out_features, in_features)
     if how.kind == "channel":   # dense GEMMs at rank r + k, no CSR product
-        return channel.forward(x, A, B, values, how.cols, bias, scale)
+        return channel.forward(x, A, B, values, how.cols, bias, scale, saved=saved)
     if _folds(how, x, A, B, values):   # W a chunk at a time, dense GEMMs
         return folded.forward(x, A, B, values, crow, col, row, bias, scale, memo=how.memo)
     acc = ref._acc(x)
     x2 = x.reshape(-1, in_features)
     t = x2 @ A.t()
+    if saved is not None:
+        saved.append(t)
     if bias is not None and acc == x.dtype:
         y = torch.addmm(bias, t, B.t(), alpha=scale)
     else:   # half types: the low-rank product rounded once, then sums in float32
@@ -154,13 +159,15 @@ def forward(x, A, B, values, crow, col, row, bias, scale):
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
-def backward(grad, x, A, B, values, crow, col, row, scale):
-    if not _covered(grad, x, A, B, values):
-        return ref.reference_backward(grad, x, A, B, values, crow, col, row, scale)
+def backward(grad, x, A, B, values, crow, col, row, scale, xa=None):
+    """``xa``: x Aᵀ from the forward (``sparse_lowrank_linear_train``), else recomputed."""
+    if not _covered(grad, x, A, B, values) or (xa is not None and xa.dtype != x.dtype):
+        return ref.reference_backward(grad, x, A, B, values, crow, col, row, scale, xa=xa)
     in_features, out_features = A.shape[1], B.shape[0]
+    xa = None if xa is None else xa.reshape(-1, A.shape[0])
     how = plan(crow, col, row, out_features, in_features)
     if how.kind == "channel":
-        return channel.backward(grad, x, A, B, values, how.cols, scale)
+        return channel.backward(grad, x, A, B, values, how.cols, scale, xa=xa)
     if _folds(how, x, A, B, values):
         return folded.backward(grad, x, A, B, values, crow, col, row, scale, memo=how.memo)
     acc = ref._acc(x)
@@ -169,7 +176,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     gB = g2 @ B
     dx = (gB @ A).to(acc).mul_(scale)
     dA = (gB.t() @ x2).to(acc).mul_(scale)
-    dB = (g2.t() @ (x2 @ A.t())).to(acc).mul_(scale)
+    dB = (g2.t() @ (x2 @ A.t() if xa is None else xa)).to(acc).mul_(scale)
     if values.numel() and x2.shape[0] and how.kind == "block":
         index = _tile_index(how.layout)
         dV = _tiles_backward(dx, g2.to(acc), x2.to(acc), values.to(acc)[index], how.layout)
@@ -185,8 +192,21 @@ def backward(grad, x, A, B, values, crow, col, row, scale):
     return dx.to(x.dtype).reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv.to(values.dtype)
 
 
+def forward_train(x, A, B, values, crow, col, row, bias, scale):
+    """``sparse_lowrank_linear_train``: (y, x Aᵀ), x Aᵀ taken from the forward's own work."""
+    saved: list = []
+    y = forward(x, A, B, values, crow, col, row, bias, scale, saved=saved)
+    return y, kept_xa(saved, x, A)
+
+
+def backward_train(grad, x, xa, A, B, values, crow, col, row, scale):
+    return backward(grad, x, A, B, values, crow, col, row, scale, xa=xa)
+
+
 def register() -> list[str]:
     """Register these as the ops' CPU implementations (called by the package)."""
     torch.library.register_kernel(OP, "cpu", ref.autocast_off(forward))
     torch.library.register_kernel(OP_BACKWARD, "cpu", ref.autocast_off(backward))
-    return [OP, OP_BACKWARD]
+    torch.library.register_kernel(OP_TRAIN, "cpu", ref.autocast_off(forward_train))
+    torch.library.register_kernel(OP_BACKWARD_TRAIN, "cpu", ref.autocast_off(backward_train))
+    return [OP, OP_BACKWARD, OP_TRAIN, OP_BACKWARD_TRAIN]

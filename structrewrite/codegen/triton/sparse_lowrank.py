@@ -122,12 +122,14 @@ from structrewrite.codegen.triton import sparse_lowrank_block as block
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
-from structrewrite.codegen.triton.support_plan import Plan, csc_of, plan  # noqa: F401  (re-exported)
+from structrewrite.codegen.triton.support_plan import Plan, csc_of, kept_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import autocast_off
 
 OP = "structrewrite::sparse_lowrank_linear"
 OP_BACKWARD = "structrewrite::sparse_lowrank_linear_backward"
+OP_TRAIN = "structrewrite::sparse_lowrank_linear_train"
+OP_BACKWARD_TRAIN = "structrewrite::sparse_lowrank_linear_backward_train"
 
 
 # ----------------------------------------------------------------------------------
@@ -560,6 +562,23 @@ def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=N
     return backward(grad, x, A, B, values, crow, col, row, scale, saved=saved)
 
 
+def _forward_train_cuda(x, A, B, values, crow, col, row, bias, scale):
+    """``sparse_lowrank_linear_train``: (y, x Aᵀ), x Aᵀ taken from the forward's own work
+    (``kept_xa``; the folded path has none and computes it)."""
+    saved: list = []
+    y = _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=saved)
+    return y, kept_xa(saved, x, A)
+
+
+def _backward_train_cuda(grad, x, xa, A, B, values, crow, col, row, scale):
+    """``sparse_lowrank_linear_backward_train``: the backward with x Aᵀ given."""
+    how = plan(crow, col, row, B.shape[0], A.shape[1])
+    xa = xa.reshape(-1, A.shape[0])
+    if how.kind == "channel":
+        return channel.backward(grad, x, A, B, values, how.cols, scale, xa=xa)
+    return _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=[xa], how=how)
+
+
 class EagerFunction(torch.autograd.Function):
     """The same kernels as the op's CUDA implementation, called without the dispatcher.
 
@@ -605,4 +624,6 @@ def register() -> list[str]:
     """Register the kernels as the op's CUDA implementation (called by the package)."""
     torch.library.register_kernel(OP, "cuda", autocast_off(_forward_cuda))
     torch.library.register_kernel(OP_BACKWARD, "cuda", autocast_off(_backward_cuda))
-    return [OP, OP_BACKWARD]
+    torch.library.register_kernel(OP_TRAIN, "cuda", autocast_off(_forward_train_cuda))
+    torch.library.register_kernel(OP_BACKWARD_TRAIN, "cuda", autocast_off(_backward_train_cuda))
+    return [OP, OP_BACKWARD, OP_TRAIN, OP_BACKWARD_TRAIN]

@@ -146,9 +146,21 @@ def forward(x, A, B, values, cols, bias, scale, saved=None):
     return aligned.cols(y, out_features).reshape(*x.shape[:-1], out_features)
 
 
-def backward(grad, x, A, B, values, cols, scale, saved=()):
-    """``saved``: what ``forward`` put in its list (else recomputed; ``x`` is then only
-    read through it). With
+def _widened_input(x2, xa, cols, e: float, R: int):
+    """t = x2 A'ᵀ = [x Aᵀ, e·x[:, cols], 0] (M x R) from ``xa`` = x Aᵀ: a gather of k
+    columns instead of the GEMM (e·x is exact, as in the GEMM's one-hot rows)."""
+    picked = x2.index_select(1, cols)
+    if e != 1.0:
+        picked = picked * e
+    pad = R - xa.shape[1] - cols.numel()
+    parts = [xa, picked] + ([x2.new_zeros(x2.shape[0], pad)] if pad else [])
+    return torch.cat(parts, dim=1)
+
+
+def backward(grad, x, A, B, values, cols, scale, saved=(), xa=None):
+    """``saved``: what ``forward`` put in its list; else ``xa`` = x Aᵀ (M x r) from the
+    forward (``sparse_lowrank_linear_train``), from which t is put together without a
+    GEMM; else t is recomputed (``x`` is then only read through it). With
     ``y = alpha · t W'ᵀ``: ``dt = alpha · g W'``, ``dx = dt A'``, ``dA = dt[:, :r]ᵀ x`` and
     ``alpha · gᵀ t`` holds dB (times beta) and d values (alpha·e = 1)."""
     in_features, out_features = A.shape[1], B.shape[0]
@@ -161,7 +173,7 @@ def backward(grad, x, A, B, values, cols, scale, saved=()):
     else:
         Aw, Ww = _widened(A, B, values, cols, split, in_p, out_p)
         x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p)
-        t = x2 @ Aw.t()
+        t = x2 @ Aw.t() if xa is None else _widened_input(x2, xa, cols, split[2], Aw.shape[0])
     g2 = aligned.pad_cols(grad.reshape(-1, out_features), out_p)
     dt = aligned.mm(g2, Ww, alpha)                       # M x R
     dx = aligned.cols(dt @ Aw, in_features)              # the rows of E add dt's channel columns at cols

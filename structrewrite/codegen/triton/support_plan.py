@@ -54,3 +54,18 @@ def csc_of(col: torch.Tensor, row: torch.Tensor, in_features: int):
         ptr[1:] = torch.cumsum(counts, 0)
         return ptr, row[perm].contiguous(), perm.int(), col[perm].contiguous()
     return cached("csc", (col, row), (in_features, col.device), build)
+
+
+def kept_xa(saved: list, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """x Aᵀ, shaped (..., rank), from what an implementation's forward kept for its
+    backward in ``saved`` (``sparse_lowrank_linear_train``): ``[x Aᵀ]`` (gather and tile
+    paths), ``[x, x A'ᵀ, A', W']`` (channel path: A's rows come first in A'), or nothing
+    (folded path, the reference: computed here)."""
+    r = A.shape[0]
+    if len(saved) == 1:
+        t = saved[0]
+    elif saved:
+        t = saved[1][:, :r].contiguous()
+    else:
+        t = x.reshape(-1, A.shape[1]) @ A.t()
+    return t.reshape(*x.shape[:-1], r)
