@@ -221,7 +221,8 @@ def test_train_ops_keep_xa_and_match_the_reference(dtype, kind, monkeypatch):
             seen.append(tuple(b.shape))
         return real(a, b)
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
-    got = torch.ops.structrewrite.sparse_lowrank_linear_backward_train(g, x, xa, *args[1:7], args[8])
+    back = torch.ops.structrewrite.sparse_lowrank_linear_backward_train
+    got = back(g, x, xa, *args[1:7], args[8])
     assert seen == [], f"x Aᵀ computed again: {seen}"
     if not (kind == "random-folded" and dtype == torch.float32):   # the spy sees a recompute
         torch.ops.structrewrite.sparse_lowrank_linear_backward(g, *args[:7], args[8])

@@ -10,7 +10,8 @@ Split of the work
 (For an element-wise support the op first asks ``sparse_lowrank_folded.pays`` whether
 the folded path, W built a chunk at a time and multiplied on cuBLAS, is cheaper for the
 call; what follows is the other path, the gather kernels.)
-The six low-rank products (plus ``x Aᵀ`` recomputed in the backward) are dense GEMMs
+The six low-rank products (plus ``x Aᵀ`` again in the backward where the forward did
+not keep it: ``EagerFunction`` and ``sparse_lowrank_linear_train`` do) are dense GEMMs
 with ``r`` = 8..in/2 on one side; cuBLAS (``torch.matmul``) runs them. Triton runs the
 rest, as three kernels:
 

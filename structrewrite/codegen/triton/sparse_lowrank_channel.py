@@ -173,7 +173,10 @@ def backward(grad, x, A, B, values, cols, scale, saved=(), xa=None):
     else:
         Aw, Ww = _widened(A, B, values, cols, split, in_p, out_p)
         x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p)
-        t = x2 @ Aw.t() if xa is None else _widened_input(x2, xa, cols, split[2], Aw.shape[0])
+        if xa is None:
+            t = x2 @ Aw.t()
+        else:
+            t = _widened_input(x2, xa, cols, split[2], Aw.shape[0])
     g2 = aligned.pad_cols(grad.reshape(-1, out_features), out_p)
     dt = aligned.mm(g2, Ww, alpha)                       # M x R
     dx = aligned.cols(dt @ Aw, in_features)              # the rows of E add dt's channel columns at cols
