@@ -164,10 +164,15 @@ def reference_backward(grad, x, A, B, values, crow, col, row, scale: float, xa=N
             dv.to(values.dtype))
 
 
-@sparse_lowrank_linear_backward.register_fake
-def _(grad, x, A, B, values, crow, col, row, scale):
+def _grads_like(x, A, B, values):
+    """Fake outputs of a backward op: (dx, dA, dB, dvalues)."""
     return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
             torch.empty_like(values))
+
+
+@sparse_lowrank_linear_backward.register_fake
+def _(grad, x, A, B, values, crow, col, row, scale):
+    return _grads_like(x, A, B, values)
 
 
 def _setup_context(ctx, inputs, output):
@@ -177,12 +182,16 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _input_grads(ctx, grad, grads):
+    """The gradients of the op's nine inputs, from a backward op's (dx, dA, dB, dvalues)."""
+    dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return (*grads, None, None, None, dbias, None)
+
+
 def _backward(ctx, grad):
     x, A, B, values, crow, col, row = ctx.saved_tensors
-    dx, dA, dB, dv = torch.ops.structrewrite.sparse_lowrank_linear_backward(
-        grad, x, A, B, values, crow, col, row, ctx.scale)
-    dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return dx, dA, dB, dv, None, None, None, dbias, None
+    return _input_grads(ctx, grad, torch.ops.structrewrite.sparse_lowrank_linear_backward(
+        grad, x, A, B, values, crow, col, row, ctx.scale))
 
 
 sparse_lowrank_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -251,8 +260,7 @@ def reference_backward_train(grad, x, xa, A, B, values, crow, col, row, scale: f
 
 @sparse_lowrank_linear_backward_train.register_fake
 def _(grad, x, xa, A, B, values, crow, col, row, scale):
-    return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(values))
+    return _grads_like(x, A, B, values)
 
 
 def _setup_context_train(ctx, inputs, output):
@@ -266,10 +274,8 @@ def _setup_context_train(ctx, inputs, output):
 
 def _backward_train(ctx, grad, _grad_xa):
     x, xa, A, B, values, crow, col, row = ctx.saved_tensors
-    dx, dA, dB, dv = torch.ops.structrewrite.sparse_lowrank_linear_backward_train(
-        grad, x, xa, A, B, values, crow, col, row, ctx.scale)
-    dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return dx, dA, dB, dv, None, None, None, dbias, None
+    return _input_grads(ctx, grad, torch.ops.structrewrite.sparse_lowrank_linear_backward_train(
+        grad, x, xa, A, B, values, crow, col, row, ctx.scale))
 
 
 sparse_lowrank_linear_train.register_autograd(_backward_train, setup_context=_setup_context_train)
