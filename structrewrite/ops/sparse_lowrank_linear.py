@@ -175,11 +175,16 @@ def _(grad, x, A, B, values, crow, col, row, scale):
     return _grads_like(x, A, B, values)
 
 
-def _setup_context(ctx, inputs, output):
+def _keep(ctx, inputs, *kept):
+    """Save the op's inputs for its backward, ``kept`` (tensors the forward made) after x."""
     x, A, B, values, crow, col, row, bias, scale = inputs
-    ctx.save_for_backward(x, A, B, values, crow, col, row)
+    ctx.save_for_backward(x, *kept, A, B, values, crow, col, row)
     ctx.scale = scale
     ctx.has_bias = bias is not None
+
+
+def _setup_context(ctx, inputs, output):
+    _keep(ctx, inputs)
 
 
 def _input_grads(ctx, grad, grads):
@@ -264,12 +269,9 @@ def _(grad, x, xa, A, B, values, crow, col, row, scale):
 
 
 def _setup_context_train(ctx, inputs, output):
-    x, A, B, values, crow, col, row, bias, scale = inputs
     xa = output[1]
     ctx.mark_non_differentiable(xa)
-    ctx.save_for_backward(x, xa, A, B, values, crow, col, row)
-    ctx.scale = scale
-    ctx.has_bias = bias is not None
+    _keep(ctx, inputs, xa)
 
 
 def _backward_train(ctx, grad, _grad_xa):

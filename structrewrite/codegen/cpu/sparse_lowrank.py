@@ -49,7 +49,7 @@ import torch
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel   # plain torch, no Triton
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded     # plain torch, no Triton
 from structrewrite.codegen.triton.support_cache import cached
-from structrewrite.codegen.triton.support_plan import kept_xa, plan         # plain torch, no Triton
+from structrewrite.codegen.triton.support_plan import forward_keeping_xa, plan   # plain torch
 from structrewrite.ops import sparse_lowrank_linear as ref
 
 OP = "structrewrite::sparse_lowrank_linear"
@@ -130,7 +130,7 @@ def _folds(how, x, A, B, values) -> bool:
 
 
 def forward(x, A, B, values, crow, col, row, bias, scale, saved=None):
-    """``saved``: a list that receives what the backward can reuse (``kept_xa``)."""
+    """``saved``: a list that receives what the backward can reuse (``support_plan.kept_xa``)."""
     if not _covered(x, A, B, values, bias):
         return ref.reference(x, A, B, values, crow, col, row, bias, scale)
     in_features, out_features = A.shape[1], B.shape[0]
@@ -194,9 +194,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale, xa=None):
 
 def forward_train(x, A, B, values, crow, col, row, bias, scale):
     """``sparse_lowrank_linear_train``: (y, x Aᵀ), x Aᵀ taken from the forward's own work."""
-    saved: list = []
-    y = forward(x, A, B, values, crow, col, row, bias, scale, saved=saved)
-    return y, kept_xa(saved, x, A)
+    return forward_keeping_xa(forward, x, A, B, values, crow, col, row, bias, scale)
 
 
 def backward_train(grad, x, xa, A, B, values, crow, col, row, scale):

@@ -123,7 +123,7 @@ from structrewrite.codegen.triton import sparse_lowrank_block as block
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
-from structrewrite.codegen.triton.support_plan import Plan, csc_of, kept_xa, plan  # noqa: F401  (re-exported)
+from structrewrite.codegen.triton.support_plan import Plan, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import autocast_off
 
@@ -551,10 +551,17 @@ def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=
     return forward(x, A, B, values, crow, col, row, bias, scale, saved=saved)
 
 
-def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=None, fold=None):
+def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=None, fold=None,
+                   xa=None):
+    """``saved``: what the forward kept (``EagerFunction``); ``xa``: x Aᵀ from the
+    forward (``sparse_lowrank_linear_train``); without either, x Aᵀ is computed again."""
     how = how or plan(crow, col, row, B.shape[0], A.shape[1])
+    if xa is not None:
+        xa = xa.reshape(-1, A.shape[0])
     if how.kind == "channel":
-        return channel.backward(grad, x, A, B, values, how.cols, scale, saved=saved)
+        return channel.backward(grad, x, A, B, values, how.cols, scale, saved=saved, xa=xa)
+    if not saved and xa is not None:   # what the gather and tile backward passes take
+        saved = [xa]
     if how.kind == "block":
         return block.backward(grad, x, A, B, values, crow, col, row, scale, how.layout.b,
                               saved=saved, lay=how.layout)
@@ -565,19 +572,13 @@ def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=N
 
 def _forward_train_cuda(x, A, B, values, crow, col, row, bias, scale):
     """``sparse_lowrank_linear_train``: (y, x Aᵀ), x Aᵀ taken from the forward's own work
-    (``kept_xa``; the folded path has none and computes it)."""
-    saved: list = []
-    y = _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=saved)
-    return y, kept_xa(saved, x, A)
+    (``forward_keeping_xa``; the folded path has none and computes it)."""
+    return forward_keeping_xa(_forward_cuda, x, A, B, values, crow, col, row, bias, scale)
 
 
 def _backward_train_cuda(grad, x, xa, A, B, values, crow, col, row, scale):
     """``sparse_lowrank_linear_backward_train``: the backward with x Aᵀ given."""
-    how = plan(crow, col, row, B.shape[0], A.shape[1])
-    xa = xa.reshape(-1, A.shape[0])
-    if how.kind == "channel":
-        return channel.backward(grad, x, A, B, values, how.cols, scale, xa=xa)
-    return _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=[xa], how=how)
+    return _backward_cuda(grad, x, A, B, values, crow, col, row, scale, xa=xa)
 
 
 class EagerFunction(torch.autograd.Function):

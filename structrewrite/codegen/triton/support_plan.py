@@ -6,7 +6,8 @@ Both the CUDA implementation (``sparse_lowrank.py``) and the CPU implementation
 b x b tiles (batched tile products), or element-wise (gather kernels on CUDA, CSR
 products on the CPU). The ``Plan`` is cached on the support buffers, and so is
 ``csc_of``, the support's entries in column order (for the gather kernels' dx and the
-folded path's column chunks).
+folded path's column chunks). ``forward_keeping_xa`` runs either implementation's
+forward for ``sparse_lowrank_linear_train`` and reads x Aᵀ out of what it kept.
 """
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def csc_of(col: torch.Tensor, row: torch.Tensor, in_features: int):
         ptr[1:] = torch.cumsum(counts, 0)
         return ptr, row[perm].contiguous(), perm.int(), col[perm].contiguous()
     return cached("csc", (col, row), (in_features, col.device), build)
+
+
+def forward_keeping_xa(forward, x, A, B, values, crow, col, row, bias, scale):
+    """(y, x Aᵀ) for ``sparse_lowrank_linear_train``: ``forward`` (an implementation's, with
+    a ``saved`` list argument) and x Aᵀ out of what it kept for its backward."""
+    saved: list = []
+    y = forward(x, A, B, values, crow, col, row, bias, scale, saved=saved)
+    return y, kept_xa(saved, x, A)
 
 
 def kept_xa(saved: list, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
