@@ -10,6 +10,7 @@ import random  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -21,8 +22,9 @@ from structrewrite.ops.sparse_lowrank_linear import reference, reference_backwar
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 KINDS = [("random", 1), ("lost", 1), ("random", 16)]
-# (in, out): aligned for both dtypes; misaligned in; misaligned out; both misaligned
-WIDTHS = [(64, 48), (53, 48), (64, 61), (50, 70)]
+# (in, out, rank): aligned for both dtypes; misaligned in; misaligned out; both
+# misaligned; a misaligned rank alone, and with every width misaligned
+WIDTHS = [(64, 48, 8), (53, 48, 8), (64, 61, 8), (50, 70, 8), (64, 48, 13), (53, 61, 13)]
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +63,8 @@ def test_scaled_mm_is_one_product_with_the_scale_applied(dtype):
     assert torch.equal(aligned.mm(a, b), a @ b)
 
 
-def _layer(in_f, out_f, init, block, dtype, seed):
-    layer = SparseLowRankLinear(in_f, out_f, rank=8, density=0.15, init=init, block=block,
+def _layer(in_f, out_f, init, block, dtype, seed, rank=8):
+    layer = SparseLowRankLinear(in_f, out_f, rank=rank, density=0.15, init=init, block=block,
                                 key=f"a{seed}", dtype=dtype)
     with torch.no_grad():
         layer.B.normal_()
@@ -71,11 +73,11 @@ def _layer(in_f, out_f, init, block, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("init,block", KINDS)
-@pytest.mark.parametrize("in_f,out_f", WIDTHS)
-def test_padded_widths_match_the_reference(in_f, out_f, init, block, dtype):
+@pytest.mark.parametrize("in_f,out_f,rank", WIDTHS)
+def test_padded_widths_match_the_reference(in_f, out_f, rank, init, block, dtype):
     seed = random.randrange(2**31)
     torch.manual_seed(seed)
-    layer = _layer(in_f, out_f, init, block, dtype, seed)
+    layer = _layer(in_f, out_f, init, block, dtype, seed, rank)
     x = torch.randn(2, 9, in_f, dtype=dtype, requires_grad=True)
     g = torch.randn(2, 9, out_f, dtype=dtype)
     args = (x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
@@ -98,3 +100,59 @@ def test_padded_widths_match_the_reference(in_f, out_f, init, block, dtype):
     for name, a, b in zip(("dx", "dA", "dB", "dvalues", "dbias"), grads, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert _rel(a, b) < TOL[dtype], f"eager {name} (seed {seed})"
+
+
+class _GemmOperands(TorchDispatchMode):
+    """Records the 2-D operands (and ``out``) of every matrix product issued."""
+    GEMMS = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
+             torch.ops.aten.addmm.out, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.GEMMS:
+            mats = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() >= 2]
+            self.seen.append((func, mats))
+        return func(*args, **kwargs)
+
+
+def _misaligned(t: torch.Tensor) -> bool:
+    """Whether cuBLAS would see this matrix off 16-byte boundaries: its start, or the step
+    between its rows (row-major) or columns (a transposed view)."""
+    es = t.element_size()
+    s0, s1 = t.stride(-2), t.stride(-1)
+    ld = s0 if s1 == 1 else s1
+    starts_off = (t.storage_offset() * es) % 16 != 0
+    return starts_off or (min(t.shape[-2:]) > 1 and (ld * es) % 16 != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("init,block,fold", [("random", 1, "never"), ("random", 1, "always"),
+                                             ("lost", 1, "never"), ("random", 16, "never")])
+def test_every_gemm_sees_aligned_operands(init, block, fold, dtype):
+    """At widths and a rank that are all misaligned (53 -> 61, rank 13), every product
+    of every path (gathers, folded, channel, tiles), forward and backward, in both
+    entries, reads and writes matrices whose rows start on 16-byte boundaries: what keeps
+    cuBLAS on its fast kernels (``aligned``). A rank left unpadded made x Aᵀ and g B
+    misaligned."""
+    from structrewrite.codegen.triton import sparse_lowrank_folded as folded
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    layer = _layer(53, 61, init, block, dtype, seed, rank=13)
+    x = torch.randn(2, 9, 53, dtype=dtype, requires_grad=True)
+    g = torch.randn(2, 9, 61, dtype=dtype)
+    args = (x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
+            layer.sparse_row, layer.bias, layer.scale)
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    with folded.forced(fold), _GemmOperands() as rec:
+        sl._forward_cuda(*plain)
+        sl._backward_cuda(g, *plain[:7], layer.scale)
+        y = sl.eager(*args)
+        torch.autograd.grad(y, [x, layer.A, layer.B, layer.values, layer.bias], g)
+    assert len(rec.seen) >= 6   # the low-rank products at least, each way
+    bad = [(str(f), tuple(m.shape), m.stride(), m.storage_offset()) for f, mats in rec.seen
+           for m in mats if _misaligned(m)]
+    assert not bad, f"misaligned GEMM operands (seed {seed}): {bad}"

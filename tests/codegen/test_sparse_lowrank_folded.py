@@ -28,7 +28,8 @@ def poison(monkeypatch):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk_elems", [1 << 22, 64 * 80])   # one chunk each way, or several
 @pytest.mark.parametrize("M, in_f, out_f, rank, density",
-                         [(37, 131, 203, 16, 0.05), (1, 64, 200, 8, 0.1), (50, 257, 130, 64, 0.0)])
+                         [(37, 131, 203, 16, 0.05), (1, 64, 200, 8, 0.1), (50, 257, 130, 64, 0.0),
+                          (29, 96, 136, 13, 0.05)])   # a misaligned rank, padded
 def test_folded_path_matches_the_reference(dtype, bias, chunk_elems, M, in_f, out_f, rank, density,
                                            monkeypatch):
     monkeypatch.setattr(fold, "CHUNK_ELEMS", chunk_elems)

@@ -464,10 +464,11 @@ def forward(x, A, B, values, crow, col, row, bias, scale, config=None, saved=Non
     if M == 0:
         return y.reshape(*x.shape[:-1], out_features)
     in_p, out_p = aligned.widths(A, B, x.dtype)
-    t = aligned.pad_cols(x2, in_p) @ aligned.pad_cols(A, in_p).t()
+    Ap, Bp = aligned.lowrank(A, B, x.dtype)
+    t = aligned.pad_cols(x2, in_p) @ Ap.t()          # M x r' (zero columns past the rank)
     if saved is not None:
         saved.append(t)
-    base = t @ aligned.pad_rows(B, out_p).t()         # cuBLAS, M x out_p; scaled in the epilogue
+    base = t @ Bp.t()                                 # cuBLAS, M x out_p; scaled in the epilogue
     xt = transpose(x2)
 
     def run(c):
@@ -494,11 +495,13 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
                 torch.zeros_like(B), torch.zeros_like(values))
     # the cuBLAS GEMMs take copies with aligned rows where a width is misaligned (``aligned``)
     in_p, out_p = aligned.widths(A, B, x.dtype)
-    ga, xa, Ap = aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p), aligned.pad_cols(A, in_p)
-    gBs = aligned.mm(ga, aligned.pad_rows(B, out_p), scale)   # M x r, scale folded in
-    xA = saved[0] if saved else xa @ Ap.t()
-    dA = aligned.cols(gBs.t() @ xa, in_features)
-    dB = aligned.mm(ga.t(), xA, scale)[:out_features]
+    r = A.shape[0]
+    Ap, Bp = aligned.lowrank(A, B, x.dtype)
+    ga, xa = aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p)
+    gBs = aligned.mm(ga, Bp, scale)                   # M x r', scale folded in
+    xA = aligned.pad_cols(saved[0], Ap.shape[0]) if saved else xa @ Ap.t()
+    dA = aligned.cols((gBs.t() @ xa)[:r], in_features)
+    dB = aligned.cols(aligned.mm(ga.t(), xA, scale)[:out_features], r)
     dx = _empty(x2.shape, x.dtype, x.device)
     nnz = values.numel()
     base = gBs @ Ap                                   # M x in_p

@@ -218,10 +218,11 @@ def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, s
     lay = lay or layout(crow, col, row, b, out_features, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     M = x2.shape[0]
-    t = aligned.pad_cols(x2, in_p) @ aligned.pad_cols(A, in_p).t()
+    Ap, Bp = aligned.lowrank(A, B, x.dtype)
+    t = aligned.pad_cols(x2, in_p) @ Ap.t()              # M x r' (zero columns past the rank)
     if saved is not None:
         saved.append(t)
-    base = t @ aligned.pad_rows(B, out_p).t()             # cuBLAS, M x out_p; scaled in the epilogue
+    base = t @ Bp.t()                                     # cuBLAS, M x out_p; scaled in the epilogue
     if M == 0:
         return aligned.cols(base, out_features).reshape(*x.shape[:-1], out_features)
     inplace = out_p == out_features                      # the epilogue then runs in place on base
@@ -253,10 +254,12 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
     if M == 0:
         return (torch.zeros_like(x), torch.zeros_like(A), torch.zeros_like(B),
                 torch.zeros_like(values))
-    Ap = aligned.pad_cols(A, in_p)
-    gBs = aligned.mm(g2, aligned.pad_rows(B, out_p), scale)   # M x r, scale folded in
-    dA = aligned.cols(gBs.t() @ x2, in_features)
-    dB = aligned.mm(g2.t(), saved[0] if saved else x2 @ Ap.t(), scale)[:out_features]
+    r = A.shape[0]
+    Ap, Bp = aligned.lowrank(A, B, x.dtype)
+    gBs = aligned.mm(g2, Bp, scale)                        # M x r', scale folded in
+    dA = aligned.cols((gBs.t() @ x2)[:r], in_features)
+    xA = aligned.pad_cols(saved[0], Ap.shape[0]) if saved else x2 @ Ap.t()
+    dB = aligned.cols(aligned.mm(g2.t(), xA, scale)[:out_features], r)
     base = gBs @ Ap                                        # cuBLAS, M x in_p
     inplace = in_p == in_features                          # the sparse part then added in place
     dx = base if inplace else _empty((M, in_features), x.dtype, x.device)

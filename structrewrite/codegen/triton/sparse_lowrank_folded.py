@@ -197,7 +197,8 @@ def forward(x, A, B, values, crow, col, row, bias, scale, memo: Optional[dict] =
     # misaligned widths: every product runs on zero-padded operands, so that cuBLAS sees
     # 16-byte multiples in every size and leading dimension (``aligned``)
     in_p, out_p = aligned.widths(A, B, x.dtype)
-    xa, Ap, Bp = aligned.pad_cols(x2, in_p), aligned.pad_cols(A, in_p), aligned.pad_rows(B, out_p)
+    xa = aligned.pad_cols(x2, in_p)
+    Ap, Bp = aligned.lowrank(A, B, x.dtype)     # the rank padded too: r' x in_p, out_p x r'
     if bias is not None:
         bias = aligned.pad_cols(bias.to(x.dtype), out_p)
     v = values.to(x.dtype)
@@ -221,11 +222,12 @@ def backward(grad, x, A, B, values, crow, col, row, scale, memo: Optional[dict] 
     M = x2.shape[0]
     in_p, out_p = aligned.widths(A, B, x.dtype)
     ga, xa = aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p)
-    Ap, Bp = aligned.pad_cols(A, in_p), aligned.pad_rows(B, out_p)
+    Ap, Bp = aligned.lowrank(A, B, x.dtype)
+    r = A.shape[0]
     v = values.to(x.dtype)
     same = values.dtype == x.dtype
     dv = _empty(values.shape, values.dtype, values.device)
-    dB = _empty((out_p, B.shape[1]), B.dtype, B.device)
+    dB = _empty((out_p, Bp.shape[1]), B.dtype, B.device)
     dA = None
     lay = layout(crow, col, row, out_features, in_features, in_p, out_p, memo)
     for r0, r1, e0, e1, flat in lay.rows:
@@ -235,7 +237,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale, memo: Optional[dict] 
         else:
             dv[e0:e1] = dW.view(-1).index_select(0, flat)
         aligned.mm(dW, Ap.t(), scale, out=dB[r0:r1])
-        part = aligned.mm(Bp[r0:r1].t(), dW, scale)              # r x in_p
+        part = aligned.mm(Bp[r0:r1].t(), dW, scale)              # r' x in_p
         del dW
         if len(lay.rows) == 1:
             dA = part
@@ -243,7 +245,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale, memo: Optional[dict] 
             dA = part.to(torch.promote_types(part.dtype, torch.float32))
         else:
             dA += part
-    dA = aligned.cols(dA.to(A.dtype), in_features)
+    dA = aligned.cols(dA[:r].to(A.dtype), in_features)
     dx = _empty((M, in_p), x.dtype, x.device)
     if lay.cols is None:   # W is one chunk: built again as in the forward, dx = g W
         (r0, r1, e0, e1, flat), = lay.rows
@@ -255,5 +257,5 @@ def backward(grad, x, A, B, values, crow, col, row, scale, memo: Optional[dict] 
             Wt = aligned.mm(Ap[:, j0:j1].t(), Bp.t(), scale)      # (j1 - j0) x out_p
             Wt.view(-1).index_add_(0, flat, vc[p0:p1])
             torch.mm(ga, Wt.t(), out=dx[:, j0:j1])
-    dB = dB if out_p == out_features else dB[:out_features].contiguous()
+    dB = aligned.cols(dB[:out_features], r)
     return aligned.cols(dx, in_features).reshape(x.shape), dA, dB, dv

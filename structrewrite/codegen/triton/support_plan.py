@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from structrewrite.codegen.triton import block_layout
+from structrewrite.codegen.triton import aligned, block_layout
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton.support_cache import cached
 
@@ -71,8 +71,8 @@ def kept_xa(saved: list, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     paths), ``[x, x A'ᵀ, A', W']`` (channel path: A's rows come first in A'), or nothing
     (folded path, the reference: computed here)."""
     r = A.shape[0]
-    if len(saved) == 1:
-        t = saved[0]
+    if len(saved) == 1:   # x A'ᵀ, wider than r where the rank is padded (``aligned.lowrank``)
+        t = aligned.cols(saved[0], r)
     elif saved:
         t = saved[1][:, :r].contiguous()
     else:
