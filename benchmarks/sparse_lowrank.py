@@ -463,7 +463,7 @@ def _block_breakdown(support, x, g, A, B, scale, reps):
             "fwd bsr_spmm+epilogue": lambda i: blk.bsr_spmm(x, lay, values, out_f, y, False, base=y, scale=scale, config=cfg_f),
             "dx bsr_spmm+epilogue": lambda i: blk.bsr_spmm(g, lay, values, in_f, dx, True, base=dx, config=cfg_t),
             "dvalues bsr_sddmm": lambda i: blk.bsr_sddmm(g, x, lay, config=cfg_d),
-                "low-rank GEMMs fwd+bwd (6)": lambda i: _lowrank_gemms(x, g, A, B, recompute=False),
+            "low-rank GEMMs fwd+bwd (6)": lambda i: _lowrank_gemms(x, g, A, B, recompute=False),
         }
         out = {k: timeit(f, 1, reps=reps)["median_ms"] for k, f in parts.items()}
     out["configs"] = {"bsr_spmm": cfg_f, "bsr_spmm_t": cfg_t, "bsr_sddmm": cfg_d}
@@ -471,12 +471,12 @@ def _block_breakdown(support, x, g, A, B, scale, reps):
 
 
 def _lowrank_gemms(x, g, A, B, recompute=True):
-    """The cuBLAS GEMMs of a fwd+bwd as the implementation runs them (widths padded to 16
-    bytes where misaligned, the pads included): seven where the backward recomputes x Aᵀ
-    (the op), six where it keeps the forward's (the layer's eager path)."""
+    """The cuBLAS GEMMs of a fwd+bwd as the implementation runs them (widths and rank
+    padded to 16 bytes where misaligned, the pads included): seven where the backward
+    recomputes x Aᵀ (the op), six where it keeps the forward's (the layer's eager path)."""
     in_p, out_p = aligned.widths(A, B, x.dtype)
     xa, ga = aligned.pad_cols(x, in_p), aligned.pad_cols(g, out_p)
-    Ap, Bp = aligned.pad_cols(A, in_p), aligned.pad_rows(B, out_p)
+    Ap, Bp = aligned.lowrank(A, B, x.dtype)
     xA = xa @ Ap.t()
     y = xA @ Bp.t()
     gB = ga @ Bp

@@ -502,6 +502,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
     xA = aligned.pad_cols(saved[0], Ap.shape[0]) if saved else xa @ Ap.t()
     dA = aligned.cols((gBs.t() @ xa)[:r], in_features)
     dB = aligned.cols(aligned.mm(ga.t(), xA, scale)[:out_features], r)
+    del xa, xA   # the padded copy of a misaligned x is not read again
     dx = _empty(x2.shape, x.dtype, x.device)
     nnz = values.numel()
     base = gBs @ Ap                                   # M x in_p

@@ -260,6 +260,13 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
     dA = aligned.cols((gBs.t() @ x2)[:r], in_features)
     xA = aligned.pad_cols(saved[0], Ap.shape[0]) if saved else x2 @ Ap.t()
     dB = aligned.cols(aligned.mm(g2.t(), xA, scale)[:out_features], r)
+    del xA
+    if sddmm_config is None:
+        sddmm_config = pick("bsr_sddmm", (bucket(M), out_features, in_features, lay.nt, b, x.dtype),
+                            SDDMM_CANDIDATES, lambda c: bsr_sddmm(g2, x2, lay, config=c),
+                            SDDMM_DEFAULT)
+    dv = bsr_sddmm(g2, x2, lay, config=sddmm_config).to(values.dtype)
+    del x2   # the last read of x: where it is misaligned, its padded copy goes before dx exists
     base = gBs @ Ap                                        # cuBLAS, M x in_p
     inplace = in_p == in_features                          # the sparse part then added in place
     dx = base if inplace else _empty((M, in_features), x.dtype, x.device)
@@ -275,9 +282,4 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
         spmm_config = pick("bsr_spmm_t", (bucket(M), in_features, out_features, lay.nt, b, x.dtype),
                            SPMM_CANDIDATES, trial, SPMM_DEFAULT)
     bsr_spmm(g2, lay, vals, in_features, dx, True, base=base, config=spmm_config)
-    if sddmm_config is None:
-        sddmm_config = pick("bsr_sddmm", (bucket(M), out_features, in_features, lay.nt, b, x.dtype),
-                            SDDMM_CANDIDATES, lambda c: bsr_sddmm(g2, x2, lay, config=c),
-                            SDDMM_DEFAULT)
-    dv = bsr_sddmm(g2, x2, lay, config=sddmm_config).to(values.dtype)
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv

@@ -246,6 +246,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale, memo: Optional[dict] 
         else:
             dA += part
     dA = aligned.cols(dA[:r].to(A.dtype), in_features)
+    del xa   # where x is misaligned, its padded copy goes before dx and its unpadded copy exist
     dx = _empty((M, in_p), x.dtype, x.device)
     if lay.cols is None:   # W is one chunk: built again as in the forward, dx = g W
         (r0, r1, e0, e1, flat), = lay.rows
