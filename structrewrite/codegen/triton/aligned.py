@@ -15,9 +15,9 @@ pads (``benchmarks/results/sparse_lowrank.md``). The implementations here pad th
   follows;
 * the small weight operands are padded per call (rank x width), and so is the rank
   itself where it is misaligned (``lowrank``): A gains zero rows and B zero columns, so
-  the tokens x rank products (x Aᵀ, g B) have aligned rows too. Unpadded, a rank of
-  1365 (in/4 at 5461 -> 2048) made the six low-rank GEMMs of a fwd+bwd take 8.8 ms
-  on the H200 instead of about 0.85 ms.
+  the tokens x rank products (x Aᵀ, g B) have aligned rows too. At 16384 x 5461 -> 2048,
+  rank 1365 (in/4), the six low-rank GEMMs of a fwd+bwd took 8.8 ms on the H200
+  unpadded and 1.9 ms padded to 1368 (``benchmarks/results/sparse_lowrank_mlp.md``).
 
 Zero padding keeps every sum exact: the extra columns of one operand meet zero columns
 of the other. Nothing is padded when the widths are aligned.
