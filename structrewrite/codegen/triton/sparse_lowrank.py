@@ -495,14 +495,9 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
                 torch.zeros_like(B), torch.zeros_like(values))
     # the cuBLAS GEMMs take copies with aligned rows where a width is misaligned (``aligned``)
     in_p, out_p = aligned.widths(A, B, x.dtype)
-    r = A.shape[0]
-    Ap, Bp = aligned.lowrank(A, B, x.dtype)
-    ga, xa = aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p)
-    gBs = aligned.mm(ga, Bp, scale)                   # M x r', scale folded in
-    xA = aligned.pad_cols(saved[0], Ap.shape[0]) if saved else xa @ Ap.t()
-    dA = aligned.cols((gBs.t() @ xa)[:r], in_features)
-    dB = aligned.cols(aligned.mm(ga.t(), xA, scale)[:out_features], r)
-    del xa, xA   # the padded copy of a misaligned x is not read again
+    # the padded copies of a misaligned x and g are read there only, and go with the call
+    gBs, Ap, dA, dB = aligned.lowrank_grads(aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p),
+                                            A, B, scale, saved[0] if saved else None)
     dx = _empty(x2.shape, x.dtype, x.device)
     nnz = values.numel()
     base = gBs @ Ap                                   # M x in_p

@@ -254,13 +254,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
     if M == 0:
         return (torch.zeros_like(x), torch.zeros_like(A), torch.zeros_like(B),
                 torch.zeros_like(values))
-    r = A.shape[0]
-    Ap, Bp = aligned.lowrank(A, B, x.dtype)
-    gBs = aligned.mm(g2, Bp, scale)                        # M x r', scale folded in
-    dA = aligned.cols((gBs.t() @ x2)[:r], in_features)
-    xA = aligned.pad_cols(saved[0], Ap.shape[0]) if saved else x2 @ Ap.t()
-    dB = aligned.cols(aligned.mm(g2.t(), xA, scale)[:out_features], r)
-    del xA
+    gBs, Ap, dA, dB = aligned.lowrank_grads(g2, x2, A, B, scale, saved[0] if saved else None)
     if sddmm_config is None:
         sddmm_config = pick("bsr_sddmm", (bucket(M), out_features, in_features, lay.nt, b, x.dtype),
                             SDDMM_CANDIDATES, lambda c: bsr_sddmm(g2, x2, lay, config=c),
