@@ -342,11 +342,16 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         def lowrank(x):
             return F.linear(F.linear(x, A), B)
 
+        def lowrank_padded(x):   # the same with widths and rank padded to 16 bytes (as ours pads)
+            Ap, Bp = aligned.lowrank(A, B, dtype)
+            return aligned.cols(F.linear(F.linear(aligned.pad_cols(x, in_p), Ap), Bp), out_f)
+
         peers = {"ours": (ours, [A, B, values]), "gathers": (gathers, [A, B, values]),
                  **{k: (with_support(k), [A, B, structured[k][1]]) for k in STRUCTURED},
                  "block32_op": (block32_op, [A, B, structured["block32"][1]]),
                  "dense": (dense, [W]), "dense_padded": (dense_padded, [W]),
-                 "sltrain": (sltrain, [A, B, values]), "lowrank": (lowrank, [A, B])}
+                 "sltrain": (sltrain, [A, B, values]), "lowrank": (lowrank, [A, B]),
+                 "lowrank_padded": (lowrank_padded, [A, B])}
         case = {"in": in_f, "out": out_f, "M": M, "rank": rank, "nnz": nnz, "density": DENSITY,
                 **{f"{k}_nnz": structured[k][1].numel() for k in STRUCTURED}}
         fwds, fwdbwds = {}, {}
@@ -503,13 +508,13 @@ def tables(report: Report, cases: list[dict]):
         for c in cases:
             o = m(c, f"ours_{what}")
             rows.append([f"{c['in']}->{c['out']}", c["rank"], c["nnz"], o, m(c, f"dense_{what}"),
-                         m(c, f"sltrain_{what}"), m(c, f"lowrank_{what}"),
+                         m(c, f"sltrain_{what}"), m(c, f"lowrank_{what}"), m(c, f"lowrank_padded_{what}"),
                          o / m(c, f"dense_{what}"), m(c, f"sltrain_{what}") / o,
                          c["flop_bound_ms"][f"ours_{what}"] / m(c, f"dense_{what}"),
                          c[f"ours_{what}_tflops"], 100 * c[f"ours_{what}_tflops"] / cl["matmul_bf16_tflops"],
                          c[f"ours_{what}_gbs"], 100 * c[f"ours_{what}_gbs"] / cl["copy_gbs"]])
         report.table(f"{title}: median ms (bf16, M={cases[0]['M']}, rank=in/4, density {DENSITY})",
-                     ["in->out", "rank", "nnz", "ours", "dense", "sltrain", "lowrank",
+                     ["in->out", "rank", "nnz", "ours", "dense", "sltrain", "lowrank", "lowrank_padded",
                       "ours/dense", "sltrain/ours", "FLOP bound/dense", "ours TFLOP/s",
                       "% matmul ceiling", "ours GB/s", "% copy ceiling"], rows,
                      note="ours: SparseLowRankLinear's eager CUDA path (EagerFunction: the op's kernels, "
@@ -519,10 +524,12 @@ def tables(report: Report, cases: list[dict]):
                           "multiplied on cuBLAS (the table of the ways of running a layer also has "
                           "'gathers', the same layer on the gather kernels). "
                           "dense: cuBLAS F.linear; sltrain: W = s·B@A + S materialised, then F.linear "
-                          "(autograd through W); lowrank: F.linear(F.linear(x, A), B). Target: "
+                          "(autograd through W); lowrank: F.linear(F.linear(x, A), B), and "
+                          "lowrank_padded the same on operands padded as ours pads them. Target: "
                           "ours/dense <= 0.75 and sltrain/ours >= 1.5 for fwd+bwd. FLOP bound: our "
                           "useful FLOPs at the measured matmul rate.")
-    mem_peers = ("ours", "gathers", *STRUCTURED, "dense", "dense_padded", "sltrain", "lowrank")
+    mem_peers = ("ours", "gathers", *STRUCTURED, "dense", "dense_padded", "sltrain", "lowrank",
+                 "lowrank_padded")
     rows = []
     for c in cases:
         rows.append([f"{c['in']}->{c['out']}", *[c[f"{p}_peak_extra_bytes"] / 2**20 for p in mem_peers],
@@ -546,7 +553,7 @@ def tables(report: Report, cases: list[dict]):
                       "bytes (see the table of the ways of running a layer).")
     report.table("Peak extra memory of one fwd+bwd (MiB, gradients included)",
                  ["in->out", "ours", "gathers", *[f"ours ({k})" for k in STRUCTURED], "dense", "dense_padded",
-                  "sltrain", "lowrank", "dense-free bound", "one out x in bf16 matrix"],
+                  "sltrain", "lowrank", "lowrank_padded", "dense-free bound", "one out x in bf16 matrix"],
                  rows, note="Dense-free bound: y, dx, dA, dB, dvalues and the two M x rank intermediates. "
                             "gathers and the tile kernels also hold xᵀ and gᵀ (M x in, M x out) and the "
                             "cuBLAS low-rank outputs that the sparse epilogues read; ours (folded) holds "
@@ -556,7 +563,8 @@ def tables(report: Report, cases: list[dict]):
                             "(2048->5461), the cuBLAS GEMMs read a padded copy of the incoming gradient "
                             "and write into padded buffers, one more M x out matrix at the peak, as "
                             "dense_padded holds; the bound counts none.")
-    launch_peers = ("ours", "gathers", *STRUCTURED, "block32_op", "dense", "dense_padded", "sltrain", "lowrank")
+    launch_peers = ("ours", "gathers", *STRUCTURED, "block32_op", "dense", "dense_padded", "sltrain", "lowrank",
+                    "lowrank_padded")
     get = lambda c, k: c[k]["median_ms"] if k in c else float("nan")  # noqa: E731
     rows = []
     def best(c, p):   # the fastest of the ways a user runs a layer: eager, graphed callable, compiled
@@ -566,10 +574,11 @@ def tables(report: Report, cases: list[dict]):
         for p in launch_peers:
             modes = [get(c, f"{p}_fwdbwd{h}") for h in ("", "_synced", "_graphed", "_callable", "_compiled")]
             rows.append([f"{c['in']}->{c['out']}", p, *modes, c[f"{p}_fwdbwd"]["host_ms"],
-                         best(c, p) / min(best(c, "dense"), best(c, "dense_padded"))])
+                         best(c, p) / min(best(c, "dense"), best(c, "dense_padded")),
+                         modes[2] / min(get(c, "dense_fwdbwd_graphed"), get(c, "dense_padded_fwdbwd_graphed"))])
     report.table("fwd+bwd in each way of running it (median ms)",
                  ["in->out", "peer", "b2b", "synced", "graphed", "graphed callable", "compiled", "host",
-                  "best / dense best"], rows,
+                  "best / dense best", "graphed / dense graphed"], rows,
                  note="b2b: eager calls issued back to back as in a training loop (the numbers of every "
                       "other table); synced: the device idles before each call, so each call also pays "
                       "its launch latency; graphed: the call captured once in a CUDA graph and replayed "
@@ -588,7 +597,10 @@ def tables(report: Report, cases: list[dict]):
                       "W and the output padded to 16-byte rows (what Inductor does; eager cuBLAS is slow "
                       "on a 5461-wide matrix). best / dense best: the fastest of b2b, graphed callable "
                       "and compiled (the ways a user runs a layer), over the fastest of the same for "
-                      "dense and dense_padded.")
+                      "dense and dense_padded. graphed / dense graphed: the device time alone, against "
+                      "the faster of dense and dense_padded graphed. lowrank_padded: lowrank with x, "
+                      "A and B padded to 16-byte rows and rank as ours pads them (a floor for any "
+                      "layer of rank r: no sparse part).")
     bkeys = [k for k in cases[0]["block_breakdown"] if k != "configs"]
     report.table("Breakdown of the block-sparse (block32) fwd+bwd (median ms of each part run alone)",
                  ["in->out", *bkeys, "sum", "op fwd+bwd", "tiles (spmm, spmm_t, sddmm)"],
