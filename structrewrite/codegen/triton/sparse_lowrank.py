@@ -100,9 +100,9 @@ that built tiles of ``Sᵀ`` in registers from the entries was correct but 4x to
 slower than the gather and is not included (benchmarks/README.md lists what was tried).
 So at this density and token count the op does not use them: the cost model of
 ``sparse_lowrank_folded.py`` sends the call to the folded path (W built a chunk at a
-time, cuBLAS products), 2.3-2.7 ms. The gathers remain the path for sparser supports
-and few tokens. Tile supports (32 x 32) run at 0.67-0.72x dense at 4096x4096 and
-channel-wise supports at 0.53x.
+time, cuBLAS products), 2.3-2.8 ms. The gathers remain the path for sparser supports
+and few tokens. Tile supports (32 x 32) run at 0.67-0.76x dense at 4096x4096 and
+channel-wise supports at 0.53-0.56x (runs up to 18:06 UTC).
 
 Misaligned widths
 -----------------
