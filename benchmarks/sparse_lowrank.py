@@ -452,26 +452,32 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
 
 
 def _block_breakdown(support, x, g, A, B, scale, reps):
-    """Median ms of each part of the block-sparse (32 x 32 tiles) fwd+bwd, with the tuned tiles."""
+    """Median ms of each part of the block-sparse (32 x 32 tiles) fwd+bwd, with the tiles
+    the op tuned, and the path it chose for d values (inside the dx kernel or apart)."""
     from structrewrite.codegen.triton import sparse_lowrank_block as blk
     (crow, col, row), values = support
     M, in_f, out_f = x.shape[0], x.shape[1], B.shape[0]
     lay = blk.layout(crow, col, row, 32, out_f, in_f)
     from structrewrite.codegen.triton.tuning import TUNED, bucket
-    key = lambda kind, n1, n2: (kind, bucket(M), n1, n2, lay.nt, 32, x.dtype)  # noqa: E731
-    cfg_f = TUNED.get(key("bsr_spmm", out_f, in_f), blk.SPMM_DEFAULT)
-    cfg_t = TUNED.get(key("bsr_spmm_t", in_f, out_f), blk.SPMM_DEFAULT)
-    cfg_d = TUNED.get(key("bsr_sddmm", out_f, in_f), blk.SDDMM_DEFAULT)
+    key = (bucket(M), in_f, out_f, lay.nt, 32, x.dtype)    # the backward's key
+    cfg_f = TUNED.get(("bsr_spmm", bucket(M), out_f, in_f, lay.nt, 32, x.dtype), blk.SPMM_DEFAULT)
+    cfg_td = TUNED.get(("bsr_spmm_t_dv", *key), blk.SPMM_DEFAULT)
+    cfg_t = TUNED.get(("bsr_spmm_t", *key), blk.SPMM_DEFAULT)
+    cfg_d = TUNED.get(("bsr_sddmm", *key), blk.SDDMM_DEFAULT)
+    path = TUNED.get(("bsr_dv_path", *key), "fused")
     with torch.no_grad():
         y, dx = torch.zeros(M, out_f, device=x.device, dtype=x.dtype), torch.zeros_like(x)
+        dv = torch.zeros(values.shape, device=x.device, dtype=torch.float32)
         parts = {
             "fwd bsr_spmm+epilogue": lambda i: blk.bsr_spmm(x, lay, values, out_f, y, False, base=y, scale=scale, config=cfg_f),
-            "dx bsr_spmm+epilogue": lambda i: blk.bsr_spmm(g, lay, values, in_f, dx, True, base=dx, config=cfg_t),
-            "dvalues bsr_sddmm": lambda i: blk.bsr_sddmm(g, x, lay, config=cfg_d),
+            "dx with d values (one bsr_spmm)": lambda i: blk.bsr_spmm(g, lay, values, in_f, dx, True, base=dx, config=cfg_td, x=x, dv=dv),
+            "dx bsr_spmm alone": lambda i: blk.bsr_spmm(g, lay, values, in_f, dx, True, base=dx, config=cfg_t),
+            "d values bsr_sddmm alone": lambda i: blk.bsr_sddmm(g, x, lay, config=cfg_d),
             "low-rank GEMMs fwd+bwd (6)": lambda i: _lowrank_gemms(x, g, A, B, recompute=False),
         }
         out = {k: timeit(f, 1, reps=reps)["median_ms"] for k, f in parts.items()}
-    out["configs"] = {"bsr_spmm": cfg_f, "bsr_spmm_t": cfg_t, "bsr_sddmm": cfg_d}
+    out["path"] = path
+    out["configs"] = {"bsr_spmm": cfg_f, "bsr_spmm_t_dv": cfg_td, "bsr_spmm_t": cfg_t, "bsr_sddmm": cfg_d}
     return out
 
 
@@ -601,15 +607,25 @@ def tables(report: Report, cases: list[dict]):
                       "the faster of dense and dense_padded graphed. lowrank_padded: lowrank with x, "
                       "A and B padded to 16-byte rows and rank as ours pads them (a floor for any "
                       "layer of rank r: no sparse part).")
-    bkeys = [k for k in cases[0]["block_breakdown"] if k != "configs"]
+    bkeys = [k for k in cases[0]["block_breakdown"] if k not in ("configs", "path")]
+
+    def bsum(bd):   # forward, the backward's sparse path as the op runs it, low-rank GEMMs
+        sparse = (bd["dx with d values (one bsr_spmm)"] if bd["path"] == "fused"
+                  else bd["dx bsr_spmm alone"] + bd["d values bsr_sddmm alone"])
+        return bd["fwd bsr_spmm+epilogue"] + sparse + bd["low-rank GEMMs fwd+bwd (6)"]
     report.table("Breakdown of the block-sparse (block32) fwd+bwd (median ms of each part run alone)",
-                 ["in->out", *bkeys, "sum", "op fwd+bwd", "tiles (spmm, spmm_t, sddmm)"],
+                 ["in->out", *bkeys, "d values path", "sum", "op fwd+bwd",
+                  "tiles (spmm, spmm_t with d values, spmm_t, sddmm)"],
                  [[f"{c['in']}->{c['out']}", *[c["block_breakdown"][k] for k in bkeys],
-                   sum(c["block_breakdown"][k] for k in bkeys), m(c, "block32_fwdbwd"),
+                   c["block_breakdown"]["path"], bsum(c["block_breakdown"]), m(c, "block32_fwdbwd"),
                    " ".join(str(v) for v in c["block_breakdown"]["configs"].values())] for c in cases],
-                 note="The kernels read the values in place (CSR order); 'sum' leaves out the small "
-                      "scalings, the sum of the gradient kernel's token-range partials and the bias "
-                      "gradient.")
+                 note="The kernels read the values in place (CSR order). d values come either from "
+                      "the dx kernel, which adds each token block's share into a float32 buffer "
+                      "(fused), or from a kernel of their own after dx (separate): the op times both "
+                      "once per problem and keeps the faster (and the separate one under "
+                      "torch.use_deterministic_algorithms). 'sum': forward, the chosen backward "
+                      "path and the low-rank GEMMs; it leaves out the small scalings, the zeroing "
+                      "and rounding of the d values buffer and the bias gradient.")
     keys = list(cases[0]["breakdown"])
     report.table("Breakdown of the random support's fwd+bwd on the gather kernels (median ms of "
                  "each part run alone)",

@@ -77,8 +77,13 @@ def test_forward_matches_reference(dtype, bias):
     assert err < TOL[dtype], f"rel err {err:.2e} (seed {seed}, b {b}, cfg {cfg})"
 
 
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_matches_reference(dtype):
+def test_backward_matches_reference(dtype, fuse, monkeypatch):
+    """d values from the dx kernel (``fuse``) or from the kernel of their own."""
+    monkeypatch.setattr(blk, "FUSE_DV", fuse)
+    if fuse:
+        monkeypatch.setattr(blk, "bsr_sddmm", lambda *a, **k: pytest.fail("separate d values kernel ran"))
     seed = random.randrange(2**31)
     b, p = _problem(dtype, False, seed)
     grad = torch.randn(*p["x"].shape[:-1], p["B"].shape[0],
@@ -136,6 +141,86 @@ def test_bsr_sddmm_against_dense_sample(dtype, config):
     assert torch.isfinite(dv).all(), f"unwritten entries (seed {seed})"
     ref = (gy.double().t() @ x.double())[row.long(), col.long()]
     assert _rel(dv, ref) < 1e-5, f"seed {seed}"   # float32 accumulation of exact products
+
+
+@pytest.mark.parametrize("config", SPMM_CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bsr_spmm_adds_d_values_alongside_dx(dtype, config):
+    """The transposed product with ``dv``: dx as without it, and gᵀ x at the support added
+    to what ``dv`` held (float32, tiles in CSR order), over every token block."""
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    b = random.Random(seed).choice([16, 32])
+    M, out_f, in_f = random.randint(1, 70), b * 3 + 2, b * 2 + 5
+    crow, col, row = _support(out_f, in_f, b, 4, g)
+    lay = blk.layout(crow, col, row, b, out_f, in_f)
+    vals = torch.randn(col.numel(), generator=g).to(dtype)
+    gy = torch.randn(M, out_f, generator=g).to(dtype)
+    x = torch.randn(M, in_f, generator=g).to(dtype)
+    S = torch.zeros(out_f, in_f, dtype=torch.float64)
+    S[row.long(), col.long()] = vals.double()
+    dv0 = torch.randn(col.numel(), generator=g)
+    dv = dv0.clone()
+    dx = torch.full((M, in_f), float("nan"), dtype=dtype)
+    blk.bsr_spmm(gy, lay, vals, in_f, dx, True, config=config, x=x, dv=dv)
+    assert torch.isfinite(dx).all(), f"unwritten output (seed {seed})"
+    assert _rel(dx, gy.double() @ S) < TOL[dtype], f"dx (seed {seed})"
+    want = (gy.double().t() @ x.double())[row.long(), col.long()]
+    assert _rel(dv - dv0, want) < 1e-5, f"d values (seed {seed}, b {b})"   # exact products, float32 sums
+    with pytest.raises(ValueError):
+        blk.bsr_spmm(x, lay, vals, out_f, torch.empty(M, out_f, dtype=dtype), False, x=x, dv=dv)
+
+
+def test_deterministic_mode_keeps_the_separate_d_values_kernel(monkeypatch):
+    """The fused d values add in an order that varies between runs; under
+    ``torch.use_deterministic_algorithms`` the backward runs the kernel of their own."""
+    calls = []
+    real = blk.bsr_sddmm
+    monkeypatch.setattr(blk, "bsr_sddmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seed = random.randrange(2**31)
+    b, p = _problem(torch.float32, False, seed)
+    grad = torch.randn(*p["x"].shape[:-1], p["B"].shape[0])
+    args = (grad, p["x"], p["A"], p["B"], p["values"], p["crow"], p["col"], p["row"], p["scale"])
+    assert blk.fuses_dv()
+    blk.backward(*args, b=b, spmm_config=SPMM_CONFIGS[0], sddmm_config=SDDMM_CONFIGS[0])
+    assert not calls
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not blk.fuses_dv()
+        got = blk.backward(*args, b=b, spmm_config=SPMM_CONFIGS[0], sddmm_config=SDDMM_CONFIGS[0])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert calls
+    assert _rel(got[3], reference_backward(*args)[3]) < TOL[torch.float32], f"seed {seed}"
+
+
+@pytest.mark.parametrize("chosen", ["fused", "separate"])
+def test_backward_follows_the_timed_d_values_path(chosen, monkeypatch):
+    """Without given tiles the backward times its kernels (``tuning.pick``) and the two
+    ways to d values, and runs the one the timing chose; both trial runs must work."""
+    asked = {}
+
+    def pick(kind, key, candidates, run, default):
+        asked[kind] = key
+        if kind == "bsr_dv_path":
+            for c in candidates:
+                run(c)
+            return chosen
+        return (SDDMM_CONFIGS if kind == "bsr_sddmm" else SPMM_CONFIGS)[0]
+    monkeypatch.setattr(blk, "pick", pick)
+    calls = []
+    real = blk.bsr_sddmm
+    monkeypatch.setattr(blk, "bsr_sddmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seed = random.randrange(2**31)
+    b, p = _problem(torch.float32, False, seed)
+    grad = torch.randn(*p["x"].shape[:-1], p["B"].shape[0])
+    args = (grad, p["x"], p["A"], p["B"], p["values"], p["crow"], p["col"], p["row"], p["scale"])
+    got = blk.backward(*args, b=b)
+    assert {"bsr_spmm_t", "bsr_spmm_t_dv", "bsr_sddmm", "bsr_dv_path"} <= set(asked)
+    assert len(calls) == (1 if chosen == "fused" else 2)    # the trial, and the real run if separate
+    for name, a, want in zip(("dx", "dA", "dB", "dvalues"), got, reference_backward(*args)):
+        assert _rel(a, want) < TOL[torch.float32], f"{name} (seed {seed}, {chosen})"
 
 
 def test_detection_and_layout():

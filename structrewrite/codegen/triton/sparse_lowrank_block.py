@@ -15,7 +15,13 @@ of the output, BM tokens) walks the tiles of that row (a block-CSR list, or its 
 transpose for dx), accumulates in float32 and adds the epilogue in place on ``base``, so
 the output is written once and no buffer beyond ``base`` is allocated. ``bsr_sddmm``
 computes the third: one program per (tile, token range), float32 partial sums reduced
-over the ranges. The kernels read and write the values in the element-CSR order of the
+over the ranges. d values can also come out of the dx pass itself (``bsr_spmm`` with
+``dv``): a program there loads x[:, J] of its tile column once and, for every tile (I, J)
+it walks, adds its token block's g[:, I]ᵀ x[:, J] to a float32 buffer with atomic
+additions, from the block of g it loads for dx anyway. The backward times both ways once
+per problem and keeps the faster (``_dv_path``); under
+``torch.use_deterministic_algorithms`` it keeps the separate kernel, whose sums come in
+a fixed order. The kernels read and write the values in the element-CSR order of the
 module (the order of the state dict and of every other implementation): with whole
 tiles, every row of tile row ``I`` holds ``n_I·b`` entries, so tile ``(I, J)`` is a
 strided ``b x b`` block of ``values`` (its first entry ``base_t``, row stride
@@ -56,9 +62,10 @@ def _bsr_spmm_kernel(
     base_ptr, stride_bm,                   # dense term (M, N), scaled by `scale`; may alias out
     bias_ptr,
     out_ptr, stride_om,
+    x_ptr, stride_xm, dv_ptr,              # DV: x (M, N) and the float32 d values (CSR order) it adds to
     M, N, scale,
     B: tl.constexpr, BM: tl.constexpr, TRANS: tl.constexpr, HAS_BASE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DV: tl.constexpr,
 ):
     p = tl.program_id(0)                   # output tile row (fastest: neighbours share tokens)
     mt = tl.program_id(1)
@@ -78,6 +85,11 @@ def _bsr_spmm_kernel(
         acc = tl.zeros([BM, B], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if DV:   # x[:, J] of this tile column, for every tile's gᵀ x below
+        xb = tl.load((x_ptr + offs_m64 * stride_xm)[:, None] + offs_n[None, :], mask=mask,
+                     other=0.0)
+        if IEEE:
+            xb = xb.to(tl.float32)
     start = tl.load(ptr_ptr + p)
     stop = tl.load(ptr_ptr + p + 1)
     for e in range(start, stop):
@@ -98,6 +110,12 @@ def _bsr_spmm_kernel(
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
+        if DV:   # this token block's share of d values of tile t: g[:, I]ᵀ x[:, J], summed in place
+            if IEEE:
+                part = tl.dot(tl.trans(a.to(tl.float32)), xb, input_precision="ieee")
+            else:
+                part = tl.dot(tl.trans(a), xb)
+            tl.atomic_add(dv_ptr + tb + offs_b[:, None] * ts + offs_b[None, :], part, sem="relaxed")
     tl.store((out_ptr + offs_m64 * stride_om)[:, None] + offs_n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -155,10 +173,16 @@ def _ieee(dtype) -> bool:
 
 def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, out: torch.Tensor,
              transposed: bool, base: Optional[torch.Tensor] = None, bias=None, scale: float = 1.0,
-             config=None) -> torch.Tensor:
+             config=None, x: Optional[torch.Tensor] = None,
+             dv: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out = scale·base + bias + inp · op(S)``: ``op(S) = Sᵀ`` (forward, tiles by row) or
     ``S`` (``transposed``: dx, tiles by column). ``values`` in CSR order, of inp's dtype.
-    ``out`` may be ``base`` itself."""
+    ``out`` may be ``base`` itself. ``dv`` (transposed only): a float32 (nnz,) buffer in CSR
+    order to which the same pass adds ``inpᵀ x`` at the support (d values, with ``inp`` the
+    incoming gradient and ``x`` the layer's input, M x n_out), from the blocks of the
+    gradient it loads anyway; the order of the additions varies from run to run."""
+    if dv is not None and not transposed:
+        raise ValueError("d values ride on the transposed product (dx) only")
     BM, warps, stages = config or SPMM_DEFAULT
     M = inp.shape[0]
     b = lay.b
@@ -171,9 +195,12 @@ def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, o
         inp, inp.stride(0), ptr, other, tidx, values, lay.base, lay.stride,
         base if base is not None else out, base.stride(0) if base is not None else 0,
         bias if bias is not None else out, out, out.stride(0),
+        x if dv is not None else inp, x.stride(0) if dv is not None else 0,
+        dv if dv is not None else out,
         M, n_out, float(scale),
         B=b, BM=BM, TRANS=transposed, HAS_BASE=base is not None,
-        HAS_BIAS=bias is not None, IEEE=_ieee(inp.dtype), num_warps=warps, num_stages=stages)
+        HAS_BIAS=bias is not None, IEEE=_ieee(inp.dtype), DV=dv is not None,
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -242,9 +269,43 @@ def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, s
     return y.reshape(*x.shape[:-1], out_features)
 
 
+# d values from the dx kernel's own loads of the gradient (``bsr_spmm(dv=...)``) instead of
+# a kernel of their own, where that was the faster when timed (``_dv_path``); the separate
+# kernel is kept where the additions must come in a fixed order
+# (``torch.use_deterministic_algorithms``) and everywhere when this is False
+FUSE_DV = True
+
+
+def fuses_dv() -> bool:
+    """Whether the fused d values may run (the timing in ``_dv_path`` then decides)."""
+    return FUSE_DV and not torch.are_deterministic_algorithms_enabled()
+
+
+def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d) -> str:
+    """"fused" (d values inside the dx kernel) or "separate" (dx, then ``bsr_sddmm``),
+    whichever ran faster for this problem, timed once with each side's own tiles. On the
+    H200 (bf16, 16384 tokens, density 3%) the fused kernel was the faster for 16x16 tiles
+    at all four benchmark shapes (0.725 against 0.917 ms at 4096x4096) and for 32x32 tiles
+    at 2048->5461 (0.410 against 0.452), the separate pair for 32x32 tiles at 4096x4096
+    (0.338 against 0.377 ms): its atomic additions cost more than a 32x32 tile product per
+    tile over all tokens."""
+    out = _empty((g2.shape[0], in_features), g2.dtype, g2.device)
+    dv = torch.zeros(vals.shape, dtype=torch.float32, device=vals.device)
+
+    def run(path):
+        if path == "fused":
+            return bsr_spmm(g2, lay, vals, in_features, out, True, config=cfg_td, x=xk, dv=dv)
+        bsr_spmm(g2, lay, vals, in_features, out, True, config=cfg_t)
+        return bsr_sddmm(g2, x2, lay, config=cfg_d)
+    return pick("bsr_dv_path", key, ("fused", "separate"), run, "fused")
+
+
 def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=None,
              sddmm_config=None, saved=(), lay: Optional[Layout] = None):
-    """``saved``: what ``forward`` put in its list (else ``x Aᵀ`` is recomputed)."""
+    """``saved``: what ``forward`` put in its list (else ``x Aᵀ`` is recomputed).
+    ``spmm_config``: tiles of the dx kernel (with or without d values); ``sddmm_config``:
+    those of the separate d values kernel. Given tiles skip the timing: d values are then
+    fused wherever ``fuses_dv``."""
     in_features, out_features = A.shape[1], B.shape[0]
     in_p, out_p = aligned.widths(A, B, x.dtype)
     lay = lay or layout(crow, col, row, b, out_features, in_features)
@@ -255,25 +316,50 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
         return (torch.zeros_like(x), torch.zeros_like(A), torch.zeros_like(B),
                 torch.zeros_like(values))
     gBs, Ap, dA, dB = aligned.lowrank_grads(g2, x2, A, B, scale, saved[0] if saved else None)
-    if sddmm_config is None:
-        sddmm_config = pick("bsr_sddmm", (bucket(M), out_features, in_features, lay.nt, b, x.dtype),
-                            SDDMM_CANDIDATES, lambda c: bsr_sddmm(g2, x2, lay, config=c),
-                            SDDMM_DEFAULT)
-    dv = bsr_sddmm(g2, x2, lay, config=sddmm_config).to(values.dtype)
-    del x2   # the last read of x: where it is misaligned, its padded copy goes before dx exists
+    vals = values.to(x.dtype)
+    # the fused kernel reads x's real columns only: it needs no padded copy
+    xk = x2 if in_p == in_features else x.reshape(-1, in_features)
+    xk = xk if xk.stride(-1) == 1 else xk.contiguous()
+    key = (bucket(M), in_features, out_features, lay.nt, b, x.dtype)
+    fuse = fuses_dv()
+    if spmm_config is None or (not fuse and sddmm_config is None):
+        cfg_t, cfg_td, cfg_d = _tiles(key, g2, x2, xk, lay, vals, in_features, fuse)
+        if fuse:
+            fuse = _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d) == "fused"
+        spmm_config = spmm_config or (cfg_td if fuse else cfg_t)
+        sddmm_config = sddmm_config or cfg_d
+    if not fuse:
+        dv = bsr_sddmm(g2, x2, lay, config=sddmm_config).to(values.dtype)
+    del x2   # the last read of x2: where x is misaligned, its padded copy goes before dx exists
     base = gBs @ Ap                                        # cuBLAS, M x in_p
     inplace = in_p == in_features                          # the sparse part then added in place
     dx = base if inplace else _empty((M, in_features), x.dtype, x.device)
-    vals = values.to(x.dtype)
-    if spmm_config is None:
-        scratch = []
-
-        def trial(c):
-            if not scratch:
-                scratch.append(base.clone() if inplace else torch.empty_like(dx))
-            return bsr_spmm(g2, lay, vals, in_features, scratch[0], True,
-                            base=scratch[0] if inplace else base, config=c)
-        spmm_config = pick("bsr_spmm_t", (bucket(M), in_features, out_features, lay.nt, b, x.dtype),
-                           SPMM_CANDIDATES, trial, SPMM_DEFAULT)
-    bsr_spmm(g2, lay, vals, in_features, dx, True, base=base, config=spmm_config)
+    if fuse:
+        dv32 = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
+        bsr_spmm(g2, lay, vals, in_features, dx, True, base=base, config=spmm_config, x=xk, dv=dv32)
+        dv = dv32.to(values.dtype)
+    else:
+        bsr_spmm(g2, lay, vals, in_features, dx, True, base=base, config=spmm_config)
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
+
+
+def _tiles(key, g2, x2, xk, lay, vals, in_features, fuse):
+    """(dx tiles, dx-with-d-values tiles or None, d values tiles), each timed once per
+    problem (``tuning.pick``) on scratch outputs."""
+    scratch = []
+
+    def out():
+        if not scratch:
+            scratch.append(_empty((g2.shape[0], in_features), g2.dtype, g2.device))
+            scratch.append(torch.zeros(vals.shape, dtype=torch.float32, device=vals.device))
+        return scratch
+    cfg_t = pick("bsr_spmm_t", key, SPMM_CANDIDATES,
+                 lambda c: bsr_spmm(g2, lay, vals, in_features, out()[0], True, config=c),
+                 SPMM_DEFAULT)
+    cfg_td = pick("bsr_spmm_t_dv", key, SPMM_CANDIDATES,
+                  lambda c: bsr_spmm(g2, lay, vals, in_features, out()[0], True, config=c, x=xk,
+                                     dv=out()[1]),
+                  SPMM_DEFAULT) if fuse else None
+    cfg_d = pick("bsr_sddmm", key, SDDMM_CANDIDATES, lambda c: bsr_sddmm(g2, x2, lay, config=c),
+                 SDDMM_DEFAULT)
+    return cfg_t, cfg_td, cfg_d
