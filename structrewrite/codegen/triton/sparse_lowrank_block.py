@@ -284,11 +284,12 @@ def fuses_dv() -> bool:
 def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d) -> str:
     """"fused" (d values inside the dx kernel) or "separate" (dx, then ``bsr_sddmm``),
     whichever ran faster for this problem, timed once with each side's own tiles. On the
-    H200 (bf16, 16384 tokens, density 3%) the fused kernel was the faster for 16x16 tiles
-    at all four benchmark shapes (0.725 against 0.917 ms at 4096x4096) and for 32x32 tiles
-    at 2048->5461 (0.410 against 0.452), the separate pair for 32x32 tiles at 4096x4096
-    (0.338 against 0.377 ms): its atomic additions cost more than a 32x32 tile product per
-    tile over all tokens."""
+    H200 (bf16, 16384 tokens, density 3%; the tuning log of
+    ``benchmarks/results/sparse_lowrank.json``) the fused kernel was the faster for 16x16
+    tiles at all four benchmark shapes (0.674 against 0.871 ms at 4096x4096, 1.60 against
+    2.35 at 4096->11008) and for 32x32 tiles at 2048x2048 and 2048->5461 (0.411 against
+    0.442 ms), the separate pair for 32x32 tiles at the two 4096 shapes (0.302 against
+    0.335 ms at 4096x4096)."""
     out = _empty((g2.shape[0], in_features), g2.dtype, g2.device)
     dv = torch.zeros(vals.shape, dtype=torch.float32, device=vals.device)
 
