@@ -281,7 +281,21 @@ def fuses_dv() -> bool:
     return FUSE_DV and not torch.are_deterministic_algorithms_enabled()
 
 
-def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d) -> str:
+def _trial_buffers(g2, in_features: int, vals):
+    """A function that returns (dx-shaped output, float32 d values) for the timing trials,
+    made on its first call only: once every choice is cached, no trial runs and nothing
+    is allocated."""
+    made = []
+
+    def get():
+        if not made:
+            made.append(_empty((g2.shape[0], in_features), g2.dtype, g2.device))
+            made.append(torch.zeros(vals.shape, dtype=torch.float32, device=vals.device))
+        return made
+    return get
+
+
+def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d, scratch) -> str:
     """"fused" (d values inside the dx kernel) or "separate" (dx, then ``bsr_sddmm``),
     whichever ran faster for this problem, timed once with each side's own tiles. On the
     H200 (bf16, 16384 tokens, density 3%; the tuning log of
@@ -289,14 +303,9 @@ def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d) -> s
     tiles at all four benchmark shapes (0.674 against 0.871 ms at 4096x4096, 1.60 against
     2.35 at 4096->11008) and for 32x32 tiles at 2048x2048 and 2048->5461 (0.411 against
     0.442 ms), the separate pair for 32x32 tiles at the two 4096 shapes (0.302 against
-    0.335 ms at 4096x4096)."""
-    scratch = []   # made only when the choice is timed, not on the calls after
-
+    0.335 ms at 4096x4096). ``scratch``: ``_trial_buffers``."""
     def run(path):
-        if not scratch:
-            scratch.append(_empty((g2.shape[0], in_features), g2.dtype, g2.device))
-            scratch.append(torch.zeros(vals.shape, dtype=torch.float32, device=vals.device))
-        out, dv = scratch
+        out, dv = scratch()
         if path == "fused":
             return bsr_spmm(g2, lay, vals, in_features, out, True, config=cfg_td, x=xk, dv=dv)
         bsr_spmm(g2, lay, vals, in_features, out, True, config=cfg_t)
@@ -327,9 +336,11 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
     key = (bucket(M), in_features, out_features, lay.nt, b, x.dtype)
     fuse = fuses_dv()
     if spmm_config is None or (not fuse and sddmm_config is None):
-        cfg_t, cfg_td, cfg_d = _tiles(key, g2, x2, xk, lay, vals, in_features, fuse)
+        scratch = _trial_buffers(g2, in_features, vals)
+        cfg_t, cfg_td, cfg_d = _tiles(key, g2, x2, xk, lay, vals, in_features, fuse, scratch)
         if fuse:
-            fuse = _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d) == "fused"
+            fuse = _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d,
+                            scratch) == "fused"
         spmm_config = spmm_config or (cfg_td if fuse else cfg_t)
         sddmm_config = sddmm_config or cfg_d
     if not fuse:
@@ -347,16 +358,9 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
     return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
 
 
-def _tiles(key, g2, x2, xk, lay, vals, in_features, fuse):
+def _tiles(key, g2, x2, xk, lay, vals, in_features, fuse, out):
     """(dx tiles, dx-with-d-values tiles or None, d values tiles), each timed once per
-    problem (``tuning.pick``) on scratch outputs."""
-    scratch = []
-
-    def out():
-        if not scratch:
-            scratch.append(_empty((g2.shape[0], in_features), g2.dtype, g2.device))
-            scratch.append(torch.zeros(vals.shape, dtype=torch.float32, device=vals.device))
-        return scratch
+    problem (``tuning.pick``) on the scratch outputs of ``out`` (``_trial_buffers``)."""
     cfg_t = pick("bsr_spmm_t", key, SPMM_CANDIDATES,
                  lambda c: bsr_spmm(g2, lay, vals, in_features, out()[0], True, config=c),
                  SPMM_DEFAULT)
