@@ -63,6 +63,16 @@ def _problem(dtype, bias, seed, b=None):
                    bias=r(out_f) if bias else None, scale=rnd.choice([1.0, 0.37, 32.0 / rank]))
 
 
+def _backward_problem(dtype, seed):
+    """(b, the problem of ``_problem`` without bias, the backward's arguments with a
+    fresh incoming gradient)."""
+    b, p = _problem(dtype, False, seed)
+    grad = torch.randn(*p["x"].shape[:-1], p["B"].shape[0],
+                       generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return b, p, (grad, p["x"], p["A"], p["B"], p["values"], p["crow"], p["col"], p["row"],
+                  p["scale"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_matches_reference(dtype, bias):
@@ -85,10 +95,7 @@ def test_backward_matches_reference(dtype, fuse, monkeypatch):
     if fuse:
         monkeypatch.setattr(blk, "bsr_sddmm", lambda *a, **k: pytest.fail("separate d values kernel ran"))
     seed = random.randrange(2**31)
-    b, p = _problem(dtype, False, seed)
-    grad = torch.randn(*p["x"].shape[:-1], p["B"].shape[0],
-                       generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
-    args = (grad, p["x"], p["A"], p["B"], p["values"], p["crow"], p["col"], p["row"], p["scale"])
+    b, p, args = _backward_problem(dtype, seed)
     ref = reference_backward(*args)
     rc = random.Random(seed)
     scfg, dcfg = rc.choice(SPMM_CONFIGS), rc.choice(SDDMM_CONFIGS)
@@ -178,9 +185,7 @@ def test_deterministic_mode_keeps_the_separate_d_values_kernel(monkeypatch):
     real = blk.bsr_sddmm
     monkeypatch.setattr(blk, "bsr_sddmm", lambda *a, **k: calls.append(1) or real(*a, **k))
     seed = random.randrange(2**31)
-    b, p = _problem(torch.float32, False, seed)
-    grad = torch.randn(*p["x"].shape[:-1], p["B"].shape[0])
-    args = (grad, p["x"], p["A"], p["B"], p["values"], p["crow"], p["col"], p["row"], p["scale"])
+    b, _, args = _backward_problem(torch.float32, seed)
     assert blk.fuses_dv()
     blk.backward(*args, b=b, spmm_config=SPMM_CONFIGS[0], sddmm_config=SDDMM_CONFIGS[0])
     assert not calls
@@ -213,9 +218,7 @@ def test_backward_follows_the_timed_d_values_path(chosen, monkeypatch):
     real = blk.bsr_sddmm
     monkeypatch.setattr(blk, "bsr_sddmm", lambda *a, **k: calls.append(1) or real(*a, **k))
     seed = random.randrange(2**31)
-    b, p = _problem(torch.float32, False, seed)
-    grad = torch.randn(*p["x"].shape[:-1], p["B"].shape[0])
-    args = (grad, p["x"], p["A"], p["B"], p["values"], p["crow"], p["col"], p["row"], p["scale"])
+    b, _, args = _backward_problem(torch.float32, seed)
     got = blk.backward(*args, b=b)
     assert {"bsr_spmm_t", "bsr_spmm_t_dv", "bsr_sddmm", "bsr_dv_path"} <= set(asked)
     assert len(calls) == (1 if chosen == "fused" else 2)    # the trial, and the real run if separate
@@ -242,9 +245,7 @@ def test_backward_times_once_and_then_allocates_nothing_extra(monkeypatch):
     monkeypatch.setattr(blk, "_empty", lambda shape, dtype, device: made.append(shape) or torch.full(
         shape, float("nan"), dtype=dtype, device=device))
     seed = random.randrange(2**31)
-    b, p = _problem(torch.float32, False, seed)
-    grad = torch.randn(*p["x"].shape[:-1], p["B"].shape[0])
-    args = (grad, p["x"], p["A"], p["B"], p["values"], p["crow"], p["col"], p["row"], p["scale"])
+    b, p, args = _backward_problem(torch.float32, seed)
     first = blk.backward(*args, b=b)
     assert made and {k for k, _ in cache} == {"bsr_spmm_t", "bsr_spmm_t_dv", "bsr_sddmm", "bsr_dv_path"}
     made.clear()
