@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -8,3 +9,24 @@ if str(ROOT) not in sys.path:
 # tests/ itself, for the shared helpers (hf_tiny.py)
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
+
+FLOWS = ROOT / "tests" / "flows"
+
+
+def _flows_only(args) -> bool:
+    paths = [Path(a.split("::")[0]).resolve() for a in args if not a.startswith("-")]
+    return bool(paths) and all(p == FLOWS or FLOWS in p.parents for p in paths)
+
+
+def pytest_configure(config):
+    """One way of running Triton kernels per process. Triton fixes at each kernel's
+    definition whether it is compiled or runs under its CPU interpreter
+    (``TRITON_INTERPRET``), so a process whose modules import the kernels before and
+    after the variable changes holds both kinds, and an interpreted kernel that calls a
+    compiled helper fails. The kernel tests (tests/codegen) need the interpreter (CPU
+    tensors); the user flows on a GPU need the compiled kernels. A run of tests/flows
+    alone keeps them compiled (and runs on CUDA where there is a device); every other run
+    turns the interpreter on here, before any test module imports a kernel, and its
+    flows run on the CPU implementation."""
+    if not _flows_only(config.args):
+        os.environ["TRITON_INTERPRET"] = "1"

@@ -4,8 +4,9 @@ with ``mode="reduce-overhead"`` (from the first call: CUDA graphs on a GPU); bf1
 autocast over float32 parameters; AdamW steps that lower the loss; ``generate()``.
 
 On the CUDA device when there is one (the Triton implementation; ``pytest tests/flows``
-on a GPU machine), else on the CPU implementation (CI). ``STRUCTREWRITE_FLOWS_DEVICE``
-chooses."""
+on a GPU machine), else on the CPU implementation (CI), and on the CPU too when the run
+also collects the kernel tests, which run under Triton's interpreter (tests/conftest.py).
+``STRUCTREWRITE_FLOWS_DEVICE`` chooses."""
 import copy
 import os
 
@@ -16,7 +17,10 @@ transformers = pytest.importorskip("transformers")
 
 import structrewrite as sr  # noqa: E402
 
-DEVICE = os.environ.get("STRUCTREWRITE_FLOWS_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+# compiled kernels only: with the interpreter on (any run that also collects the kernel
+# tests, tests/conftest.py) the flows take the CPU implementation
+DEVICE = os.environ.get("STRUCTREWRITE_FLOWS_DEVICE", "cuda" if torch.cuda.is_available()
+                        and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 SUPPORTS = {"random": {"init": "random"}, "block32": {"init": "random", "block": 32},
             "lost": {"init": "lost"}}
 
