@@ -300,10 +300,11 @@ def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d, scra
     whichever ran faster for this problem, timed once with each side's own tiles. On the
     H200 (bf16, 16384 tokens, density 3%; the tuning log of
     ``benchmarks/results/sparse_lowrank.json``) the fused kernel was the faster for 16x16
-    tiles at all four benchmark shapes (0.674 against 0.871 ms at 4096x4096, 1.60 against
-    2.35 at 4096->11008) and for 32x32 tiles at 2048x2048 and 2048->5461 (0.411 against
-    0.442 ms), the separate pair for 32x32 tiles at the two 4096 shapes (0.302 against
-    0.335 ms at 4096x4096). ``scratch``: ``_trial_buffers``."""
+    tiles at all four benchmark shapes (0.673 against 0.876 ms at 4096x4096, 1.60 against
+    2.36 at 4096->11008) and for 32x32 tiles at 2048->5461 (0.409 against 0.442 ms), the
+    separate pair for 32x32 tiles at 4096x4096 (0.304 against 0.332 ms), 4096->11008 and
+    2048x2048 (0.110 against 0.115 ms; the fused kernel won there in an earlier run, so
+    close calls go either way). ``scratch``: ``_trial_buffers``."""
     def run(path):
         out, dv = scratch()
         if path == "fused":
