@@ -116,6 +116,15 @@ def csr_from_flat(flat: torch.Tensor, out_features: int, in_features: int):
     return crow.int(), col.int(), row.int()
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` is tracing. Reads the flag that ``torch.compiler.is_exporting``
+    returns: while tracing for ``torch.compile``, Dynamo in torch 2.11 folds that call to
+    True (later versions read the flag), which would keep compiled training off
+    ``sparse_lowrank_linear_train``."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 class SparseLowRankLinear(nn.Module):
     """y = s·(x Aᵀ) Bᵀ + x Sᵀ + bias with a fixed sparse support; see the module docstring."""
 
@@ -271,7 +280,7 @@ class SparseLowRankLinear(nn.Module):
         from the forward to the backward instead of computing it twice: a training step
         under ``torch.compile`` (not export, which keeps the op) of a tile or channel-wise
         support, whose backward uses x Aᵀ. A random support's folded path needs none."""
-        return (torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+        return (torch.compiler.is_compiling() and not _exporting()
                 and torch.is_grad_enabled() and (self.init == "lost" or self.block > 1)
                 and any(t.requires_grad for t in tensors))
 
