@@ -30,3 +30,25 @@ def pytest_configure(config):
     flows run on the CPU implementation."""
     if not _flows_only(config.args):
         os.environ["TRITON_INTERPRET"] = "1"
+        _scalar_loop_bounds()
+
+
+def _scalar_loop_bounds():
+    """Triton 3.6's interpreter (the oldest Triton the package supports) turns a loaded
+    scalar into a Python int with ``int()`` of a one-element array, which NumPy 2.4 and
+    later refuse, so every kernel whose loop bounds are loaded (``range(start, stop)``)
+    fails there. Later interpreters squeeze the array first; so does this one after the
+    patch. Nothing changes where the interpreter has no such hook."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "squeezes", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    patched.squeezes = True
+    interpreter._patch_lang_tensor = patched
