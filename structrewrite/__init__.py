@@ -13,5 +13,25 @@ from structrewrite.rewriter.report import Report
 
 __version__ = "0.1.0"
 
+
+def _register_backend_name() -> None:
+    """Make ``torch.compile(..., backend="structrewrite")`` work where the package runs
+    from a source tree without being installed (``PYTHONPATH``), so that no entry point
+    declares the name. An installed package leaves it to the entry point, which works
+    before the package is imported; registering here as well would make torch see the
+    name twice when it loads the entry point."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "structrewrite" for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    import torch._dynamo
+
+    from structrewrite.rewriter.backend import structrewrite_backend
+    if "structrewrite" not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(structrewrite_backend, name="structrewrite")
+
+
+_register_backend_name()
+
 __all__ = ["rewrite", "plan", "Policy", "PolicyError", "Plan", "Report", "RewriteResult",
            "available_passes", "export_onnx", "__version__"]

@@ -219,3 +219,24 @@ def test_backend_name_works_in_fresh_interpreter():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok")
+
+
+def test_backend_name_works_from_a_source_tree_without_entry_point():
+    """Run from a checkout (``PYTHONPATH``, no install, so no entry point): importing the
+    package registers the name itself."""
+    code = textwrap.dedent("""
+        import importlib.metadata as md, torch
+        real = md.entry_points
+        md.entry_points = lambda **kw: [] if kw.get("group") == "torch_dynamo_backends" else real(**kw)
+        import torch._dynamo.backends.registry as reg
+        reg._discover_entrypoint_backends = lambda *a, **k: {}   # as if nothing were installed
+        import structrewrite
+        assert "structrewrite" in torch._dynamo.list_backends(exclude_tags=())
+        lin = torch.nn.Linear(4, 4)
+        x = torch.randn(2, 4)
+        torch.testing.assert_close(torch.compile(lin, backend="structrewrite")(x), lin(x))
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("ok")
