@@ -6,7 +6,8 @@
 The backend is found through the ``torch_dynamo_backends`` entry point declared in
 ``pyproject.toml``, so the name works in a fresh interpreter without importing the package.
 This module must not call ``register_backend`` itself (the lazy entry-point load would then
-see the name twice).
+see the name twice). Run from a source tree that is not installed, where no entry point
+declares the name, importing the package registers it (``structrewrite/__init__.py``).
 
 1. Without a policy, the captured graph goes to Inductor as is: the ``structrewrite::``
    ops of an already rewritten model stay opaque custom ops (reference implementation on
