@@ -14,15 +14,21 @@ from structrewrite.rewriter.report import Report
 __version__ = "0.1.0"
 
 
-def _register_backend_name() -> None:
-    """Make ``torch.compile(..., backend="structrewrite")`` work where the package runs
-    from a source tree without being installed (``PYTHONPATH``), so that no entry point
-    declares the name. An installed package leaves it to the entry point, which works
-    before the package is imported; registering here as well would make torch see the
-    name twice when it loads the entry point."""
+def _backend_entry_point() -> bool:
+    """Whether an installed entry point declares the ``"structrewrite"`` backend (not so
+    where the package runs from a source tree on ``PYTHONPATH``)."""
     from importlib.metadata import entry_points
 
-    if any(ep.name == "structrewrite" for ep in entry_points(group="torch_dynamo_backends")):
+    return any(ep.name == "structrewrite" for ep in entry_points(group="torch_dynamo_backends"))
+
+
+def _register_backend_name() -> None:
+    """Make ``torch.compile(..., backend="structrewrite")`` work where the package runs
+    from a source tree without being installed, so that no entry point declares the
+    name. An installed package leaves it to the entry point, which works before the
+    package is imported; registering here as well would make torch see the name twice
+    when it loads the entry point."""
+    if _backend_entry_point():
         return
     import torch._dynamo
 

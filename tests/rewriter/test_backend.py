@@ -208,8 +208,7 @@ def test_policy_on_training_graph_is_refused():
 def test_backend_name_works_in_fresh_interpreter():
     """The entry point finds the backend before the package is imported (installed
     package only: from a source tree on ``PYTHONPATH`` there is no entry point)."""
-    from importlib.metadata import entry_points
-    if not any(ep.name == "structrewrite" for ep in entry_points(group="torch_dynamo_backends")):
+    if not sr._backend_entry_point():
         pytest.skip("structrewrite is not installed here: no entry point declares the backend")
     code = textwrap.dedent("""
         import sys, torch
