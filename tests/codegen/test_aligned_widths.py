@@ -53,6 +53,38 @@ def test_width_rounds_to_16_bytes():
     assert aligned.pad_rows(t, 4).shape == (4, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,n", [(61, 64), (5, 8), (64, 61), (13, 16), (16, 13), (700, 707), (707, 700)])
+def test_copy_cols_pads_and_slices_exactly(k, n, dtype, monkeypatch):
+    """The Triton copy (pad: k < n, slice: k > n) against ATen's, output poisoned, for
+    aligned and misaligned widths on either side, several column blocks (700 > 512), a
+    batched input, a view whose rows are wider than it (stride > k) and a vector."""
+    monkeypatch.setattr(aligned, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    torch.manual_seed(random.randrange(2**31))
+    want = (lambda t: torch.nn.functional.pad(t, (0, n - k))) if n > k else (lambda t: t[..., :n].contiguous())
+    wide = torch.randn(23, k + 5, dtype=dtype)
+    for t in (torch.randn(37, k, dtype=dtype), torch.randn(3, 11, k, dtype=dtype), wide[:, :k],
+              torch.randn(k, dtype=dtype)):
+        got = aligned.copy_cols(t, n)
+        assert got.shape == (*t.shape[:-1], n) and got.is_contiguous() and got.dtype == dtype
+        assert torch.equal(got, want(t))
+        # what the callers use, under the interpreter routed through the kernel
+        assert torch.equal(aligned.pad_cols(t, n) if n > k else aligned.cols(t, n), want(t))
+
+
+def test_copy_cols_under_autograd_hands_back_the_opposite_copy():
+    x = torch.randn(6, 13, requires_grad=True)
+    p = aligned.pad_cols(x, 16)
+    g = torch.randn(6, 16)
+    (gx,) = torch.autograd.grad(p, x, g)
+    assert torch.equal(gx, g[:, :13])
+    y = torch.randn(6, 16, requires_grad=True)
+    c = aligned.cols(y, 13)
+    g = torch.randn(6, 13)
+    (gy,) = torch.autograd.grad(c, y, g)
+    assert torch.equal(gy, torch.nn.functional.pad(g, (0, 3)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scaled_mm_is_one_product_with_the_scale_applied(dtype):
     a, b = torch.randn(7, 5, dtype=dtype), torch.randn(5, 6, dtype=dtype)
