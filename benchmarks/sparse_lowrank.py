@@ -80,6 +80,9 @@ def _make_support(kind, out_f, in_f, density, device, gen):
 
 
 STRUCTURED = ("channel", "block16", "block32")
+# suffix of the peers that run a structured layer with its pads and slices as ATen's
+# copies instead of ``aligned.copy_cols`` (timed at misaligned shapes only)
+ATEN_PADS = "_aten_pads"
 
 
 def _rel(a, b):
@@ -352,17 +355,23 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
                  "dense": (dense, [W]), "dense_padded": (dense_padded, [W]),
                  "sltrain": (sltrain, [A, B, values]), "lowrank": (lowrank, [A, B]),
                  "lowrank_padded": (lowrank_padded, [A, B])}
+        if (in_p, out_p) != (in_f, out_f):   # the pads as ATen's copies, in the same run
+            for k in ("channel", "block32"):
+                peers[f"{k}{ATEN_PADS}"] = (with_support(k), [A, B, structured[k][1]])
         case = {"in": in_f, "out": out_f, "M": M, "rank": rank, "nnz": nnz, "density": DENSITY,
                 **{f"{k}_nnz": structured[k][1].numel() for k in STRUCTURED}}
         fwds, fwdbwds = {}, {}
         for name, (fn, params) in peers.items():
-            def fwd(i, fn=fn):
-                with torch.no_grad():
+            kernel = not name.endswith(ATEN_PADS)
+
+            def fwd(i, fn=fn, kernel=kernel):
+                with torch.no_grad(), aligned.copies_by(kernel):
                     return fn(xs[i])
 
-            def fwdbwd(i, fn=fn, params=params):
-                y = fn(xs[i])
-                return torch.autograd.grad(y, [xs[i], *params], gs[i])
+            def fwdbwd(i, fn=fn, params=params, kernel=kernel):
+                with aligned.copies_by(kernel):
+                    y = fn(xs[i])
+                    return torch.autograd.grad(y, [xs[i], *params], gs[i])
 
             fwdbwd(0)  # first call: compile and pick tiles
             fwds[name], fwdbwds[name] = fwd, fwdbwd
@@ -376,7 +385,7 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
             case[f"{name}_peak_extra_bytes"] = peak_extra(lambda: fwdbwd(0))
         # the two CUDA-graph modes a user has for host-bound layers
         for name, (fn, params) in peers.items():
-            if name != "block32_op":
+            if name != "block32_op" and not name.endswith(ATEN_PADS):
                 case[f"{name}_fwdbwd_callable"] = _graphed_callable(_Layer(lambda x, *_, fn=fn: fn(x), params),
                                                                     xs, gs, nsets, reps)
 
@@ -569,15 +578,15 @@ def tables(report: Report, cases: list[dict]):
                             "(2048->5461), the cuBLAS GEMMs read a padded copy of the incoming gradient "
                             "and write into padded buffers, one more M x out matrix at the peak, as "
                             "dense_padded holds; the bound counts none.")
-    launch_peers = ("ours", "gathers", *STRUCTURED, "block32_op", "dense", "dense_padded", "sltrain", "lowrank",
-                    "lowrank_padded")
+    launch_peers = ("ours", "gathers", *STRUCTURED, f"channel{ATEN_PADS}", f"block32{ATEN_PADS}",
+                    "block32_op", "dense", "dense_padded", "sltrain", "lowrank", "lowrank_padded")
     get = lambda c, k: c[k]["median_ms"] if k in c else float("nan")  # noqa: E731
     rows = []
     def best(c, p):   # the fastest of the ways a user runs a layer: eager, graphed callable, compiled
         return min((v for v in (get(c, f"{p}_fwdbwd{h}") for h in ("", "_callable", "_compiled"))
                     if v == v), default=float("nan"))
     for c in cases:
-        for p in launch_peers:
+        for p in (p for p in launch_peers if f"{p}_fwdbwd" in c):
             modes = [get(c, f"{p}_fwdbwd{h}") for h in ("", "_synced", "_graphed", "_callable", "_compiled")]
             rows.append([f"{c['in']}->{c['out']}", p, *modes, c[f"{p}_fwdbwd"]["host_ms"],
                          best(c, p) / min(best(c, "dense"), best(c, "dense_padded")),
@@ -606,7 +615,10 @@ def tables(report: Report, cases: list[dict]):
                       "dense and dense_padded. graphed / dense graphed: the device time alone, against "
                       "the faster of dense and dense_padded graphed. lowrank_padded: lowrank with x, "
                       "A and B padded to 16-byte rows and rank as ours pads them (a floor for any "
-                      "layer of rank r: no sparse part).")
+                      "layer of rank r: no sparse part). channel_aten_pads, block32_aten_pads (where "
+                      "a width is misaligned): the same layers with their pads and slices as ATen's "
+                      "F.pad and slice instead of the copy_cols kernel (aligned.copies_by), to "
+                      "weigh the kernel's device time against its launch's host time in one run.")
     bkeys = [k for k in cases[0]["block_breakdown"] if k not in ("configs", "path")]
 
     def bsum(bd):   # forward, the backward's sparse path as the op runs it, low-rank GEMMs

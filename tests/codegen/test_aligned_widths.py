@@ -72,6 +72,18 @@ def test_copy_cols_pads_and_slices_exactly(k, n, dtype, monkeypatch):
         assert torch.equal(aligned.pad_cols(t, n) if n > k else aligned.cols(t, n), want(t))
 
 
+def test_copies_by_switches_between_the_kernel_and_aten(monkeypatch):
+    calls = []
+    real = aligned.copy_cols
+    monkeypatch.setattr(aligned, "copy_cols", lambda t, n: calls.append(n) or real(t, n))
+    t = torch.randn(4, 13)
+    with aligned.copies_by(kernel=False):
+        assert torch.equal(aligned.pad_cols(t, 16), torch.nn.functional.pad(t, (0, 3)))
+        assert calls == []
+    assert torch.equal(aligned.pad_cols(t, 16), torch.nn.functional.pad(t, (0, 3)))
+    assert calls == [16]
+
+
 def test_copy_cols_under_autograd_hands_back_the_opposite_copy():
     x = torch.randn(6, 13, requires_grad=True)
     p = aligned.pad_cols(x, 16)

@@ -29,11 +29,16 @@ output and then copies through its generic strided kernel. Timed on the H200
 ``F.pad`` 261 us, ``copy_cols`` 116 us; the slice as ``t[:, :n].contiguous()`` 205 us,
 ``copy_cols`` 139 us; a contiguous copy of the same bytes 88 us. The kernel writes each
 output element once, and reads or writes 16-byte vectors on the side whose rows are
-aligned. Where autograd records the call (the eager channel-wise
-path, the benchmarks' padded peers), the backward of a pad is the slice and that of a
-slice the pad, both through the same kernel.
+aligned. Where autograd records the call (the eager channel-wise path, the benchmarks'
+padded peers), the backward of a pad is the slice and that of a slice the pad, both
+through the same kernel. Launching it from Python costs more host time than ATen's call;
+a layer whose eager calls are bound by the host can keep ATen's copies with
+``STRUCTREWRITE_PAD_KERNEL=0`` (or ``copies_by(kernel=False)``).
 """
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +51,21 @@ from structrewrite.codegen.triton.tuning import interpreting
 ALIGN_BYTES = 16
 # matrices with fewer elements are copied by ATen (no Triton launch: host time matters more)
 KERNEL_MIN_ELEMENTS = 1 << 20
+# whether pads and slices of large matrices go through ``copy_cols`` at all
+KERNEL_COPIES = os.environ.get("STRUCTREWRITE_PAD_KERNEL", "1") != "0"
+
+
+@contextlib.contextmanager
+def copies_by(kernel: bool):
+    """Within the block, pads and slices go through ``copy_cols`` (``kernel=True``) or
+    ATen's ``F.pad`` and slice (``False``). Process-wide, like the environment variable;
+    a backward run after the block uses the setting of its own time."""
+    global KERNEL_COPIES
+    before, KERNEL_COPIES = KERNEL_COPIES, kernel
+    try:
+        yield
+    finally:
+        KERNEL_COPIES = before
 
 
 def width(n: int, dtype: torch.dtype) -> int:
@@ -154,10 +174,12 @@ class _CopyCols(torch.autograd.Function):
 
 
 def _kernel_copies(t: torch.Tensor) -> bool:
-    """Whether ``copy_cols`` does this copy: plain tensors (not traced) with unit stride
+    """Whether ``copy_cols`` does this copy: unless switched off (``KERNEL_COPIES``),
+    plain tensors (not traced) with unit stride
     along the row, CUDA tensors of at least ``KERNEL_MIN_ELEMENTS`` elements, or any
     size under Triton's CPU interpreter (where the tests run the kernel)."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or torch.compiler.is_compiling():
+    if not KERNEL_COPIES or type(t) not in (torch.Tensor, torch.nn.Parameter) \
+            or torch.compiler.is_compiling():
         return False
     if t.dim() < 1 or t.stride(-1) != 1 or t.numel() == 0:
         return False
