@@ -684,6 +684,14 @@ def sparsify(model, rank: int, density: float, init: str = "random", block: int 
 COMPILED_E2E = ("dense", "dense_ffn5504", "sparse_lowrank", "sparse_lowrank_channel", "sparse_lowrank_block32")
 
 
+def _allocator_counts() -> dict:
+    """The caching allocator's counts of device allocations, frees and failed
+    allocations (retried after freeing the cache), to tell a run whose steps went to
+    ``cudaMalloc`` from one served from the cache."""
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+
+
 def sparse_calls(step) -> str:
     """What computed the sparse layers in one call of ``step``, read from the profiler's
     host events: the ``structrewrite::`` ops (the forward and backward entries of the
@@ -740,8 +748,10 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
                 step(i % 2)
             sync()
             warm_s = time.perf_counter() - t0
+            before = _allocator_counts()
             t = timeit(step, 2, warmup=1, reps=reps)
             sync()
+            allocator = {k: v - before[k] for k, v in _allocator_counts().items()}
             torch.cuda.reset_peak_memory_stats()
             step(0)
             sync()
@@ -749,7 +759,7 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
             calls = sparse_calls(lambda: step(1))
             out[key] = {"step": t, "tokens_per_s": batch * seq / (t["median_ms"] * 1e-3),
                         "peak_bytes": peak, "params": nparams, "first_3_steps_s": warm_s,
-                        "sparse_calls": calls}
+                        "sparse_calls": calls, "allocator_during_timed_steps": allocator}
             row = [variant, nparams / 1e6, t["median_ms"], batch * seq / (t["median_ms"] * 1e-3),
                    peak / 2**30, calls or "-"]
             print(f"e2e {key}: {t['median_ms']:.2f} ms/step, peak {peak / 2**30:.2f} GiB", flush=True)
