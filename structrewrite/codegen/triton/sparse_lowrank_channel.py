@@ -184,7 +184,7 @@ def backward(grad, x, A, B, values, cols, scale, saved=(), xa=None):
     dx = aligned.cols(dt @ Aw, in_features)              # the rows of E add dt's channel columns at cols
     dA = aligned.cols(dt[:, :r].t() @ x2, in_features)
     dw = aligned.mm(g2.t(), t, alpha)[:out_features]     # out x R
-    dB = dw[:, :r].contiguous() if beta == 1.0 else dw[:, :r] * beta
+    dB = aligned.cols(dw, r) if beta == 1.0 else dw[:, :r] * beta
     dv = dw[:, r:r + k].reshape(-1).contiguous()   # a strided view when k == 1
     dx = dx.reshape(*grad.shape[:-1], in_features)
     return dx, dA.to(A.dtype), dB.to(B.dtype), dv.to(values.dtype)

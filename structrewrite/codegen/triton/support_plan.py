@@ -74,7 +74,7 @@ def kept_xa(saved: list, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     if len(saved) == 1:   # x A'ᵀ, wider than r where the rank is padded (``aligned.lowrank``)
         t = aligned.cols(saved[0], r)
     elif saved:
-        t = saved[1][:, :r].contiguous()
+        t = aligned.cols(saved[1], r)
     else:
         t = x.reshape(-1, A.shape[1]) @ A.t()
     return t.reshape(*x.shape[:-1], r)
