@@ -752,6 +752,9 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
             t = timeit(step, 2, warmup=1, reps=reps)
             sync()
             allocator = {k: v - before[k] for k, v in _allocator_counts().items()}
+            # the host's time to issue one step onto an idle device: a step whose issue
+            # takes about as long as the step itself is bound by the host, not the device
+            issue = timeit(step, 2, warmup=0, reps=6, sync_each=True)
             torch.cuda.reset_peak_memory_stats()
             step(0)
             sync()
@@ -759,14 +762,15 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
             calls = sparse_calls(lambda: step(1))
             out[key] = {"step": t, "tokens_per_s": batch * seq / (t["median_ms"] * 1e-3),
                         "peak_bytes": peak, "params": nparams, "first_3_steps_s": warm_s,
-                        "sparse_calls": calls, "allocator_during_timed_steps": allocator}
+                        "sparse_calls": calls, "allocator_during_timed_steps": allocator,
+                        "host_issue_ms": issue["host_ms"], "step_synced": issue}
             row = [variant, nparams / 1e6, t["median_ms"], batch * seq / (t["median_ms"] * 1e-3),
-                   peak / 2**30, calls or "-"]
+                   issue["host_ms"], peak / 2**30, calls or "-"]
             print(f"e2e {key}: {t['median_ms']:.2f} ms/step, peak {peak / 2**30:.2f} GiB", flush=True)
         except Exception as exc:   # a variant that does not compile: reported, the rest still run
             traceback.print_exc()
             out[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            row = [variant, nparams / 1e6, float("nan"), float("nan"), float("nan"), "-"]
+            row = [variant, nparams / 1e6, float("nan"), float("nan"), float("nan"), float("nan"), "-"]
         (crows if comp else rows).append(row)
         del model, opt, embs, run
         torch._dynamo.reset()
@@ -778,8 +782,8 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
         out["speedup_block32"] = ms["dense"] / ms["sparse_lowrank_block32"]
         out["speedup_vs_aligned_dense"] = {v: ms["dense_ffn5504"] / ms[v] for v in variants if v.startswith("sparse")}
         report.table(f"End to end: one training step (fwd, bwd, AdamW) of {layers} LLaMA-1B-shaped decoder layers",
-                     ["model", "params (M)", "step ms (median)", "tokens/s", "peak memory (GiB)",
-                      "sparse calls (one step)"], rows,
+                     ["model", "params (M)", "step ms (median)", "tokens/s", "host ms to issue a step",
+                      "peak memory (GiB)", "sparse calls (one step)"], rows,
                      note=f"transformers LlamaModel layers (d=2048, ffn 5461, 16 heads, sdpa attention), bf16 "
                           f"parameters and AdamW, batch {batch} x seq {seq} = {batch * seq} tokens per step, "
                           f"loss = mean square of the last hidden state; peak memory: the step's peak "
@@ -794,7 +798,10 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
                           f"sparse_lowrank_channel: {out['speedup_channel']:.2f}x; dense / "
                           f"sparse_lowrank_block32: {out['speedup_block32']:.2f}x. Against dense_ffn5504: "
                           + ", ".join(f"{k} {v:.2f}x" for k, v in out["speedup_vs_aligned_dense"].items())
-                          + ". Sparse calls: what computed the sparse layers in one step, counted from "
+                          + ". Host ms to issue a step: median host time of a step started on an idle "
+                          "device (6 steps, each synchronised); where it comes close to the step time, "
+                          "the step is bound by the host (Python and launches), and a slower host slows "
+                          "it. Sparse calls: what computed the sparse layers in one step, counted from "
                           "the profiler's host events (EagerFunction: the eager entry of tile and "
                           "random supports; the channel-wise support runs as plain GEMMs, which leave "
                           "no event of their own, hence '-').")
@@ -803,8 +810,8 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
         best_dense = min(cms["dense"], cms["dense_ffn5504"])
         out["compiled_speedup_vs_best_dense"] = {v: best_dense / cms[v] for v in cms if v.startswith("sparse")}
         report.table("End to end under torch.compile (default mode): the same steps with the model compiled",
-                     ["model", "params (M)", "step ms (median)", "tokens/s", "peak memory (GiB)",
-                      "sparse calls (one step)"], crows,
+                     ["model", "params (M)", "step ms (median)", "tokens/s", "host ms to issue a step",
+                      "peak memory (GiB)", "sparse calls (one step)"], crows,
                      note="torch.compile(model) (Inductor, no CUDA graphs), AdamW eager, otherwise as "
                           "above. The sparse layers reach Inductor as torch.library ops (opaque kernels; "
                           "channel and tile supports through sparse_lowrank_linear_train, which keeps x "
