@@ -299,13 +299,13 @@ def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d, scra
     """"fused" (d values inside the dx kernel) or "separate" (dx, then ``bsr_sddmm``),
     whichever ran faster for this problem, timed once with each side's own tiles. On the
     H200 (bf16, 16384 tokens, density 3%; the tuning log of
-    ``benchmarks/results/sparse_lowrank.json``, run of 20:44 UTC) the fused kernel was the
-    faster for 16x16 tiles at all four benchmark shapes (0.668 against 0.878 ms at
-    4096x4096, 1.61 against 2.36 at 4096->11008) and for 32x32 tiles at 2048x2048 (0.115
-    against 0.151 ms) and 2048->5461 (0.407 against 0.440 ms), the separate pair for
-    32x32 tiles at 4096x4096 (0.304 against 0.334 ms) and 4096->11008 (0.772 against
-    0.777 ms). At 2048x2048 the separate pair won in the run of 19:04 UTC (0.110 against
-    0.115 ms), so close calls go either way. ``scratch``: ``_trial_buffers``."""
+    ``benchmarks/results/sparse_lowrank.json``, run of 21:26 UTC) the fused kernel was the
+    faster for 16x16 tiles at all four benchmark shapes (0.675 against 0.872 ms at
+    4096x4096, 1.59 against 2.35 at 4096->11008) and for 32x32 tiles at 2048->5461 (0.411
+    against 0.443 ms), the separate pair for 32x32 tiles at 4096x4096 (0.302 against 0.333
+    ms), 4096->11008 (0.762 against 0.777 ms) and 2048x2048 (0.109 against 0.115 ms). At
+    2048x2048 the fused kernel won in the run of 20:44 UTC (0.115 against 0.151 ms), so
+    close calls go either way. ``scratch``: ``_trial_buffers``."""
     def run(path):
         out, dv = scratch()
         if path == "fused":
