@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from structrewrite.ops import sparse_lowrank_linear  # noqa: F401  (registers the op)
+from structrewrite.ops.sparse_lowrank_linear import channel_count, channel_decomposition
 
 INITS = ("random", "svd", "lost")
 BLOCKS = (1, 16, 32, 64)
@@ -160,6 +161,9 @@ class SparseLowRankLinear(nn.Module):
         self.register_buffer("sparse_crow", torch.empty(out_features + 1, dtype=torch.int32, device=device))
         self.register_buffer("sparse_col", torch.empty(nnz, dtype=torch.int32, device=device))
         self.register_buffer("sparse_row", torch.empty(nnz, dtype=torch.int32, device=device))
+        # k where the support is channel-wise (every row holds the same k input channels),
+        # else 0; set where the support is set or loaded (``_support_changed``)
+        self._channel_k = 0
         if self.A.device.type != "meta":
             self.reset_parameters()
 
@@ -217,6 +221,17 @@ class SparseLowRankLinear(nn.Module):
         self.sparse_crow.copy_(crow)
         self.sparse_col.copy_(col)
         self.sparse_row.copy_(row)
+        self._support_changed()
+
+    def _support_changed(self) -> None:
+        """Reads the support once more where it was set or loaded: whether it is
+        channel-wise (``_channel_k``), which decides how ``torch.compile`` sees the layer.
+        Changing the support buffers in place any other way is not supported."""
+        self._channel_k = channel_count(self.sparse_crow, self.sparse_col, self.out_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._support_changed()
 
     @classmethod
     @torch.no_grad()
@@ -267,6 +282,11 @@ class SparseLowRankLinear(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
             x, A, B, values = x.to(dt), A.to(dt), B.to(dt), values.to(dt)
             bias = bias.to(dt) if bias is not None else None
+        if self._channel_k and torch.compiler.is_compiling() and not _exporting():
+            # a channel-wise support is two GEMMs: Inductor compiles them with the code
+            # around them, where the op would cost a Python call per layer and pass
+            cols = self.sparse_col[: self._channel_k]
+            return channel_decomposition(x, A, B, values, cols, bias, self.scale)
         args = (x, A, B, values, self.sparse_crow, self.sparse_col, self.sparse_row, bias,
                 self.scale)
         if plain and _eager_ok(x, A, B, values):
@@ -278,8 +298,9 @@ class SparseLowRankLinear(nn.Module):
     def _keeps_xa(self, *tensors) -> bool:
         """Whether the call goes through ``sparse_lowrank_linear_train``, which hands x Aᵀ
         from the forward to the backward instead of computing it twice: a training step
-        under ``torch.compile`` (not export, which keeps the op) of a tile or channel-wise
-        support, whose backward uses x Aᵀ. A random support's folded path needs none."""
+        under ``torch.compile`` (not export, which keeps the op) of a tile support (or a
+        channel-wise one whose support ``_channel_k`` does not know), whose backward uses
+        x Aᵀ. A random support's folded path needs none."""
         return (torch.compiler.is_compiling() and not _exporting()
                 and torch.is_grad_enabled() and (self.init == "lost" or self.block > 1)
                 and any(t.requires_grad for t in tensors))

@@ -281,3 +281,46 @@ def _backward_train(ctx, grad, _grad_xa):
 
 
 sparse_lowrank_linear_train.register_autograd(_backward_train, setup_context=_setup_context_train)
+
+
+# ----------------------------------------------------------------------------------
+# channel-wise supports under torch.compile
+# ----------------------------------------------------------------------------------
+def channel_count(crow: torch.Tensor, col: torch.Tensor, out_features: int) -> int:
+    """k where every output row of the support holds the same k input channels (LOST's
+    channel-wise support; the entries of a row come in ascending column order), else 0.
+    Reads the support's values: run it where the support is set or loaded, not while
+    tracing."""
+    nnz = col.numel()
+    if out_features == 0 or nnz == 0 or nnz % out_features or col.device.type == "meta":
+        return 0
+    k = nnz // out_features
+    if not torch.equal(crow.long().cpu(), torch.arange(out_features + 1) * k):
+        return 0
+    grid = col.view(out_features, k)
+    return k if bool((grid == grid[:1]).all()) else 0
+
+
+def channel_decomposition(x, A, B, values, cols, bias, scale: float) -> torch.Tensor:
+    """The op for a channel-wise support as plain differentiable torch ops, for
+    ``torch.compile``: with ``cols`` the k channels every row holds (``values`` row by
+    row, ``values.view(out, k)``),
+
+        y = (x A'ᵀ) W'ᵀ + bias,   A' = [A; E; 0],   W' = [s·B, V, 0]
+
+    where E (k x in) has a one in each row at its channel; the inner width r + k is
+    rounded up to a multiple of 64 with zeros, so that cuBLAS gets aligned operands.
+    Inductor sees two GEMMs and the small concatenations, fuses the latter and derives
+    the backward; no custom op is called. The same computation as the CUDA
+    implementation's ``sparse_lowrank_channel`` (which runs it on cuBLAS per call from
+    Python, whose host time bounds compiled steps of small layers); it never builds an
+    out x in matrix."""
+    r, in_features = A.shape
+    out_features, k = B.shape[0], cols.numel()
+    inner = -(-(r + k) // 64) * 64
+    one_hot = A.new_zeros(inner - r, in_features).index_put(
+        (torch.arange(k, device=A.device), cols.long()), A.new_ones(()))
+    Aw = torch.cat([A, one_hot], dim=0)
+    Ww = torch.cat([B * scale, values.view(out_features, k),
+                    B.new_zeros(out_features, inner - r - k)], dim=1)
+    return F.linear(F.linear(x, Aw), Ww, bias)

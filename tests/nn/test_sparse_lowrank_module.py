@@ -65,10 +65,9 @@ def _compiled_ops(layer, x, grad_enabled=True):
     return {n.split(".")[1] for n in names if n.startswith("structrewrite.")}, y
 
 
-@pytest.mark.parametrize("init,block,train_op", [("lost", 1, True), ("random", 16, True),
-                                                 ("random", 1, False)])
-def test_compiled_training_keeps_xa_for_tile_and_channel_supports(init, block, train_op):
-    """Under torch.compile a training step of a tile or channel-wise layer goes through
+@pytest.mark.parametrize("init,block,train_op", [("random", 16, True), ("random", 1, False)])
+def test_compiled_training_keeps_xa_for_tile_supports(init, block, train_op):
+    """Under torch.compile a training step of a tile layer goes through
     ``sparse_lowrank_linear_train`` (x Aᵀ kept for the backward) and matches the eager
     layer; a random support, inference and export keep ``sparse_lowrank_linear``."""
     torch.manual_seed(0)
@@ -89,3 +88,83 @@ def test_compiled_training_keeps_xa_for_tile_and_channel_supports(init, block, t
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
     assert any("sparse_lowrank_linear.default" in t for t in targets)
     assert not any("_train" in t for t in targets)
+
+
+def _channel_layer(density=0.1, **kw):
+    torch.manual_seed(0)
+    layer = SparseLowRankLinear(48, 40, rank=6, density=density, init="lost", key="c", **kw)
+    with torch.no_grad():
+        layer.B.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_compiled_channel_support_runs_as_plain_gemms(bias):
+    """Under torch.compile a channel-wise layer is two GEMMs on widened operands
+    (``channel_decomposition``), training and inference alike: no structrewrite op in
+    the graph, and outputs and gradients equal the eager layer's. Export keeps the op."""
+    layer = _channel_layer(bias=bias).double()   # float64: the two sides sum in different orders
+    assert layer._channel_k == round(0.1 * 48)
+    x = torch.randn(3, 5, 48, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 40, dtype=torch.float64)
+    params = [x, layer.A, layer.B, layer.values] + ([layer.bias] if bias else [])
+    ops, y = _compiled_ops(layer, x)
+    assert ops == set()
+    got = torch.autograd.grad(y, params, g)
+    want = torch.autograd.grad(layer(x), params, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    ops, y = _compiled_ops(layer, x, grad_enabled=False)
+    assert ops == set()
+    torch.testing.assert_close(y, layer(x), rtol=1e-10, atol=1e-10)
+    exported = torch.export.export(layer, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert any("sparse_lowrank_linear.default" in t for t in targets)
+
+
+def test_channel_flag_follows_the_support():
+    """``_channel_k`` is read from the support where it is set or loaded: a layer that
+    loads a random support stops taking the channel-wise decomposition, and takes it
+    again when a channel-wise support is loaded."""
+    # density 1/8: six whole channels and a random support hold the same 240 entries
+    chan = _channel_layer(density=0.125)
+    rand = SparseLowRankLinear(48, 40, rank=6, density=0.125, init="random", key="c")
+    k = chan._channel_k
+    assert k > 0 and rand._channel_k == 0
+    other = _channel_layer(density=0.125)
+    other.load_state_dict(rand.state_dict())
+    assert other._channel_k == 0
+    x = torch.randn(4, 48)
+    ops, y = _compiled_ops(other, x, grad_enabled=False)
+    assert ops == {"sparse_lowrank_linear"}
+    torch.testing.assert_close(y, rand(x), rtol=1e-5, atol=1e-5)
+    rand.load_state_dict(chan.state_dict())
+    assert rand._channel_k == k
+    svd = SparseLowRankLinear.from_dense(torch.randn(40, 48), None, rank=6, density=0.1, init="lost")
+    assert svd._channel_k == round(0.1 * 48)
+    meta = SparseLowRankLinear(48, 40, rank=6, density=0.1, init="lost", device="meta")
+    assert meta._channel_k == 0
+
+
+def test_channel_decomposition_matches_the_reference():
+    """The decomposition against the op's reference, with misaligned widths, a scale and
+    a bias, in float64."""
+    from structrewrite.ops.sparse_lowrank_linear import channel_count, channel_decomposition, reference
+    layer = SparseLowRankLinear(37, 29, rank=5, density=0.2, init="lost", key="d").double()
+    with torch.no_grad():
+        layer.B.normal_()
+    k = channel_count(layer.sparse_crow, layer.sparse_col, 29)
+    assert k == round(0.2 * 37)
+    x = torch.randn(7, 37, dtype=torch.float64)
+    args = (layer.A, layer.B, layer.values)
+    got = channel_decomposition(x, *args, layer.sparse_col[:k], layer.bias, layer.scale)
+    want = reference(x, *args, layer.sparse_crow, layer.sparse_col, layer.sparse_row, layer.bias,
+                     layer.scale)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # a support that is not channel-wise: rows differ, or the row pointers are uneven
+    col = layer.sparse_col.clone()
+    col[0], col[1] = col[1], col[0]
+    assert channel_count(layer.sparse_crow, col, 29) == 0
+    crow = layer.sparse_crow.clone()
+    crow[1] += 1
+    assert channel_count(crow, layer.sparse_col, 29) == 0
