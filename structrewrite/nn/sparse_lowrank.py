@@ -6,7 +6,10 @@
   kernels read) and trained through ``values``.
 
 The weight is never formed in forward or backward: the layer computes through the op
-``structrewrite::sparse_lowrank_linear``. ``to_dense()`` merges it back into nn.Linear.
+``structrewrite::sparse_lowrank_linear``, except that under ``torch.compile`` a
+channel-wise support (``init: lost``) is given to Inductor as its two GEMMs on widened
+operands (``ops.sparse_lowrank_linear.channel_decomposition``), which need no kernel of
+their own. ``to_dense()`` merges it back into nn.Linear.
 
 Initialisations (``init``):
 
