@@ -166,7 +166,7 @@ class SparseLowRankLinear(nn.Module):
         self.register_buffer("sparse_row", torch.empty(nnz, dtype=torch.int32, device=device))
         # k where the support is channel-wise (every row holds the same k input channels),
         # else 0; set where the support is set or loaded (``_support_changed``)
-        self._channel_k = 0
+        self._channel_k, self._support_seen = 0, ()
         if self.A.device.type != "meta":
             self.reset_parameters()
 
@@ -229,8 +229,14 @@ class SparseLowRankLinear(nn.Module):
     def _support_changed(self) -> None:
         """Reads the support once more where it was set or loaded: whether it is
         channel-wise (``_channel_k``), which decides how ``torch.compile`` sees the layer.
-        Changing the support buffers in place any other way is not supported."""
+        An eager call also reads it again where the buffers changed since (moved, or
+        written in place); a support written in place and then only run compiled is not
+        seen: set supports through ``load_state_dict``."""
         self._channel_k = channel_count(self.sparse_crow, self.sparse_col, self.out_features)
+        self._support_seen = self._support_id()
+
+    def _support_id(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in (self.sparse_crow, self.sparse_col))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -285,6 +291,8 @@ class SparseLowRankLinear(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
             x, A, B, values = x.to(dt), A.to(dt), B.to(dt), values.to(dt)
             bias = bias.to(dt) if bias is not None else None
+        if plain and not torch.compiler.is_compiling() and self._support_id() != self._support_seen:
+            self._support_changed()   # buffers moved or written since the support was read
         if self._channel_k and torch.compiler.is_compiling() and not _exporting():
             # a channel-wise support is two GEMMs: Inductor compiles them with the code
             # around them, where the op would cost a Python call per layer and pass

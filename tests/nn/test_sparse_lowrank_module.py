@@ -140,6 +140,14 @@ def test_channel_flag_follows_the_support():
     torch.testing.assert_close(y, rand(x), rtol=1e-5, atol=1e-5)
     rand.load_state_dict(chan.state_dict())
     assert rand._channel_k == k
+    # a support written in place is read again at the next eager call
+    with torch.no_grad():
+        rand.sparse_crow.copy_(other.sparse_crow)
+        rand.sparse_col.copy_(other.sparse_col)
+        rand.sparse_row.copy_(other.sparse_row)
+    assert rand._channel_k == k
+    rand(x)
+    assert rand._channel_k == 0
     svd = SparseLowRankLinear.from_dense(torch.randn(40, 48), None, rank=6, density=0.1, init="lost")
     assert svd._channel_k == round(0.1 * 48)
     meta = SparseLowRankLinear(48, 40, rank=6, density=0.1, init="lost", device="meta")
