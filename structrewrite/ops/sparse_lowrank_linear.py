@@ -301,6 +301,13 @@ def channel_count(crow: torch.Tensor, col: torch.Tensor, out_features: int) -> i
     return k if bool((grid == grid[:1]).all()) else 0
 
 
+def channel_width(n: int) -> int:
+    """The inner GEMM width r + k of a channel-wise layer rounded up to a multiple of 64:
+    cuBLAS runs its fast (aligned) kernels only when the leading dimensions are
+    multiples of 16 bytes."""
+    return -(-n // 64) * 64
+
+
 def channel_decomposition(x, A, B, values, cols, bias, scale: float) -> torch.Tensor:
     """The op for a channel-wise support as plain differentiable torch ops, for
     ``torch.compile``: with ``cols`` the k channels every row holds (``values`` row by
@@ -317,7 +324,7 @@ def channel_decomposition(x, A, B, values, cols, bias, scale: float) -> torch.Te
     out x in matrix."""
     r, in_features = A.shape
     out_features, k = B.shape[0], cols.numel()
-    inner = -(-(r + k) // 64) * 64
+    inner = channel_width(r + k)
     one_hot = A.new_zeros(inner - r, in_features).index_put(
         (torch.arange(k, device=A.device), cols.long()), A.new_ones(()))
     Aw = torch.cat([A, one_hot], dim=0)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from structrewrite.codegen.triton import aligned
 from structrewrite.codegen.triton.support_cache import cached
+from structrewrite.ops.sparse_lowrank_linear import channel_count, channel_width
+
 
 def channel_columns(crow: torch.Tensor, col: torch.Tensor, out_features: int) -> Optional[torch.Tensor]:
     """The k shared input channels (int64) if every row of the support holds exactly the
@@ -46,23 +48,8 @@ def channel_columns(crow: torch.Tensor, col: torch.Tensor, out_features: int) ->
 
 
 def _detect(crow, col, out_features) -> Optional[torch.Tensor]:
-    nnz = col.numel()
-    if out_features == 0 or nnz == 0 or nnz % out_features:
-        return None
-    k = nnz // out_features
-    expected = torch.arange(out_features + 1, device=crow.device, dtype=crow.dtype) * k
-    if not torch.equal(crow, expected):
-        return None
-    grid = col.view(out_features, k)
-    if not bool((grid == grid[:1]).all()):
-        return None
-    return grid[0].long().contiguous()
-
-
-def _pad(n: int) -> int:
-    """Inner GEMM width rounded up to a multiple of 64: cuBLAS runs its fast (aligned)
-    kernels only when the leading dimensions are multiples of 16 bytes."""
-    return -(-n // 64) * 64
+    k = channel_count(crow, col, out_features)
+    return col[:k].long().contiguous() if k else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +73,7 @@ def _constant_blocks(cols: torch.Tensor, in_p: int, out_features: int, r: int, d
     and the zero columns that pad W'. Keeping them leaves fewer launches per call (fwd+bwd
     at 4096x4096 on the H200: 2.15 ms with them built per call, 1.79 ms cached)."""
     k = cols.numel()
-    pad = _pad(r + k) - r - k
+    pad = channel_width(r + k) - r - k
 
     def build():
         E = torch.zeros(k + pad, in_p, dtype=dtype, device=cols.device)
