@@ -160,10 +160,17 @@ def _bsr_sddmm_kernel(
 # launchers
 # ----------------------------------------------------------------------------------
 SPMM_CANDIDATES = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (64, 4, 4), (128, 4, 4),
-                   (128, 4, 5), (256, 8, 4), (256, 4, 3), (64, 2, 4)]
+                   (128, 4, 5), (256, 8, 4), (256, 4, 3), (64, 2, 4),
+                   # fewer stages or warps: 4-10% faster in one process on the H200 for the
+                   # forward and dx with d values at 2048->5461 and for 16x16 tiles
+                   # (benchmarks/README.md, "What was tried", the tile candidates)
+                   (128, 4, 2), (128, 2, 3), (256, 2, 2)]
 SPMM_DEFAULT = (128, 4, 3)            # (BM, warps, stages)
 SDDMM_CANDIDATES = [(64, 0, 4, 3), (128, 0, 4, 3), (128, 0, 8, 3), (64, 0, 4, 4), (256, 0, 8, 3),
-                    (128, 0, 4, 4), (64, 0, 2, 4), (256, 0, 4, 3)]
+                    (128, 0, 4, 4), (64, 0, 2, 4), (256, 0, 4, 3),
+                    # 32-token steps on 2 warps, or a fixed number of token splits: 9-28%
+                    # faster on the H200 at six of the eight benchmark problems (same section)
+                    (32, 0, 2, 3), (64, 4, 4, 3), (128, 8, 4, 3)]
 SDDMM_DEFAULT = (64, 0, 4, 3)         # (BK, token splits (0: enough programs for the device), warps, stages)
 
 
