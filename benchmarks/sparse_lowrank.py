@@ -41,7 +41,7 @@ from benchmarks.harness import Report, ceilings, environment, graphed, interleav
 from structrewrite.codegen.triton import aligned
 
 SHAPES = [(4096, 4096), (4096, 11008), (2048, 2048), (2048, 5461)]
-COMPILED = ("channel", "block32")   # structured supports also timed under torch.compile (through the op)
+COMPILED = ("channel", "block32")   # structured supports also timed under torch.compile
 DENSITY = 0.03
 
 
@@ -601,10 +601,12 @@ def tables(report: Report, cases: list[dict]):
                       "wrapped by torch.cuda.make_graphed_callables, called back to back (a graph each "
                       "for forward and backward; x and the incoming gradient are copied into its static "
                       "buffers every call); compiled: torch.compile(layer, mode='reduce-overhead'), "
-                      "through the torch.library op the layer uses when it trains compiled "
+                      "the way the layer trains compiled: through the torch.library op "
                       "(sparse_lowrank_linear for the random support, sparse_lowrank_linear_train, "
-                      "which keeps x Aᵀ for the backward, for channel and tiles; Inductor with CUDA "
-                      "graphs; non-static inputs are copied likewise), called back to back; host: host time to issue one eager call "
+                      "which keeps x Aᵀ for the backward, for tiles), channel-wise layers as their "
+                      "two GEMMs on widened operands (channel_decomposition, no op); Inductor with "
+                      "CUDA graphs; non-static inputs are copied likewise; called back to back; "
+                      "host: host time to issue one eager call "
                       "(median, b2b; it includes waits when the launch queue is full). Where host "
                       "exceeds b2b, the eager call is bound by Python and launch overhead, not by the "
                       "device. block32_op: the block32 layer called through sparse_lowrank_linear "
