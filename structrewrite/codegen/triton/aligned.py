@@ -3,8 +3,8 @@
 cuBLAS runs its fast kernels only when every matrix's leading dimension is a multiple of
 16 bytes. A layer with a width that is not (LLaMA-1B's MLP: 5461 features, 10922 bytes a
 row in bf16) makes every GEMM that reads or writes a tokens x 5461 matrix fall back to
-slow kernels: on the H200, dense ``F.linear`` fwd+bwd at 16384 x 2048 -> 5461 took 8.8
-ms in eager mode, 1.8-2.0 ms with its rows padded by hand and 1.8-1.9 ms under Inductor,
+slow kernels: on the H200, dense ``F.linear`` fwd+bwd at 16384 x 2048 -> 5461 took 8.8-8.9
+ms in eager mode, 1.77-2.0 ms with its rows padded by hand and 1.8-1.9 ms under Inductor,
 which pads (``benchmarks/results/sparse_lowrank.md`` and earlier runs). The implementations here pad the same way:
 
 * an operand whose rows are misaligned is copied once into a zero-padded buffer

@@ -102,7 +102,7 @@ So at this density and token count the op does not use them: the cost model of
 ``sparse_lowrank_folded.py`` sends the call to the folded path (W built a chunk at a
 time, cuBLAS products), 2.3-2.8 ms. The gathers remain the path for sparser supports
 and few tokens. Tile supports (32 x 32) run at 0.67-0.76x dense at 4096x4096 and
-channel-wise supports at 0.53-0.58x (runs up to 21:26 UTC).
+channel-wise supports at 0.53-0.58x (runs up to 23:34 UTC).
 
 Misaligned widths
 -----------------
