@@ -145,6 +145,32 @@ def test_sddmm_against_dense_sample(dtype, config):
     assert _rel(dv, ref) < 1e-5, f"seed {seed}"   # float32 accumulation of exact products
 
 
+def test_every_tuning_candidate_computes_the_products():
+    """The gather configs that ``tuning.pick`` may choose on a device, each run once here
+    (float32, feature chunks larger than the features where a config has them): the
+    gather SpMM with base and bias, and each d values config."""
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    M, nrows, nfeat, nnz = 37, 45, 70, 300
+    flat = torch.randperm(nrows * nfeat, generator=g)[:nnz]
+    crow, col, row = csr_from_flat(flat, nrows, nfeat)
+    vals = torch.randn(nnz, generator=g)
+    x, gy = torch.randn(M, nfeat, generator=g), torch.randn(M, nrows, generator=g)
+    base, bias = torch.randn(M, nrows, generator=g), torch.randn(nrows, generator=g)
+    S = torch.zeros(nrows, nfeat, dtype=torch.float64)
+    S[row.long(), col.long()] = vals.double()
+    want = 0.5 * base.double() + x.double() @ S.t() + bias.double()
+    for cfg in sl.SPMM_CANDIDATES:
+        out = torch.full((M, nrows), float("nan"))
+        sl.gather_spmm(sl.transpose(x), crow, col, vals, nrows, out, base=base, bias=bias,
+                       scale=0.5, config=cfg, owner=row)
+        assert _rel(out, want) < TOL[torch.float32], f"spmm {cfg} (seed {seed})"
+    want_dv = (gy.double().t() @ x.double())[row.long(), col.long()]
+    for cfg in sl.SDDMM_CANDIDATES:
+        dv = sl.sddmm(gy, x, crow, col, row, config=cfg)
+        assert _rel(dv, want_dv) < 1e-5, f"sddmm {cfg} (seed {seed})"
+
+
 def test_csc_cache_follows_the_support():
     crow, col, row = csr_from_flat(torch.tensor([1, 4, 5, 9, 10]), 3, 4)
     p1 = sl.csc_of(col, row, 4)

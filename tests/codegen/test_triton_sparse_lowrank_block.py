@@ -178,6 +178,34 @@ def test_bsr_spmm_adds_d_values_alongside_dx(dtype, config):
         blk.bsr_spmm(x, lay, vals, out_f, torch.empty(M, out_f, dtype=dtype), False, x=x, dv=dv)
 
 
+@pytest.mark.parametrize("b", [16, 32])
+def test_every_tuning_candidate_computes_the_products(b):
+    """The tile configs that ``tuning.pick`` may choose on a device, each run once here
+    (float32, a token count that fills no config's token block evenly): the forward
+    product, dx with d values riding on it, and the separate d values kernel."""
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    out_f, in_f, M = 2 * b + 3, 3 * b + 5, 37
+    crow, col, row = _support(out_f, in_f, b, 4, g)
+    vals = torch.randn(col.numel(), generator=g)
+    lay = blk.layout(crow, col, row, b, out_f, in_f)
+    S = torch.zeros(out_f, in_f, dtype=torch.float64)
+    S[row.long(), col.long()] = vals.double()
+    x, gr = torch.randn(M, in_f, generator=g), torch.randn(M, out_f, generator=g)
+    want_dv = (gr.double().t() @ x.double())[row.long(), col.long()]
+    for cfg in blk.SPMM_CANDIDATES:
+        y = torch.full((M, out_f), float("nan"))
+        blk.bsr_spmm(x, lay, vals, out_f, y, False, config=cfg)
+        assert _rel(y, x.double() @ S.t()) < TOL[torch.float32], f"forward {cfg} (seed {seed})"
+        dx, dv = torch.full((M, in_f), float("nan")), torch.zeros(col.numel())
+        blk.bsr_spmm(gr, lay, vals, in_f, dx, True, config=cfg, x=x, dv=dv)
+        assert _rel(dx, gr.double() @ S) < TOL[torch.float32], f"dx {cfg} (seed {seed})"
+        assert _rel(dv, want_dv) < TOL[torch.float32], f"d values in dx {cfg} (seed {seed})"
+    for cfg in blk.SDDMM_CANDIDATES:
+        dv = blk.bsr_sddmm(gr, x, lay, config=cfg)
+        assert _rel(dv, want_dv) < TOL[torch.float32], f"d values {cfg} (seed {seed})"
+
+
 def test_deterministic_mode_keeps_the_separate_d_values_kernel(monkeypatch):
     """The fused d values add in an order that varies between runs; under
     ``torch.use_deterministic_algorithms`` the backward runs the kernel of their own."""
