@@ -910,7 +910,9 @@ def main(argv=None) -> int:
         return 2
     import structrewrite.ops  # noqa: F401
     from structrewrite.codegen import triton as tr
+    from structrewrite.codegen.triton import tuning
     from structrewrite.codegen.triton.tuning import tuned_configs
+    tuning.CACHE_DIR = None   # time every problem afresh: the JSON keeps the candidates' times
     if not tr.REGISTERED:
         print("Triton kernels not registered", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
 import itertools  # noqa: E402
+import json  # noqa: E402
 import random  # noqa: E402
 
 import pytest  # noqa: E402
@@ -30,6 +31,7 @@ def timed(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(tuning, "TUNED", {})
     monkeypatch.setattr(tuning, "TUNE_LOG", {})
+    monkeypatch.setattr(tuning, "CACHE_DIR", None)   # nothing on disk unless a test says so
     clock = itertools.count(1000, -1)
     ran = []
 
@@ -51,6 +53,84 @@ def test_pick_keeps_the_fastest_skips_failures_and_caches(timed):
     log = tuning.tuned_configs()["('k', 1)"]
     assert log["chosen"] == "b" and log["candidates_ms"]["'bad'"].startswith("failed")
     assert tuning.pick("k", (2,), [], run, "default") == "default"            # nothing ran
+
+
+@pytest.fixture
+def on_disk(timed, tmp_path, monkeypatch):
+    """``timed``, with the choices kept in a fresh directory for a made-up device."""
+    monkeypatch.setattr(tuning, "CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_device_name", lambda: "Test GPU 80GB")
+    monkeypatch.setattr(tuning, "_DISK", {})
+    return timed
+
+
+def _new_process(monkeypatch):
+    """What a new process starts with: no choices in memory, the files not yet read."""
+    monkeypatch.setattr(tuning, "TUNED", {})
+    monkeypatch.setattr(tuning, "_DISK", {})
+
+
+def test_choices_are_kept_on_disk_for_the_next_process(on_disk, tmp_path, monkeypatch):
+    cands = [(64, 4, 3), ("mm", 128, 64), "fused"]
+    assert tuning.pick("k", (1, torch.bfloat16), cands, lambda c: None, None) == "fused"
+    assert len(on_disk) == 3
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and "Test_GPU_80GB" in files[0].name
+    _new_process(monkeypatch)
+    never = lambda c: pytest.fail("timed again")  # noqa: E731
+    assert tuning.pick("k", (1, torch.bfloat16), cands, never, None) == "fused"
+    assert tuning.tuned_configs()["('k', 1, torch.bfloat16)"]["candidates_ms"] == {
+        "from disk": str(tmp_path)}
+    # tuples come back as tuples
+    _new_process(monkeypatch)
+    assert tuning.pick("k2", (1,), [(64, 4, 3), ("mm", 1, 2)], lambda c: None, None) == ("mm", 1, 2)
+    _new_process(monkeypatch)
+    assert tuning.pick("k2", (1,), [(64, 4, 3), ("mm", 1, 2)], never, None) == ("mm", 1, 2)
+
+
+def test_a_changed_candidate_list_or_problem_is_timed_again(on_disk, monkeypatch):
+    tuning.pick("k", (1,), ["a", "b"], lambda c: None, None)
+    _new_process(monkeypatch)
+    assert tuning.pick("k", (1,), ["a", "b", "c"], lambda c: None, None) == "c"   # new list
+    assert tuning.pick("k", (2,), ["a", "b"], lambda c: None, None) == "b"        # new problem
+    assert len(on_disk) == 2 + 3 + 2
+
+
+def test_an_unreadable_cache_file_is_timed_over_and_replaced(on_disk, tmp_path, monkeypatch):
+    tuning.pick("k", (1,), ["a", "b"], lambda c: None, None)
+    (path,) = tmp_path.iterdir()
+    path.write_text("{not json")
+    _new_process(monkeypatch)
+    assert tuning.pick("k", (1,), ["a", "b"], lambda c: None, None) == "b"
+    assert len(on_disk) == 4
+    _new_process(monkeypatch)
+    assert tuning.pick("k", (1,), ["a", "b"], lambda c: pytest.fail("timed again"), None) == "b"
+
+
+def test_failed_trials_leave_nothing_on_disk_and_writes_merge(on_disk, tmp_path, monkeypatch):
+    def fails(c):
+        raise RuntimeError("out of resources")
+    assert tuning.pick("k", (1,), ["a"], fails, "default") == "default"
+    assert not list(tmp_path.iterdir())
+    tuning.pick("k", (2,), ["a", "b"], lambda c: None, None)
+    # another process wrote its own choice in the meantime: both survive the next write
+    (path,) = tmp_path.iterdir()
+    other = json.loads(path.read_text())
+    other["('other', 9) of 000000000000"] = {"config": "x"}
+    path.write_text(json.dumps(other))
+    tuning.pick("k", (3,), ["a", "b"], lambda c: None, None)
+    kept = json.loads(path.read_text())
+    assert "('other', 9) of 000000000000" in kept and len(kept) == 3
+
+
+def test_no_cache_dir_keeps_nothing(timed, tmp_path, monkeypatch):
+    monkeypatch.setenv("STRUCTREWRITE_TUNE_CACHE", "0")
+    assert tuning._default_cache_dir() is None
+    monkeypatch.setenv("STRUCTREWRITE_TUNE_CACHE", str(tmp_path / "t"))
+    assert tuning._default_cache_dir() == str(tmp_path / "t")
+    monkeypatch.delenv("STRUCTREWRITE_TUNE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert tuning._default_cache_dir() == str(tmp_path / "structrewrite")
 
 
 def test_pick_without_a_gpu_returns_the_default(monkeypatch):

@@ -65,8 +65,12 @@ Tiles
 -----
 On CUDA the tiles of each kernel are picked by timing the candidate configs once per
 (kind, token bucket, shape, nnz, dtype) (``tuning.pick``; ``STRUCTREWRITE_TUNE=0`` uses
-the defaults). The first call at a new shape therefore takes a few hundred ms, and it must
-not happen inside CUDA-graph capture. Tests and callers can pass configs explicitly.
+the defaults). The first call at a new shape therefore takes longer (seconds for a tile
+layer: the first three training steps of the benchmark's four 32x32-tile layers, one of
+their three shapes new to the process, took 12.9 s on the H200 at 23:34 UTC), and it
+must not happen inside CUDA-graph capture. The choices are kept on disk for later
+processes on the same machine (``STRUCTREWRITE_TUNE_CACHE``, ``tuning.py``). Tests and
+callers can pass configs explicitly.
 
 Structured supports
 -------------------

@@ -2,13 +2,26 @@
 
 ``pick`` times the candidate configs of a kernel once per problem key on CUDA and keeps
 the fastest; without CUDA, under the interpreter or with ``STRUCTREWRITE_TUNE=0`` it
-returns the kernel's default. The first call at a new shape therefore takes a few
-hundred ms, and it must not happen inside CUDA-graph capture. ``tuned_configs()`` lists
-the choices and the candidates' times (the benchmarks store them with their results).
+returns the kernel's default. Timing happens at the first call at a new shape, which
+must not be inside CUDA-graph capture; for a tile layer it takes seconds (the four
+kernels' candidates, and Triton's first compilation of each).
+
+The choices are also kept on disk, one JSON file per device name and torch / Triton
+version, in ``STRUCTREWRITE_TUNE_CACHE`` (default ``$XDG_CACHE_HOME/structrewrite`` or
+``~/.cache/structrewrite``; ``0`` keeps nothing on disk), so that the next process on the
+same machine takes them without timing. An entry names the candidate list it was chosen
+from; when the list changes, or the entry is not one of the candidates, the problem is
+timed again. ``tuned_configs()`` lists the choices and the candidates' times, or where a
+choice came from the disk (the benchmarks store them with their results, and time
+afresh: they switch the disk off).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
+from typing import Optional
 
 import torch
 import triton
@@ -16,6 +29,19 @@ import triton
 TUNED: dict = {}
 TUNE_LOG: dict = {}
 TUNE = os.environ.get("STRUCTREWRITE_TUNE", "1") != "0"
+
+
+def _default_cache_dir() -> Optional[str]:
+    where = os.environ.get("STRUCTREWRITE_TUNE_CACHE")
+    if where is not None:
+        return None if where in ("", "0") else where
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "structrewrite")
+
+
+# where the choices are kept between processes (None: nowhere)
+CACHE_DIR: Optional[str] = _default_cache_dir()
+_DISK: dict = {}   # cache file -> its entries, read once per process
 
 
 def interpreting() -> bool:
@@ -37,12 +63,20 @@ def bucket(M: int) -> int:
 
 
 def pick(kind: str, key: tuple, candidates, run, default):
-    """The fastest of ``candidates`` for ``(kind, *key)``, timed once with ``run(config)``."""
+    """The fastest of ``candidates`` for ``(kind, *key)``, timed once with ``run(config)``
+    (or read from the disk cache, where an earlier process timed the same problem)."""
     full = (kind,) + key
     if full in TUNED:
         return TUNED[full]
     if not TUNE or not torch.cuda.is_available() or interpreting():
         return default
+    candidates = list(candidates)
+    entry = _entry(full, candidates)
+    kept = _read(entry, candidates)
+    if kept is not None:
+        TUNED[full] = kept
+        TUNE_LOG[repr(full)] = {"from disk": CACHE_DIR}
+        return kept
     best, best_t = default, float("inf")
     log = TUNE_LOG.setdefault(repr(full), {})
     for cfg in candidates:
@@ -55,7 +89,81 @@ def pick(kind: str, key: tuple, candidates, run, default):
         if t < best_t:
             best, best_t = cfg, t
     TUNED[full] = best
+    if best_t < float("inf"):   # a choice that rests on a timing
+        _write(entry, best)
     return best
+
+
+# ----------------------------------------------------------------------------------
+# the choices on disk
+# ----------------------------------------------------------------------------------
+def _device_name() -> str:
+    return torch.cuda.get_device_name(torch.cuda.current_device())
+
+
+def _cache_file() -> Optional[str]:
+    if not CACHE_DIR:
+        return None
+    tag = f"{_device_name()}-torch{torch.__version__}-triton{triton.__version__}"
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in tag)
+    return os.path.join(CACHE_DIR, f"tuning-{safe}.json")
+
+
+def _entry(full: tuple, candidates: list) -> str:
+    """The problem and the candidate list it is chosen from, as one string."""
+    digest = hashlib.sha1(repr(candidates).encode()).hexdigest()[:12]
+    return f"{full!r} of {digest}"
+
+
+def _load(path: str) -> dict:
+    if path not in _DISK:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            _DISK[path] = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):   # none yet, or unreadable: time afresh
+            _DISK[path] = {}
+    return _DISK[path]
+
+
+def _read(entry: str, candidates: list):
+    """The kept choice for ``entry``, if it is one of ``candidates``."""
+    path = _cache_file()
+    if path is None:
+        return None
+    kept = _load(path).get(entry)
+    if not isinstance(kept, dict) or "config" not in kept:
+        return None
+    config = _from_json(kept["config"])
+    return config if config in candidates else None
+
+
+def _write(entry: str, config) -> None:
+    """Adds ``entry`` to the cache file: read again, merged and replaced in one rename,
+    so that processes writing at once lose no entry but the other's latest."""
+    path = _cache_file()
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _DISK.pop(path, None)
+        data = dict(_load(path))
+        data[entry] = {"config": _to_json(config)}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+        _DISK[path] = data
+    except OSError:   # a read-only home or full disk: the choice stays in this process
+        pass
+
+
+def _to_json(config):
+    return list(map(_to_json, config)) if isinstance(config, tuple) else config
+
+
+def _from_json(value):
+    return tuple(map(_from_json, value)) if isinstance(value, list) else value
 
 
 def tuned_configs() -> dict:
