@@ -165,3 +165,11 @@ def test_trials_leave_the_outputs_right(timed, monkeypatch, block):
     assert rel(y, reference(*args)) < 1e-5, f"seed {seed}"
     for a, b in zip(grads, reference_backward(g, *args[:7], layer.scale)):
         assert rel(a, b) < 1e-5, f"seed {seed}"
+
+
+def test_host_cdiv_and_next_power_of_2_match_tritons():
+    for a in range(0, 300, 7):
+        for b in (1, 2, 3, 16, 64, 128):
+            assert tuning.cdiv(a, b) == tuning.triton.cdiv(a, b)
+    for n in range(1, 2100, 3):
+        assert tuning.next_power_of_2(n) == tuning.triton.next_power_of_2(n)

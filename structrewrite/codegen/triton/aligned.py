@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from structrewrite.codegen.triton.support_cache import outside_graph_pools
-from structrewrite.codegen.triton.tuning import interpreting
+from structrewrite.codegen.triton.tuning import cdiv, interpreting, next_power_of_2
 
 ALIGN_BYTES = 16
 # matrices with fewer elements are copied by ATen (no Triton launch: host time matters more)
@@ -152,9 +152,9 @@ def copy_cols(t: torch.Tensor, n: int) -> torch.Tensor:
         # a slice reads whole source rows (aligned where the source is) and stores n columns
         (kk, km), (nn_, nm) = _split(k, per), _split(n, per)
         (ss, sm), (sd, dm) = _split(t2.stride(0), per), _split(out.stride(0), per)
-        BC = 512 if n >= 512 else triton.next_power_of_2(n)
+        BC = 512 if n >= 512 else next_power_of_2(n)
         BR = max(1, 4096 // BC)
-        _copy_cols_kernel[(triton.cdiv(R, BR), triton.cdiv(n, BC))](
+        _copy_cols_kernel[(cdiv(R, BR), cdiv(n, BC))](
             t2, out, R, kk, nn_, ss, sd, K_MULT=km, N_MULT=nm, SS_MULT=sm, SD_MULT=dm,
             BR=BR, BC=BC, num_warps=4)
     return out.reshape(*t.shape[:-1], n)

@@ -128,7 +128,7 @@ from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
-from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
+from structrewrite.codegen.triton.tuning import bucket, cdiv, interpreting, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import autocast_off
 
 OP = "structrewrite::sparse_lowrank_linear"
@@ -314,9 +314,9 @@ def _spmm_nsplit(cfg, M: int, nrows: int, device) -> int:
     BM, BN, _, nsplit, _ = cfg[:5]
     if nsplit:
         return nsplit
-    tiles = triton.cdiv(max(M, 1), BM)
+    tiles = cdiv(max(M, 1), BM)
     want = 4 * sm_count(device)
-    return max(1, min(triton.cdiv(nrows, BN), triton.cdiv(want, tiles) if tiles < want else 8))
+    return max(1, min(cdiv(nrows, BN), cdiv(want, tiles) if tiles < want else 8))
 
 
 def segments(ptr: torch.Tensor, idx: torch.Tensor, owner: torch.Tensor, nfeat: int,
@@ -326,7 +326,7 @@ def segments(ptr: torch.Tensor, idx: torch.Tensor, owner: torch.Tensor, nfeat: i
     each entry. Entries are sorted by feature inside a row, so chunks are contiguous.
     Made once per support (``support_cache``)."""
     nrows = ptr.numel() - 1
-    nch = max(1, triton.cdiv(nfeat, width)) if width else 1
+    nch = max(1, cdiv(nfeat, width)) if width else 1
 
     def build():
         if nch == 1:
@@ -359,7 +359,7 @@ def gather_spmm(pt: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, values: 
         CB = 0
     seg = segments(ptr, idx, owner, pt.shape[0], CB)
     nsplit = _spmm_nsplit(cfg, M, nrows, pt.device)
-    grid = (nsplit, triton.cdiv(M, BM))
+    grid = (nsplit, cdiv(M, BM))
     dummy = out
     _gather_spmm_kernel[grid](
         pt, pt.stride(0),
@@ -380,12 +380,12 @@ def _sddmm_nchunk(cfg, M: int, nnz: int, nfeat: int, device) -> int:
     _, BK, BM, nchunk, _ = cfg
     if nchunk:
         return nchunk
-    blocks = triton.cdiv(nnz, BK)
+    blocks = cdiv(nnz, BK)
     # Token ranges sized so that the gathered slices of gᵀ and xᵀ stay in L2 (~24 MB),
     # and enough of them to fill the device when there are few entry blocks.
-    by_cache = triton.cdiv(M * nfeat * 2, 24 << 20)
-    by_fill = triton.cdiv(4 * sm_count(device), blocks)
-    return max(1, min(triton.cdiv(M, BM), max(by_cache, by_fill)))
+    by_cache = cdiv(M * nfeat * 2, 24 << 20)
+    by_fill = cdiv(4 * sm_count(device), blocks)
+    return max(1, min(cdiv(M, BM), max(by_cache, by_fill)))
 
 
 def sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
@@ -406,7 +406,7 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tenso
         _, BR, BC, BK, warps, stages = cfg
         seg = segments(crow, col, row, nin, BC)
         dv = _empty((nnz,), torch.float32, g.device)
-        grid = (triton.cdiv(nout, BR) * triton.cdiv(nin, BC),)
+        grid = (cdiv(nout, BR) * cdiv(nin, BC),)
         _sddmm_mm_kernel[grid](
             g, g.stride(0), g.stride(1), x, x.stride(0), x.stride(1),
             seg, seg.shape[1] - 1, col, dv, M, nout, nin,
@@ -420,7 +420,7 @@ def sddmm(g: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tenso
     assert gt.stride(1) == 1 and xt.stride(1) == 1
     nchunk = _sddmm_nchunk(cfg, M, nnz, nout + nin, g.device)
     part = _empty((nchunk, nnz), torch.float32, g.device)
-    _sddmm_kernel[(triton.cdiv(nnz, BK), nchunk)](
+    _sddmm_kernel[(cdiv(nnz, BK), nchunk)](
         gt, gt.stride(0), xt, xt.stride(0),
         row, col, part, nnz, M, BK=BK, BM=BM, num_warps=warps,
     )
@@ -444,7 +444,7 @@ def transpose(a: torch.Tensor) -> torch.Tensor:
     R, C = a.shape
     out = torch.empty((C, R), dtype=a.dtype, device=a.device)
     if R and C:
-        _transpose_kernel[(triton.cdiv(R, 64), triton.cdiv(C, 64))](
+        _transpose_kernel[(cdiv(R, 64), cdiv(C, 64))](
             a, out, R, C, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
             TR=64, TC=64, num_warps=4)
     return out

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from structrewrite.codegen.triton import aligned
-from structrewrite.codegen.triton.tuning import bucket, interpreting, pick, sm_count
+from structrewrite.codegen.triton.tuning import bucket, cdiv, interpreting, pick, sm_count
 
 # detection and layout live in ``block_layout`` (plain torch, also used by the CPU
 # implementation); re-exported here for the kernels' callers
@@ -197,7 +197,7 @@ def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, o
         ptr, other, tidx = lay.cptr, lay.crow, lay.cidx
     else:            # y[:, I] += x[:, J] · S_IJᵀ
         ptr, other, tidx = lay.rptr, lay.rcol, lay.rptr
-    grid = (triton.cdiv(n_out, b), triton.cdiv(M, BM))
+    grid = (cdiv(n_out, b), cdiv(M, BM))
     _bsr_spmm_kernel[grid](
         inp, inp.stride(0), ptr, other, tidx, values, lay.base, lay.stride,
         base if base is not None else out, base.stride(0) if base is not None else 0,
@@ -220,7 +220,7 @@ def _nsplit(M: int, nt: int, BK: int, splits: int, device) -> int:
     if splits:
         return splits
     want = 4 * sm_count(device)
-    return max(1, min(triton.cdiv(M, BK), triton.cdiv(want, max(nt, 1))))
+    return max(1, min(cdiv(M, BK), cdiv(want, max(nt, 1))))
 
 
 def bsr_sddmm(g: torch.Tensor, x: torch.Tensor, lay: Layout, config=None) -> torch.Tensor:
@@ -230,8 +230,8 @@ def bsr_sddmm(g: torch.Tensor, x: torch.Tensor, lay: Layout, config=None) -> tor
     b, nt = lay.b, lay.nt
     nnz = nt * b * b
     nsplit = _nsplit(M, nt, BK, splits, g.device)
-    chunk = triton.cdiv(triton.cdiv(max(M, 1), nsplit), BK) * BK
-    nsplit = max(1, triton.cdiv(M, chunk))
+    chunk = cdiv(cdiv(max(M, 1), nsplit), BK) * BK
+    nsplit = max(1, cdiv(M, chunk))
     part = _empty((nsplit, nnz), torch.float32, g.device)
     _bsr_sddmm_kernel[(nt, nsplit)](
         g, g.stride(0), x, x.stride(0), lay.ti, lay.tj, lay.base, lay.stride, part, M, nnz, chunk,

@@ -51,10 +51,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_SMS: dict = {}
+
+
 def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    """Streaming multiprocessors of a CUDA device (read once per device); 4 elsewhere."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SMS.get(index)
+    if n is None:
+        n = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return n
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' grids and tile counts. ``triton.cdiv`` computes the
+    same, but as a ``constexpr_function`` it costs several microseconds of host time per
+    call from Python (about 6.6 us in Triton 3.9 on the CPU host here; nine calls per
+    fwd+bwd of a tile layer)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1); ``triton.next_power_of_2`` without its
+    host cost (``cdiv``)."""
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def bucket(M: int) -> int:
