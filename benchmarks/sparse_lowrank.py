@@ -905,6 +905,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="directory for the results (default benchmarks/results)")
     ap.add_argument("--name", default="sparse_lowrank")
     args = ap.parse_args(argv)
+    modes = tuple(m for m in args.e2e_modes.split(",") if m)
+    unknown = set(modes) - {"eager", "compiled", "graphs"}
+    if unknown:
+        print(f"unknown --e2e-modes {sorted(unknown)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("sparse_lowrank benchmark needs a CUDA device", file=sys.stderr)
         return 2
@@ -938,11 +943,6 @@ def main(argv=None) -> int:
         ok = False
     report.data["cases"] = cases
     report.write(args.out, plot=(lambda p: plot(cases, p)) if cases else None)   # kept if e2e fails
-    modes = tuple(m for m in args.e2e_modes.split(",") if m)
-    unknown = set(modes) - {"eager", "compiled", "graphs"}
-    if unknown:
-        print(f"unknown --e2e-modes {sorted(unknown)}", file=sys.stderr)
-        return 2
     if not args.skip_e2e:
         try:
             report.data["e2e"] = e2e(report, args.layers, args.batch, args.seq, args.e2e_rank, max(5, args.reps // 3),

@@ -27,3 +27,9 @@ def test_counts_the_op_calls_of_one_step():
 def test_a_model_without_sparse_layers_reports_nothing():
     W = torch.randn(16, 8, requires_grad=True)
     assert sparse_calls(_step(lambda x: F.linear(x, W), torch.randn(3, 8))) == ""
+
+
+def test_unknown_end_to_end_modes_are_refused_before_anything_runs(capsys):
+    from benchmarks.sparse_lowrank import main
+    assert main(["--e2e-modes", "eager,graph"]) == 2
+    assert "unknown --e2e-modes ['graph']" in capsys.readouterr().err
