@@ -714,6 +714,22 @@ def sparse_calls(step) -> str:
     return ", ".join(f"{k.removeprefix('structrewrite::')} x{v}" for k, v in sorted(counts.items()))
 
 
+E2E_COLUMNS = ["model", "params (M)", "step ms (median)", "tokens/s", "host ms to issue a step",
+               "peak memory (GiB)", "sparse calls (one step)"]
+
+
+def _compiled_table(report: Report, out: dict, mode: str, rows: list, title: str, note: str):
+    """The end-to-end table of a compiled ``mode``, with each sparse stack's speed against
+    the faster of the two dense stacks (``out[f"{mode}_speedup_vs_best_dense"]``), which
+    ``note`` ends by listing."""
+    ms = {r[0]: r[2] for r in rows}
+    best_dense = min(ms["dense"], ms["dense_ffn5504"])
+    speedup = out[f"{mode}_speedup_vs_best_dense"] = {
+        v: best_dense / ms[v] for v in ms if v.startswith("sparse")}
+    report.table(title, E2E_COLUMNS, rows,
+                 note=note + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()) + ".")
+
+
 def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
         modes=("eager", "compiled")) -> dict:
     """``modes``: ``eager``, ``compiled`` (``torch.compile(model)``) and ``graphs``
@@ -793,8 +809,7 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
         out["speedup_block32"] = ms["dense"] / ms["sparse_lowrank_block32"]
         out["speedup_vs_aligned_dense"] = {v: ms["dense_ffn5504"] / ms[v] for v in variants if v.startswith("sparse")}
         report.table(f"End to end: one training step (fwd, bwd, AdamW) of {layers} LLaMA-1B-shaped decoder layers",
-                     ["model", "params (M)", "step ms (median)", "tokens/s", "host ms to issue a step",
-                      "peak memory (GiB)", "sparse calls (one step)"], rows,
+                     E2E_COLUMNS, rows,
                      note=f"transformers LlamaModel layers (d=2048, ffn 5461, 16 heads, sdpa attention), bf16 "
                           f"parameters and AdamW, batch {batch} x seq {seq} = {batch * seq} tokens per step, "
                           f"loss = mean square of the last hidden state; peak memory: the step's peak "
@@ -817,45 +832,31 @@ def e2e(report: Report, layers: int, batch: int, seq: int, rank: int, reps: int,
                           "random supports; the channel-wise support runs as plain GEMMs, which leave "
                           "no event of their own, hence '-').")
     if crows:
-        cms = {r[0]: r[2] for r in crows}
-        best_dense = min(cms["dense"], cms["dense_ffn5504"])
-        out["compiled_speedup_vs_best_dense"] = {v: best_dense / cms[v] for v in cms if v.startswith("sparse")}
-        report.table("End to end under torch.compile (default mode): the same steps with the model compiled",
-                     ["model", "params (M)", "step ms (median)", "tokens/s", "host ms to issue a step",
-                      "peak memory (GiB)", "sparse calls (one step)"], crows,
-                     note="torch.compile(model) (Inductor, no CUDA graphs), AdamW eager, otherwise as "
-                          "above. Tile and random supports reach Inductor as torch.library ops (opaque "
-                          "kernels; tiles through sparse_lowrank_linear_train, which keeps x Aᵀ for the "
-                          "backward; the random support through sparse_lowrank_linear, whose folded "
-                          "backward needs none; the last column counts the op calls of one step, from the "
-                          "profiler's host events); everything around them is fused by Inductor. A "
-                          "channel-wise support reaches it as two GEMMs on widened operands "
-                          "(channel_decomposition), which Inductor compiles with the code around them, "
-                          "hence no op calls. "
-                          "Best compiled dense / compiled sparse: "
-                          + ", ".join(f"{k} {v:.2f}x" for k, v in out["compiled_speedup_vs_best_dense"].items())
-                          + ".")
+        _compiled_table(report, out, "compiled", crows,
+                        "End to end under torch.compile (default mode): the same steps with the model compiled",
+                        "torch.compile(model) (Inductor, no CUDA graphs), AdamW eager, otherwise as "
+                        "above. Tile and random supports reach Inductor as torch.library ops (opaque "
+                        "kernels; tiles through sparse_lowrank_linear_train, which keeps x Aᵀ for the "
+                        "backward; the random support through sparse_lowrank_linear, whose folded "
+                        "backward needs none; the last column counts the op calls of one step, from the "
+                        "profiler's host events); everything around them is fused by Inductor. A "
+                        "channel-wise support reaches it as two GEMMs on widened operands "
+                        "(channel_decomposition), which Inductor compiles with the code around them, "
+                        "hence no op calls. Best compiled dense / compiled sparse: ")
     if grows:
-        gms = {r[0]: r[2] for r in grows}
-        best_dense = min(gms["dense"], gms["dense_ffn5504"])
-        out["graphs_speedup_vs_best_dense"] = {v: best_dense / gms[v] for v in gms if v.startswith("sparse")}
-        report.table("End to end under torch.compile(mode='reduce-overhead'): compiled and replayed "
-                     "as CUDA graphs",
-                     ["model", "params (M)", "step ms (median)", "tokens/s", "host ms to issue a step",
-                      "peak memory (GiB)", "sparse calls (one step)"], grows,
-                     note="torch.compile(model, mode='reduce-overhead') (Inductor and cudagraph trees; "
-                          "torch.compiler.cudagraph_mark_step_begin() before each step's forward), "
-                          "AdamW eager, otherwise as above. The forward and backward graphs, the "
-                          "sparse ops inside them included, are replayed from CUDA graphs, so Python "
-                          "and launch costs no longer bound the step: this is the device's time for "
-                          "the step plus AdamW's eager launches. Sparse calls are counted from the "
-                          "profiler's host events, which a replayed graph does not emit. Peak memory "
-                          "here does not count what the replayed graphs use: their activations live "
-                          "in the graphs' private memory pool, reserved at capture, so the column is "
-                          "not comparable with the tables above. "
-                          "Best dense / sparse: "
-                          + ", ".join(f"{k} {v:.2f}x" for k, v in out["graphs_speedup_vs_best_dense"].items())
-                          + ".")
+        _compiled_table(report, out, "graphs", grows,
+                        "End to end under torch.compile(mode='reduce-overhead'): compiled and replayed "
+                        "as CUDA graphs",
+                        "torch.compile(model, mode='reduce-overhead') (Inductor and cudagraph trees; "
+                        "torch.compiler.cudagraph_mark_step_begin() before each step's forward), "
+                        "AdamW eager, otherwise as above. The forward and backward graphs, the "
+                        "sparse ops inside them included, are replayed from CUDA graphs, so Python "
+                        "and launch costs no longer bound the step: this is the device's time for "
+                        "the step plus AdamW's eager launches. Sparse calls are counted from the "
+                        "profiler's host events, which a replayed graph does not emit. Peak memory "
+                        "here does not count what the replayed graphs use: their activations live "
+                        "in the graphs' private memory pool, reserved at capture, so the column is "
+                        "not comparable with the tables above. Best dense / sparse: ")
     return out
 
 

@@ -81,7 +81,7 @@ def next_power_of_2(n: int) -> int:
 
 def bucket(M: int) -> int:
     """Token counts share a tile choice up to the next power of two."""
-    return 1 << max(0, (M - 1).bit_length())
+    return next_power_of_2(M)
 
 
 def pick(kind: str, key: tuple, candidates, run, default):
