@@ -23,7 +23,7 @@ from structrewrite.codegen.triton import sparse_lowrank_block as blk  # noqa: E4
 from structrewrite.nn.sparse_lowrank import SparseLowRankLinear, block_flat, csr_from_flat  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-SPMM_CONFIGS = [(16, 4, 2), (32, 4, 2)]
+SPMM_CONFIGS = [(16, 4, 2), (32, 4, 2), (16, 4, 2, 2), (32, 4, 2, 4)]   # (BM, warps, stages[, tiles per step])
 SDDMM_CONFIGS = [(16, 0, 4, 2), (32, 3, 4, 2), (16, 1, 4, 2)]
 
 
@@ -204,6 +204,32 @@ def test_every_tuning_candidate_computes_the_products(b):
     for cfg in blk.SDDMM_CANDIDATES:
         dv = blk.bsr_sddmm(gr, x, lay, config=cfg)
         assert _rel(dv, want_dv) < TOL[torch.float32], f"d values {cfg} (seed {seed})"
+
+
+@pytest.mark.parametrize("G", [2, 4])
+def test_grouped_tile_walk_handles_every_row_length(G):
+    """G tiles per step (the fourth config entry): tile rows and columns holding 0 to 10
+    tiles, most not a multiple of G, so that every step count and partial last step
+    occurs; forward, and dx with d values, against dense float64 products."""
+    seed = random.randrange(2**31)
+    g = torch.Generator().manual_seed(seed)
+    b = 16
+    out_f, in_f, M = 5 * b + 3, 10 * b + 7, random.randint(1, 40)
+    crow, col, row = _support(out_f, in_f, b, random.randint(12, 40), g)
+    lay = blk.layout(crow, col, row, b, out_f, in_f)
+    vals = torch.randn(col.numel(), generator=g)
+    S = torch.zeros(out_f, in_f, dtype=torch.float64)
+    S[row.long(), col.long()] = vals.double()
+    x, gr = torch.randn(M, in_f, generator=g), torch.randn(M, out_f, generator=g)
+    cfg = (16, 4, 2, G)
+    y = torch.full((M, out_f), float("nan"))
+    blk.bsr_spmm(x, lay, vals, out_f, y, False, config=cfg)
+    assert _rel(y, x.double() @ S.t()) < TOL[torch.float32], f"forward (seed {seed})"
+    dx, dv = torch.full((M, in_f), float("nan")), torch.zeros(col.numel())
+    blk.bsr_spmm(gr, lay, vals, in_f, dx, True, config=cfg, x=x, dv=dv)
+    assert _rel(dx, gr.double() @ S) < TOL[torch.float32], f"dx (seed {seed})"
+    want = (gr.double().t() @ x.double())[row.long(), col.long()]
+    assert _rel(dv, want) < TOL[torch.float32], f"d values (seed {seed})"
 
 
 def test_deterministic_mode_keeps_the_separate_d_values_kernel(monkeypatch):

@@ -12,7 +12,9 @@ GEMMs that run on the tensor cores:
 with ``I``/``J`` the row/column ranges of a tile, ``base = (x Aᵀ) Bᵀ`` and ``base' =
 s·(g B) A`` from cuBLAS. ``bsr_spmm`` computes the first two: one program per (tile row
 of the output, BM tokens) walks the tiles of that row (a block-CSR list, or its block-CSC
-transpose for dx), accumulates in float32 and adds the epilogue in place on ``base``, so
+transpose for dx), one tile or G tiles per step (a tuning choice: G tiles make one
+product of reduction depth G·b, where one 16x16 tile is a single tensor-core step),
+accumulates in float32 and adds the epilogue in place on ``base``, so
 the output is written once and no buffer beyond ``base`` is allocated. ``bsr_sddmm``
 computes the third: one program per (tile, token range), float32 partial sums reduced
 over the ranges. d values can also come out of the dx pass itself (``bsr_spmm`` with
@@ -65,7 +67,7 @@ def _bsr_spmm_kernel(
     x_ptr, stride_xm, dv_ptr,              # DV: x (M, N) and the float32 d values (CSR order) it adds to
     M, N, scale,
     B: tl.constexpr, BM: tl.constexpr, TRANS: tl.constexpr, HAS_BASE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
 ):
     p = tl.program_id(0)                   # output tile row (fastest: neighbours share tokens)
     mt = tl.program_id(1)
@@ -90,34 +92,89 @@ def _bsr_spmm_kernel(
                      other=0.0)
         if IEEE:
             xb = xb.to(tl.float32)
+    else:
+        xb = acc   # unused
     start = tl.load(ptr_ptr + p)
     stop = tl.load(ptr_ptr + p + 1)
-    for e in range(start, stop):
-        q = tl.load(other_ptr + e)
+    if G > 1:   # G tiles per step: one (BM x G·B) @ (G·B x B) product
+        acc = _bsr_spmm_grouped(acc, in_ptr, stride_im, other_ptr, tidx_ptr, v_ptr, tbase_ptr,
+                                tstride_ptr, xb, dv_ptr, offs_m64, mask_m, start, stop,
+                                B, BM, TRANS, IEEE, DV, G)
+    else:
+        for e in range(start, stop):   # one tile per step
+            q = tl.load(other_ptr + e)
+            if TRANS:
+                t = tl.load(tidx_ptr + e)
+            else:
+                t = e
+            a = tl.load((in_ptr + offs_m64 * stride_im)[:, None] + (q * B + offs_b)[None, :],
+                        mask=mask_m[:, None], other=0.0)
+            tb = tl.load(tbase_ptr + t)
+            ts = tl.load(tstride_ptr + t)
+            if TRANS:    # operand element [k, n] = S_t[k, n]
+                w = tl.load(v_ptr + tb + offs_b[:, None] * ts + offs_b[None, :])
+            else:        # operand element [k, n] = S_t[n, k]
+                w = tl.load(v_ptr + tb + offs_b[:, None] + offs_b[None, :] * ts)
+            if IEEE:
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+            if DV:   # this token block's share of d values of tile t: g[:, I]ᵀ x[:, J], summed in place
+                if IEEE:
+                    part = tl.dot(tl.trans(a.to(tl.float32)), xb, input_precision="ieee")
+                else:
+                    part = tl.dot(tl.trans(a), xb)
+                tl.atomic_add(dv_ptr + tb + offs_b[:, None] * ts + offs_b[None, :], part, sem="relaxed")
+    tl.store((out_ptr + offs_m64 * stride_om)[:, None] + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bsr_spmm_grouped(acc, in_ptr, stride_im, other_ptr, tidx_ptr, v_ptr, tbase_ptr, tstride_ptr,
+                      xb, dv_ptr, offs_m64, mask_m, start, stop,
+                      B: tl.constexpr, BM: tl.constexpr, TRANS: tl.constexpr,
+                      IEEE: tl.constexpr, DV: tl.constexpr, G: tl.constexpr):
+    """The tile walk of ``_bsr_spmm_kernel`` G tiles at a time. The G input blocks are
+    loaded as one (BM, G, B) gather (contiguous along B) and laid side by side into a
+    (BM, G·B) operand; the G value tiles stack into (G·B, B). One product then has
+    reduction depth G·B instead of B (16 for 16x16 tiles, a single tensor-core step).
+    Entries past the row's end load as zeros and are not written."""
+    offs_b = tl.arange(0, B)
+    offs_g = tl.arange(0, G)
+    for e0 in range(start, stop, G):
+        eg = e0 + offs_g
+        live = eg < stop
+        q = tl.load(other_ptr + eg, mask=live, other=0)
         if TRANS:
-            t = tl.load(tidx_ptr + e)
+            t = tl.load(tidx_ptr + eg, mask=live, other=0)
         else:
-            t = e
-        a = tl.load((in_ptr + offs_m64 * stride_im)[:, None] + (q * B + offs_b)[None, :],
-                    mask=mask_m[:, None], other=0.0)
-        tb = tl.load(tbase_ptr + t)
-        ts = tl.load(tstride_ptr + t)
-        if TRANS:    # operand element [k, n] = S_t[k, n]
-            w = tl.load(v_ptr + tb + offs_b[:, None] * ts + offs_b[None, :])
-        else:        # operand element [k, n] = S_t[n, k]
-            w = tl.load(v_ptr + tb + offs_b[:, None] + offs_b[None, :] * ts)
+            t = eg
+        tb = tl.load(tbase_ptr + t, mask=live, other=0)[:, None, None]
+        ts = tl.load(tstride_ptr + t, mask=live, other=0)[:, None, None]
+        a3 = tl.load((in_ptr + offs_m64 * stride_im)[:, None, None]
+                     + (q * B)[None, :, None] + offs_b[None, None, :],
+                     mask=mask_m[:, None, None] & live[None, :, None], other=0.0)
+        a = tl.reshape(a3, (BM, G * B))
+        if TRANS:    # operand element [(g, k), n] = S_t[k, n]
+            w3 = tl.load(v_ptr + tb + offs_b[None, :, None] * ts + offs_b[None, None, :],
+                         mask=live[:, None, None], other=0.0)
+        else:        # operand element [(g, k), n] = S_t[n, k]
+            w3 = tl.load(v_ptr + tb + offs_b[None, :, None] + offs_b[None, None, :] * ts,
+                         mask=live[:, None, None], other=0.0)
+        w = tl.reshape(w3, (G * B, B))
         if IEEE:
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
-        if DV:   # this token block's share of d values of tile t: g[:, I]ᵀ x[:, J], summed in place
+        if DV:   # the G tiles' shares of d values: (G·B x BM) @ (BM x B), one product
             if IEEE:
                 part = tl.dot(tl.trans(a.to(tl.float32)), xb, input_precision="ieee")
             else:
                 part = tl.dot(tl.trans(a), xb)
-            tl.atomic_add(dv_ptr + tb + offs_b[:, None] * ts + offs_b[None, :], part, sem="relaxed")
-    tl.store((out_ptr + offs_m64 * stride_om)[:, None] + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+            part3 = tl.reshape(part, (G, B, B))
+            tl.atomic_add(dv_ptr + tb + offs_b[None, :, None] * ts + offs_b[None, None, :], part3,
+                          mask=live[:, None, None], sem="relaxed")
+    return acc
 
 
 @triton.jit
@@ -164,8 +221,14 @@ SPMM_CANDIDATES = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (64, 4, 4)
                    # fewer stages or warps: 4-10% faster in one process on the H200 for the
                    # forward and dx with d values at 2048->5461 and for 16x16 tiles
                    # (benchmarks/README.md, "What was tried", the tile candidates)
-                   (128, 4, 2), (128, 2, 3), (256, 2, 2)]
-SPMM_DEFAULT = (128, 4, 3)            # (BM, warps, stages)
+                   (128, 4, 2), (128, 2, 3), (256, 2, 2),
+                   # G = 2 or 4 tiles per step (the fourth entry; ``_bsr_spmm_grouped``): on
+                   # the H200 the dx pass with d values for 16x16 tiles 0.680 -> 0.609 ms
+                   # at 4096x4096 and 1.61 -> 1.21 ms at 4096->11008, and 20-48% off
+                   # several passes at the 5461-wide MLP shapes; slower for 32x32 tiles at
+                   # 4096 wide, where the one-tile walk stays (benchmarks/README.md)
+                   (128, 4, 2, 4), (128, 4, 3, 2), (256, 4, 3, 4)]
+SPMM_DEFAULT = (128, 4, 3)            # (BM, warps, stages[, G tiles per step, default 1])
 SDDMM_CANDIDATES = [(64, 0, 4, 3), (128, 0, 4, 3), (128, 0, 8, 3), (64, 0, 4, 4), (256, 0, 8, 3),
                     (128, 0, 4, 4), (64, 0, 2, 4), (256, 0, 4, 3),
                     # 32-token steps on 2 warps, or a fixed number of token splits: 9-28%
@@ -190,7 +253,8 @@ def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, o
     gradient it loads anyway; the order of the additions varies from run to run."""
     if dv is not None and not transposed:
         raise ValueError("d values ride on the transposed product (dx) only")
-    BM, warps, stages = config or SPMM_DEFAULT
+    BM, warps, stages, *grouped = config or SPMM_DEFAULT
+    G = grouped[0] if grouped else 1
     M = inp.shape[0]
     b = lay.b
     if transposed:   # dx[:, J] += g[:, I] · S_IJ
@@ -206,7 +270,7 @@ def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, o
         dv if dv is not None else out,
         M, n_out, float(scale),
         B=b, BM=BM, TRANS=transposed, HAS_BASE=base is not None,
-        HAS_BIAS=bias is not None, IEEE=_ieee(inp.dtype), DV=dv is not None,
+        HAS_BIAS=bias is not None, IEEE=_ieee(inp.dtype), DV=dv is not None, G=G,
         num_warps=warps, num_stages=stages)
     return out
 
