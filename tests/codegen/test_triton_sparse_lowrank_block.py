@@ -24,7 +24,7 @@ from structrewrite.nn.sparse_lowrank import SparseLowRankLinear, block_flat, csr
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 SPMM_CONFIGS = [(16, 4, 2), (32, 4, 2), (16, 4, 2, 2), (32, 4, 2, 4)]   # (BM, warps, stages[, tiles per step])
-SDDMM_CONFIGS = [(16, 0, 4, 2), (32, 3, 4, 2), (16, 1, 4, 2)]
+SDDMM_CONFIGS = [(16, 0, 4, 2), (32, 3, 4, 2), (16, 1, 4, 2), (16, 0, 4, 2, 2), (32, 2, 4, 2, 4)]
 
 
 @pytest.fixture(autouse=True)
@@ -208,9 +208,11 @@ def test_every_tuning_candidate_computes_the_products(b):
 
 @pytest.mark.parametrize("G", [2, 4])
 def test_grouped_tile_walk_handles_every_row_length(G):
-    """G tiles per step (the fourth config entry): tile rows and columns holding 0 to 10
-    tiles, most not a multiple of G, so that every step count and partial last step
-    occurs; forward, and dx with d values, against dense float64 products."""
+    """G tiles per step (the fourth config entry of ``bsr_spmm``, the fifth of
+    ``bsr_sddmm``): tile rows and columns holding 0 to 10 tiles, most not a multiple of G,
+    so that every step count and partial last group occurs; forward, dx with d values,
+    and the separate d values (one and three token splits), against dense float64
+    products."""
     seed = random.randrange(2**31)
     g = torch.Generator().manual_seed(seed)
     b = 16
@@ -230,6 +232,9 @@ def test_grouped_tile_walk_handles_every_row_length(G):
     assert _rel(dx, gr.double() @ S) < TOL[torch.float32], f"dx (seed {seed})"
     want = (gr.double().t() @ x.double())[row.long(), col.long()]
     assert _rel(dv, want) < TOL[torch.float32], f"d values (seed {seed})"
+    for splits in (1, 3):
+        dv = blk.bsr_sddmm(gr, x, lay, config=(16, splits, 4, 2, G))
+        assert _rel(dv, want) < TOL[torch.float32], f"d values alone, {splits} splits (seed {seed})"
 
 
 def test_deterministic_mode_keeps_the_separate_d_values_kernel(monkeypatch):

@@ -50,7 +50,8 @@ class Layout:
     ``rptr`` (tile rows + 1), ``rcol``: tiles in (row, column) order, their index ``t``;
     ``cptr`` (tile columns + 1), ``crow``, ``cidx``: the same tiles by column, with their
     index ``t``; ``base``/``stride`` (nt,): tile ``t``'s entry ``(i, j)`` is
-    ``values[base[t] + i·stride[t] + j]``; ``ti``/``tj``: each tile's row and column."""
+    ``values[base[t] + i·stride[t] + j]``; ``ti``/``tj``: each tile's row and column;
+    ``max_row``: the most tiles in one tile row."""
 
     def __init__(self, crow, col, row, b: int, out_features: int, in_features: int):
         dev = col.device
@@ -60,13 +61,15 @@ class Layout:
         base = torch.nonzero((r64 % b == 0) & (c64 % b == 0)).flatten()
         nt = base.numel()
         ti, tj = r64[base] // b, c64[base] // b
+        per_row = torch.bincount(ti, minlength=nbr)
         rptr = torch.zeros(nbr + 1, dtype=torch.int64, device=dev)
-        rptr[1:] = torch.cumsum(torch.bincount(ti, minlength=nbr), 0)
+        rptr[1:] = torch.cumsum(per_row, 0)
         stride = (rptr[ti + 1] - rptr[ti]) * b            # entries per row of the tile row
         order = torch.argsort(tj * nbr + ti)              # by (column, row)
         cptr = torch.zeros(nbc + 1, dtype=torch.int64, device=dev)
         cptr[1:] = torch.cumsum(torch.bincount(tj, minlength=nbc), 0)
         self.b, self.nt = b, nt
+        self.max_row = int(per_row.max()) if nbr else 0   # most tiles in one tile row
         self.rptr, self.rcol = rptr.int(), tj.int()
         self.cptr, self.crow, self.cidx = cptr.int(), ti[order].int(), order.int()
         self.ti, self.tj = ti.int(), tj.int()

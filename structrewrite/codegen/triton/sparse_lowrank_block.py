@@ -17,7 +17,9 @@ product of reduction depth G·b, where one 16x16 tile is a single tensor-core st
 accumulates in float32 and adds the epilogue in place on ``base``, so
 the output is written once and no buffer beyond ``base`` is allocated. ``bsr_sddmm``
 computes the third: one program per (tile, token range), float32 partial sums reduced
-over the ranges. d values can also come out of the dx pass itself (``bsr_spmm`` with
+over the ranges (or one program per G tiles of a tile row, which share their block of
+the gradient: one product of G·b x b per token step). d values can also come out of the
+dx pass itself (``bsr_spmm`` with
 ``dv``): a program there loads x[:, J] of its tile column once and, for every tile (I, J)
 it walks, adds its token block's g[:, I]ᵀ x[:, J] to a float32 buffer with atomic
 additions, from the block of g it loads for dx anyway. The backward times both ways once
@@ -213,6 +215,54 @@ def _bsr_sddmm_kernel(
     tl.store(out + offs_b[:, None] * ts + offs_b[None, :], acc)
 
 
+@triton.jit
+def _bsr_sddmm_grouped_kernel(
+    g_ptr, stride_gm, x_ptr, stride_xm,
+    rptr_ptr, rcol_ptr,                    # tiles by row (CSR order: tile t is entry t)
+    tbase_ptr, tstride_ptr, part_ptr,
+    M, NNZ, CHUNK, MAXG,
+    B: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, G: tl.constexpr,
+):
+    """``_bsr_sddmm_kernel`` for G tiles of one tile row I per program: g[:, I] is loaded
+    once for all G, their x[:, J] blocks are gathered side by side, and one product
+    x[:, J_1..J_G]ᵀ g[:, I] (G·B x B) holds the G tiles, transposed. Program p takes the
+    (p mod MAXG)-th group of G tiles of tile row p / MAXG (none where the row has fewer)."""
+    pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    ti = pid // MAXG
+    lo = tl.load(rptr_ptr + ti)
+    hi = tl.load(rptr_ptr + ti + 1)
+    e0 = lo + (pid % MAXG) * G
+    if e0 < hi:
+        offs_b = tl.arange(0, B)
+        eg = e0 + tl.arange(0, G)
+        live = eg < hi
+        q = tl.load(rcol_ptr + eg, mask=live, other=0)
+        acc = tl.zeros([G * B, B], dtype=tl.float32)
+        m_lo = sp * CHUNK
+        m_hi = tl.minimum(m_lo + CHUNK, M)
+        for m0 in range(m_lo, m_hi, BK):
+            offs_k = m0 + tl.arange(0, BK)
+            mk = offs_k < m_hi
+            k64 = offs_k.to(tl.int64)
+            w3 = tl.load((x_ptr + k64 * stride_xm)[:, None, None] + (q * B)[None, :, None]
+                         + offs_b[None, None, :],
+                         mask=mk[:, None, None] & live[None, :, None], other=0.0)   # (BK, G, B)
+            w = tl.trans(tl.reshape(w3, (BK, G * B)))                               # (G·B, BK)
+            a = tl.load((g_ptr + k64 * stride_gm)[:, None] + (ti * B + offs_b)[None, :],
+                        mask=mk[:, None], other=0.0)                                # g tile (BK, B)
+            if IEEE:
+                acc = tl.dot(w.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, a, acc)
+        acc3 = tl.reshape(acc, (G, B, B))      # [g, j, i]: tile g's entry (i, j)
+        tb = tl.load(tbase_ptr + eg, mask=live, other=0)[:, None, None]
+        ts = tl.load(tstride_ptr + eg, mask=live, other=0)[:, None, None]
+        out = part_ptr + sp.to(tl.int64) * NNZ
+        tl.store(out + tb + offs_b[None, None, :] * ts + offs_b[None, :, None], acc3,
+                 mask=live[:, None, None])
+
+
 # ----------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------
@@ -233,8 +283,13 @@ SDDMM_CANDIDATES = [(64, 0, 4, 3), (128, 0, 4, 3), (128, 0, 8, 3), (64, 0, 4, 4)
                     (128, 0, 4, 4), (64, 0, 2, 4), (256, 0, 4, 3),
                     # 32-token steps on 2 warps, or a fixed number of token splits: 9-28%
                     # faster on the H200 at six of the eight benchmark problems (same section)
-                    (32, 0, 2, 3), (64, 4, 4, 3), (128, 8, 4, 3)]
-SDDMM_DEFAULT = (64, 0, 4, 3)         # (BK, token splits (0: enough programs for the device), warps, stages)
+                    (32, 0, 2, 3), (64, 4, 4, 3), (128, 8, 4, 3),
+                    # G = 4 or 2 tiles of a tile row per program (the fifth entry;
+                    # ``_bsr_sddmm_grouped_kernel``): on the H200, 16x16 tiles 0.474 -> 0.352
+                    # ms at 4096x4096 and 1.21 -> 0.823 at 4096->11008, 18-21% off at the
+                    # 5461-wide shapes; slower for 32x32 tiles except at 5461->2048
+                    (128, 8, 4, 3, 4), (128, 8, 4, 3, 2)]
+SDDMM_DEFAULT = (64, 0, 4, 3)         # (BK, token splits (0: enough programs for the device), warps, stages[, G])
 
 
 def _ieee(dtype) -> bool:
@@ -289,17 +344,25 @@ def _nsplit(M: int, nt: int, BK: int, splits: int, device) -> int:
 
 def bsr_sddmm(g: torch.Tensor, x: torch.Tensor, lay: Layout, config=None) -> torch.Tensor:
     """``gᵀ x`` at the support: float32 (nnz,), in the values' CSR order."""
-    BK, splits, warps, stages = config or SDDMM_DEFAULT
+    BK, splits, warps, stages, *grouped = config or SDDMM_DEFAULT
+    G = grouped[0] if grouped else 1
     M = g.shape[0]
     b, nt = lay.b, lay.nt
     nnz = nt * b * b
-    nsplit = _nsplit(M, nt, BK, splits, g.device)
+    nsplit = _nsplit(M, cdiv(nt, G), BK, splits, g.device)
     chunk = cdiv(cdiv(max(M, 1), nsplit), BK) * BK
     nsplit = max(1, cdiv(M, chunk))
     part = _empty((nsplit, nnz), torch.float32, g.device)
-    _bsr_sddmm_kernel[(nt, nsplit)](
-        g, g.stride(0), x, x.stride(0), lay.ti, lay.tj, lay.base, lay.stride, part, M, nnz, chunk,
-        B=b, BK=BK, IEEE=_ieee(g.dtype), num_warps=warps, num_stages=stages)
+    if G == 1:
+        _bsr_sddmm_kernel[(nt, nsplit)](
+            g, g.stride(0), x, x.stride(0), lay.ti, lay.tj, lay.base, lay.stride, part, M, nnz,
+            chunk, B=b, BK=BK, IEEE=_ieee(g.dtype), num_warps=warps, num_stages=stages)
+    elif nt:
+        maxg = cdiv(lay.max_row, G)
+        _bsr_sddmm_grouped_kernel[((lay.rptr.numel() - 1) * maxg, nsplit)](
+            g, g.stride(0), x, x.stride(0), lay.rptr, lay.rcol, lay.base, lay.stride, part, M,
+            nnz, chunk, maxg, B=b, BK=BK, IEEE=_ieee(g.dtype), G=G, num_warps=warps,
+            num_stages=stages)
     return part[0] if nsplit == 1 else part.sum(0)
 
 
