@@ -67,7 +67,9 @@ On CUDA the tiles of each kernel are picked by timing the candidate configs once
 (kind, token bucket, shape, nnz, dtype) (``tuning.pick``; ``STRUCTREWRITE_TUNE=0`` uses
 the defaults). The first call at a new shape therefore takes longer (seconds for a tile
 layer: the first three training steps of the benchmark's four 32x32-tile layers, one of
-their three shapes new to the process, took 12.9 s on the H200 at 23:34 UTC), and it
+their three shapes new to the process, took 15.8 s on the H200 in the run of
+2026-11-29 00:59 UTC; a fresh process's first fwd+bwd of a 4096x4096 tile layer took
+22 s with Triton's compilations, 0.80 s with the choices read from disk), and it
 must not happen inside CUDA-graph capture. The choices are kept on disk for later
 processes on the same machine (``STRUCTREWRITE_TUNE_CACHE``, ``tuning.py``). Tests and
 callers can pass configs explicitly.
@@ -106,7 +108,7 @@ So at this density and token count the op does not use them: the cost model of
 ``sparse_lowrank_folded.py`` sends the call to the folded path (W built a chunk at a
 time, cuBLAS products), 2.3-2.8 ms. The gathers remain the path for sparser supports
 and few tokens. Tile supports (32 x 32) run at 0.67-0.76x dense at 4096x4096 and
-channel-wise supports at 0.53-0.58x (runs up to 23:34 UTC).
+channel-wise supports at 0.53-0.58x (runs up to 2026-11-29 00:59 UTC).
 
 Misaligned widths
 -----------------
