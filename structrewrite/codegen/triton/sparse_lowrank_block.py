@@ -95,7 +95,7 @@ def _bsr_spmm_kernel(
         if IEEE:
             xb = xb.to(tl.float32)
     else:
-        xb = acc   # unused
+        xb = acc   # a placeholder: the grouped walk takes xb as an argument, unread without DV
     start = tl.load(ptr_ptr + p)
     stop = tl.load(ptr_ptr + p + 1)
     if G > 1:   # G tiles per step: one (BM x G·B) @ (G·B x B) product
