@@ -274,7 +274,7 @@ SPMM_CANDIDATES = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (64, 4, 4)
                    (128, 4, 2), (128, 2, 3), (256, 2, 2),
                    # G = 2 or 4 tiles per step (the fourth entry; ``_bsr_spmm_grouped``): on
                    # the H200 the dx pass with d values for 16x16 tiles 0.680 -> 0.609 ms
-                   # at 4096x4096 and 1.61 -> 1.21 ms at 4096->11008, and 20-48% off
+                   # at 4096x4096 and 1.61 -> 1.21 ms at 4096->11008, and 18-48% off
                    # several passes at the 5461-wide MLP shapes; slower for 32x32 tiles at
                    # 4096 wide, where the one-tile walk stays (benchmarks/README.md)
                    (128, 4, 2, 4), (128, 4, 3, 2), (256, 4, 3, 4)]
