@@ -69,7 +69,8 @@ the defaults). The first call at a new shape therefore takes longer (seconds for
 layer: the first three training steps of the benchmark's four 32x32-tile layers, one of
 their three shapes new to the process, took 15.8 s on the H200 in the run of
 2026-11-29 00:59 UTC; a fresh process's first fwd+bwd of a 4096x4096 tile layer took
-22 s with Triton's compilations, 0.80 s with the choices read from disk), and it
+22 s with Triton's compilations (some perhaps from Triton's disk cache), 0.80 s with
+the choices read from disk), and it
 must not happen inside CUDA-graph capture. The choices are kept on disk for later
 processes on the same machine (``STRUCTREWRITE_TUNE_CACHE``, ``tuning.py``). Tests and
 callers can pass configs explicitly.
