@@ -131,7 +131,7 @@ from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
-from structrewrite.codegen.triton.tuning import bucket, cdiv, interpreting, pick, sm_count
+from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import autocast_off
 
 OP = "structrewrite::sparse_lowrank_linear"
@@ -242,10 +242,7 @@ def _sddmm_mm_kernel(
                     mask=mask_r[:, None] & mk[None, :], other=0.0)
         b = tl.load(x_ptr + offs_k[:, None].to(tl.int64) * stride_xm + offs_c[None, :] * stride_xc,
                     mask=mk[:, None] & mask_c[None, :], other=0.0)
-        if IEEE:  # float32 operands (or any, under the interpreter): full-precision products
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = dot(a, b, acc, IEEE)   # IEEE: float32 operands (or any, under the interpreter)
     # sample the tile at the support: the entries of row r in this column chunk
     seg_row = seg_ptr + offs_r.to(tl.int64) * (NCH + 1) + cb
     start = tl.load(seg_row, mask=mask_r, other=0)

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from structrewrite.codegen.triton import aligned
-from structrewrite.codegen.triton.tuning import bucket, cdiv, interpreting, pick, sm_count
+from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, pick, sm_count
 
 # detection and layout live in ``block_layout`` (plain torch, also used by the CPU
 # implementation); re-exported here for the kernels' callers
@@ -117,15 +117,9 @@ def _bsr_spmm_kernel(
                 w = tl.load(v_ptr + tb + offs_b[:, None] * ts + offs_b[None, :])
             else:        # operand element [k, n] = S_t[n, k]
                 w = tl.load(v_ptr + tb + offs_b[:, None] + offs_b[None, :] * ts)
-            if IEEE:
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
+            acc = dot(a, w, acc, IEEE)
             if DV:   # this token block's share of d values of tile t: g[:, I]ᵀ x[:, J], summed in place
-                if IEEE:
-                    part = tl.dot(tl.trans(a.to(tl.float32)), xb, input_precision="ieee")
-                else:
-                    part = tl.dot(tl.trans(a), xb)
+                part = dot(tl.trans(a), xb, None, IEEE)
                 tl.atomic_add(dv_ptr + tb + offs_b[:, None] * ts + offs_b[None, :], part, sem="relaxed")
     tl.store((out_ptr + offs_m64 * stride_om)[:, None] + offs_n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -164,15 +158,9 @@ def _bsr_spmm_grouped(acc, in_ptr, stride_im, other_ptr, tidx_ptr, v_ptr, tbase_
             w3 = tl.load(v_ptr + tb + offs_b[None, :, None] + offs_b[None, None, :] * ts,
                          mask=live[:, None, None], other=0.0)
         w = tl.reshape(w3, (G * B, B))
-        if IEEE:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = dot(a, w, acc, IEEE)
         if DV:   # the G tiles' shares of d values: (G·B x BM) @ (BM x B), one product
-            if IEEE:
-                part = tl.dot(tl.trans(a.to(tl.float32)), xb, input_precision="ieee")
-            else:
-                part = tl.dot(tl.trans(a), xb)
+            part = dot(tl.trans(a), xb, None, IEEE)
             part3 = tl.reshape(part, (G, B, B))
             tl.atomic_add(dv_ptr + tb + offs_b[None, :, None] * ts + offs_b[None, None, :], part3,
                           mask=live[:, None, None], sem="relaxed")
@@ -205,10 +193,7 @@ def _bsr_sddmm_kernel(
                     mask=mk[None, :], other=0.0)          # gᵀ tile (B, BK)
         w = tl.load(x_ptr + k64[:, None] * stride_xm + (tj * B + offs_b)[None, :],
                     mask=mk[:, None], other=0.0)          # x tile (BK, B)
-        if IEEE:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = dot(a, w, acc, IEEE)
     tb = tl.load(tbase_ptr + t)
     ts = tl.load(tstride_ptr + t)
     out = part_ptr + sp.to(tl.int64) * NNZ + tb
@@ -251,10 +236,7 @@ def _bsr_sddmm_grouped_kernel(
             w = tl.trans(tl.reshape(w3, (BK, G * B)))                               # (G·B, BK)
             a = tl.load((g_ptr + k64 * stride_gm)[:, None] + (ti * B + offs_b)[None, :],
                         mask=mk[:, None], other=0.0)                                # g tile (BK, B)
-            if IEEE:
-                acc = tl.dot(w.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, a, acc)
+            acc = dot(w, a, acc, IEEE)
         acc3 = tl.reshape(acc, (G, B, B))      # [g, j, i]: tile g's entry (i, j)
         tb = tl.load(tbase_ptr + eg, mask=live, other=0)[:, None, None]
         ts = tl.load(tstride_ptr + eg, mask=live, other=0)[:, None, None]

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 import triton
+import triton.language as tl
 
 TUNED: dict = {}
 TUNE_LOG: dict = {}
@@ -49,6 +50,17 @@ def interpreting() -> bool:
     kernels then take their operands as float32, which gives the same exact products as
     the tensor cores."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def dot(a, b, acc, IEEE: tl.constexpr):
+    """``acc + a @ b`` (``acc`` None: ``a @ b``) in float32. ``IEEE``: the operands are taken
+    as float32 and multiplied in full precision (float32 inputs, and any input under the
+    interpreter, see ``interpreting``); else they go to the tensor cores as they are."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
 
 _SMS: dict = {}
