@@ -63,6 +63,34 @@ def _problem(dtype, bias, seed, b=None):
                    bias=r(out_f) if bias else None, scale=rnd.choice([1.0, 0.37, 32.0 / rank]))
 
 
+def _float32_products(b, out_f, in_f, M, ntiles, seed):
+    """A float32 tile problem with its dense float64 answers: the layout and values of
+    ``ntiles`` random b x b tiles, x (M x in), a gradient (M x out), the dense S and d
+    values at the support."""
+    g = torch.Generator().manual_seed(seed)
+    crow, col, row = _support(out_f, in_f, b, ntiles, g)
+    vals = torch.randn(col.numel(), generator=g)
+    S = torch.zeros(out_f, in_f, dtype=torch.float64)
+    S[row.long(), col.long()] = vals.double()
+    x, gr = torch.randn(M, in_f, generator=g), torch.randn(M, out_f, generator=g)
+    return dict(lay=blk.layout(crow, col, row, b, out_f, in_f), vals=vals, S=S, x=x, gr=gr,
+                want_dv=(gr.double().t() @ x.double())[row.long(), col.long()])
+
+
+def _check_spmm(p, cfg, seed):
+    """``bsr_spmm`` with ``cfg`` on a ``_float32_products`` problem: the forward product,
+    and dx with d values riding on it, each output poisoned first."""
+    x, gr, vals, S, lay = p["x"], p["gr"], p["vals"], p["S"], p["lay"]
+    (M, in_f), out_f = x.shape, gr.shape[1]
+    y = torch.full((M, out_f), float("nan"))
+    blk.bsr_spmm(x, lay, vals, out_f, y, False, config=cfg)
+    assert _rel(y, x.double() @ S.t()) < TOL[torch.float32], f"forward {cfg} (seed {seed})"
+    dx, dv = torch.full((M, in_f), float("nan")), torch.zeros(vals.numel())
+    blk.bsr_spmm(gr, lay, vals, in_f, dx, True, config=cfg, x=x, dv=dv)
+    assert _rel(dx, gr.double() @ S) < TOL[torch.float32], f"dx {cfg} (seed {seed})"
+    assert _rel(dv, p["want_dv"]) < TOL[torch.float32], f"d values in dx {cfg} (seed {seed})"
+
+
 def _backward_problem(dtype, seed):
     """(b, the problem of ``_problem`` without bias, the backward's arguments with a
     fresh incoming gradient)."""
@@ -184,26 +212,12 @@ def test_every_tuning_candidate_computes_the_products(b):
     (float32, a token count that fills no config's token block evenly): the forward
     product, dx with d values riding on it, and the separate d values kernel."""
     seed = random.randrange(2**31)
-    g = torch.Generator().manual_seed(seed)
-    out_f, in_f, M = 2 * b + 3, 3 * b + 5, 37
-    crow, col, row = _support(out_f, in_f, b, 4, g)
-    vals = torch.randn(col.numel(), generator=g)
-    lay = blk.layout(crow, col, row, b, out_f, in_f)
-    S = torch.zeros(out_f, in_f, dtype=torch.float64)
-    S[row.long(), col.long()] = vals.double()
-    x, gr = torch.randn(M, in_f, generator=g), torch.randn(M, out_f, generator=g)
-    want_dv = (gr.double().t() @ x.double())[row.long(), col.long()]
+    p = _float32_products(b, 2 * b + 3, 3 * b + 5, 37, 4, seed)
     for cfg in blk.SPMM_CANDIDATES:
-        y = torch.full((M, out_f), float("nan"))
-        blk.bsr_spmm(x, lay, vals, out_f, y, False, config=cfg)
-        assert _rel(y, x.double() @ S.t()) < TOL[torch.float32], f"forward {cfg} (seed {seed})"
-        dx, dv = torch.full((M, in_f), float("nan")), torch.zeros(col.numel())
-        blk.bsr_spmm(gr, lay, vals, in_f, dx, True, config=cfg, x=x, dv=dv)
-        assert _rel(dx, gr.double() @ S) < TOL[torch.float32], f"dx {cfg} (seed {seed})"
-        assert _rel(dv, want_dv) < TOL[torch.float32], f"d values in dx {cfg} (seed {seed})"
+        _check_spmm(p, cfg, seed)
     for cfg in blk.SDDMM_CANDIDATES:
-        dv = blk.bsr_sddmm(gr, x, lay, config=cfg)
-        assert _rel(dv, want_dv) < TOL[torch.float32], f"d values {cfg} (seed {seed})"
+        dv = blk.bsr_sddmm(p["gr"], p["x"], p["lay"], config=cfg)
+        assert _rel(dv, p["want_dv"]) < TOL[torch.float32], f"d values {cfg} (seed {seed})"
 
 
 @pytest.mark.parametrize("G", [2, 4])
@@ -214,27 +228,13 @@ def test_grouped_tile_walk_handles_every_row_length(G):
     and the separate d values (one and three token splits), against dense float64
     products."""
     seed = random.randrange(2**31)
-    g = torch.Generator().manual_seed(seed)
     b = 16
-    out_f, in_f, M = 5 * b + 3, 10 * b + 7, random.randint(1, 40)
-    crow, col, row = _support(out_f, in_f, b, random.randint(12, 40), g)
-    lay = blk.layout(crow, col, row, b, out_f, in_f)
-    vals = torch.randn(col.numel(), generator=g)
-    S = torch.zeros(out_f, in_f, dtype=torch.float64)
-    S[row.long(), col.long()] = vals.double()
-    x, gr = torch.randn(M, in_f, generator=g), torch.randn(M, out_f, generator=g)
-    cfg = (16, 4, 2, G)
-    y = torch.full((M, out_f), float("nan"))
-    blk.bsr_spmm(x, lay, vals, out_f, y, False, config=cfg)
-    assert _rel(y, x.double() @ S.t()) < TOL[torch.float32], f"forward (seed {seed})"
-    dx, dv = torch.full((M, in_f), float("nan")), torch.zeros(col.numel())
-    blk.bsr_spmm(gr, lay, vals, in_f, dx, True, config=cfg, x=x, dv=dv)
-    assert _rel(dx, gr.double() @ S) < TOL[torch.float32], f"dx (seed {seed})"
-    want = (gr.double().t() @ x.double())[row.long(), col.long()]
-    assert _rel(dv, want) < TOL[torch.float32], f"d values (seed {seed})"
+    rnd = random.Random(seed)
+    p = _float32_products(b, 5 * b + 3, 10 * b + 7, rnd.randint(1, 40), rnd.randint(12, 40), seed)
+    _check_spmm(p, (16, 4, 2, G), seed)
     for splits in (1, 3):
-        dv = blk.bsr_sddmm(gr, x, lay, config=(16, splits, 4, 2, G))
-        assert _rel(dv, want) < TOL[torch.float32], f"d values alone, {splits} splits (seed {seed})"
+        dv = blk.bsr_sddmm(p["gr"], p["x"], p["lay"], config=(16, splits, 4, 2, G))
+        assert _rel(dv, p["want_dv"]) < TOL[torch.float32], f"d values alone, {splits} splits (seed {seed})"
 
 
 def test_deterministic_mode_keeps_the_separate_d_values_kernel(monkeypatch):
