@@ -23,7 +23,9 @@ from structrewrite.codegen.triton import sparse_lowrank_block as blk  # noqa: E4
 from structrewrite.nn.sparse_lowrank import SparseLowRankLinear, block_flat, csr_from_flat  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-SPMM_CONFIGS = [(16, 4, 2), (32, 4, 2), (16, 4, 2, 2), (32, 4, 2, 4)]   # (BM, warps, stages[, tiles per step])
+# (BM, warps, stages[, tiles per step, or "tma": blocks moved by tensor descriptors])
+SPMM_CONFIGS = [(16, 4, 2), (32, 4, 2), (16, 4, 2, 2), (32, 4, 2, 4), (16, 4, 2, "tma"),
+                (32, 4, 2, "tma")]
 SDDMM_CONFIGS = [(16, 0, 4, 2), (32, 3, 4, 2), (16, 1, 4, 2), (16, 0, 4, 2, 2), (32, 2, 4, 2, 4)]
 
 
@@ -235,6 +237,59 @@ def test_grouped_tile_walk_handles_every_row_length(G):
     for splits in (1, 3):
         dv = blk.bsr_sddmm(p["gr"], p["x"], p["lay"], config=(16, splits, 4, 2, G))
         assert _rel(dv, p["want_dv"]) < TOL[torch.float32], f"d values alone, {splits} splits (seed {seed})"
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_walk_uses_descriptors_where_rows_are_aligned(dtype, aligned, monkeypatch):
+    """The "tma" walk reads and writes by tensor descriptor every operand whose rows are
+    16-byte aligned (the interpreter emulates the TMA) and by pointer the others; either
+    way it computes what the pointer walk computes: forward with base, bias and scale,
+    dx with d values, against the pointer walk and the dense products."""
+    seed = random.randrange(2**31)
+    rnd = random.Random(seed)
+    b = rnd.choice([16, 32])
+    out_f, in_f = (3 * b + 8, 2 * b + 8) if aligned else (3 * b + 5, 2 * b + 3)
+    M = rnd.randint(1, 40)
+    g = torch.Generator().manual_seed(seed)
+    crow, col, row = _support(out_f, in_f, b, rnd.randint(1, 6), g)
+    lay = blk.layout(crow, col, row, b, out_f, in_f)
+    vals = torch.randn(col.numel(), generator=g).to(dtype)
+    S = torch.zeros(out_f, in_f, dtype=torch.float64)
+    S[row.long(), col.long()] = vals.double()
+    x, gy = torch.randn(M, in_f, generator=g).to(dtype), torch.randn(M, out_f, generator=g).to(dtype)
+    base_y, base_x = torch.randn(M, out_f, generator=g).to(dtype), torch.randn(M, in_f, generator=g).to(dtype)
+    bias = torch.randn(out_f, generator=g).to(dtype)
+    made = []
+    real = blk._desc
+    monkeypatch.setattr(blk, "_desc", lambda *a: made.append(real(*a) is not None) or real(*a))
+
+    def run(walk):
+        cfg = (16, 4, 2) + walk
+        y = torch.full((M, out_f), float("nan"), dtype=dtype)
+        blk.bsr_spmm(x, lay, vals, out_f, y, False, base=base_y, bias=bias, scale=0.37, config=cfg)
+        dx, dv = torch.full((M, in_f), float("nan"), dtype=dtype), torch.zeros(vals.numel())
+        blk.bsr_spmm(gy, lay, vals, in_f, dx, True, base=base_x, config=cfg, x=x, dv=dv)
+        return y, dx, dv
+
+    tma = run(("tma",))
+    assert made and all(made) if aligned else not any(made), (made, seed)
+    made.clear()
+    for got, want in zip(tma, run(())):
+        assert _rel(got, want) < 1e-6, f"seed {seed}"
+    assert not made
+    y, dx, dv = tma
+    ref_y = 0.37 * base_y.double() + bias.double() + x.double() @ S.t()
+    assert _rel(y, ref_y) < TOL[dtype], f"forward (seed {seed})"
+    assert _rel(dx, base_x.double() + gy.double() @ S) < TOL[dtype], f"dx (seed {seed})"
+    assert _rel(dv, (gy.double().t() @ x.double())[row.long(), col.long()]) < 1e-5, f"dv (seed {seed})"
+
+
+def test_tma_is_a_hopper_and_interpreter_feature(monkeypatch):
+    from structrewrite.codegen.triton import tuning
+    assert tuning.has_tma(torch.device("cpu"))            # the interpreter emulates it
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not tuning.has_tma(torch.device("cpu"))
 
 
 def test_deterministic_mode_keeps_the_separate_d_values_kernel(monkeypatch):

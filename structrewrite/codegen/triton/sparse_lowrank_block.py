@@ -13,7 +13,9 @@ with ``I``/``J`` the row/column ranges of a tile, ``base = (x Aᵀ) Bᵀ`` and `
 s·(g B) A`` from cuBLAS. ``bsr_spmm`` computes the first two: one program per (tile row
 of the output, BM tokens) walks the tiles of that row (a block-CSR list, or its block-CSC
 transpose for dx), one tile or G tiles per step (a tuning choice: G tiles make one
-product of reduction depth G·b, where one 16x16 tile is a single tensor-core step),
+product of reduction depth G·b, where one 16x16 tile is a single tensor-core step; on
+Hopper the one-tile walk can also move its blocks with the tensor memory accelerator,
+TMA, instead of per-thread loads and stores, another tuning choice),
 accumulates in float32 and adds the epilogue in place on ``base``, so
 the output is written once and no buffer beyond ``base`` is allocated. ``bsr_sddmm``
 computes the third: one program per (tile, token range), float32 partial sums reduced
@@ -46,9 +48,11 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from structrewrite.codegen.triton import aligned
-from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, pick, sm_count
+from structrewrite.codegen.triton.tuning import (bucket, cdiv, dot, has_tma, interpreting, pick,
+                                                 sm_count)
 
 # detection and layout live in ``block_layout`` (plain torch, also used by the CPU
 # implementation); re-exported here for the kernels' callers
@@ -70,7 +74,12 @@ def _bsr_spmm_kernel(
     M, N, scale,
     B: tl.constexpr, BM: tl.constexpr, TRANS: tl.constexpr, HAS_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DV: tl.constexpr, G: tl.constexpr,
+    DESC_IN: tl.constexpr, DESC_X: tl.constexpr, DESC_IO: tl.constexpr,
 ):
+    """``DESC_IN`` / ``DESC_X`` / ``DESC_IO``: ``in_ptr`` / ``x_ptr`` / ``base_ptr`` and
+    ``out_ptr`` are tensor descriptors with (BM, B) blocks, loaded and stored by the
+    Hopper tensor memory accelerator (TMA; rows and columns past the tensor read as zeros
+    and are not written), not pointers; only with the one-tile walk (G = 1)."""
     p = tl.program_id(0)                   # output tile row (fastest: neighbours share tokens)
     mt = tl.program_id(1)
     offs_m = mt * BM + tl.arange(0, BM)
@@ -82,16 +91,22 @@ def _bsr_spmm_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     # the dense term first: its load is in flight while the tiles are fetched
     if HAS_BASE:
-        bse = tl.load((base_ptr + offs_m64 * stride_bm)[:, None] + offs_n[None, :], mask=mask,
-                      other=0.0)
+        if DESC_IO:
+            bse = base_ptr.load([mt * BM, p * B])
+        else:
+            bse = tl.load((base_ptr + offs_m64 * stride_bm)[:, None] + offs_n[None, :], mask=mask,
+                          other=0.0)
         acc = scale * bse.to(tl.float32)
     else:
         acc = tl.zeros([BM, B], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if DV:   # x[:, J] of this tile column, for every tile's gᵀ x below
-        xb = tl.load((x_ptr + offs_m64 * stride_xm)[:, None] + offs_n[None, :], mask=mask,
-                     other=0.0)
+        if DESC_X:
+            xb = x_ptr.load([mt * BM, p * B])
+        else:
+            xb = tl.load((x_ptr + offs_m64 * stride_xm)[:, None] + offs_n[None, :], mask=mask,
+                         other=0.0)
         if IEEE:
             xb = xb.to(tl.float32)
     else:
@@ -109,8 +124,11 @@ def _bsr_spmm_kernel(
                 t = tl.load(tidx_ptr + e)
             else:
                 t = e
-            a = tl.load((in_ptr + offs_m64 * stride_im)[:, None] + (q * B + offs_b)[None, :],
-                        mask=mask_m[:, None], other=0.0)
+            if DESC_IN:
+                a = in_ptr.load([mt * BM, q * B])
+            else:
+                a = tl.load((in_ptr + offs_m64 * stride_im)[:, None] + (q * B + offs_b)[None, :],
+                            mask=mask_m[:, None], other=0.0)
             tb = tl.load(tbase_ptr + t)
             ts = tl.load(tstride_ptr + t)
             if TRANS:    # operand element [k, n] = S_t[k, n]
@@ -121,8 +139,11 @@ def _bsr_spmm_kernel(
             if DV:   # this token block's share of d values of tile t: g[:, I]ᵀ x[:, J], summed in place
                 part = dot(tl.trans(a), xb, None, IEEE)
                 tl.atomic_add(dv_ptr + tb + offs_b[:, None] * ts + offs_b[None, :], part, sem="relaxed")
-    tl.store((out_ptr + offs_m64 * stride_om)[:, None] + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if DESC_IO:
+        out_ptr.store([mt * BM, p * B], acc.to(out_ptr.dtype))
+    else:
+        tl.store((out_ptr + offs_m64 * stride_om)[:, None] + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -259,8 +280,14 @@ SPMM_CANDIDATES = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (64, 4, 4)
                    # at 4096x4096 and 1.61 -> 1.21 ms at 4096->11008, and 18-48% off
                    # several passes at the 5461-wide MLP shapes; slower for 32x32 tiles at
                    # 4096 wide, where the one-tile walk stays (benchmarks/README.md)
-                   (128, 4, 2, 4), (128, 4, 3, 2), (256, 4, 3, 4)]
-SPMM_DEFAULT = (128, 4, 3)            # (BM, warps, stages[, G tiles per step, default 1])
+                   (128, 4, 2, 4), (128, 4, 3, 2), (256, 4, 3, 4),
+                   # "tma": the one-tile walk with its blocks moved by the TMA (Hopper; by
+                   # pointer elsewhere, and for a tensor whose rows are not 16-byte aligned):
+                   # on the H200 17-20% off the forward and dx of 32x32 tiles at 4096 wide
+                   # (dx 0.357 -> 0.287 ms at 4096->11008), 5-15% at 2048 wide and for
+                   # 16x16 tiles (benchmarks/README.md)
+                   (128, 4, 2, "tma"), (128, 4, 6, "tma"), (256, 4, 2, "tma"), (256, 4, 6, "tma")]
+SPMM_DEFAULT = (128, 4, 3)            # (BM, warps, stages[, G tiles per step (default 1) or "tma"])
 SDDMM_CANDIDATES = [(64, 0, 4, 3), (128, 0, 4, 3), (128, 0, 8, 3), (64, 0, 4, 4), (256, 0, 8, 3),
                     (128, 0, 4, 4), (64, 0, 2, 4), (256, 0, 4, 3),
                     # 32-token steps on 2 warps, or a fixed number of token splits: 9-28%
@@ -290,26 +317,45 @@ def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, o
     gradient it loads anyway; the order of the additions varies from run to run."""
     if dv is not None and not transposed:
         raise ValueError("d values ride on the transposed product (dx) only")
-    BM, warps, stages, *grouped = config or SPMM_DEFAULT
-    G = grouped[0] if grouped else 1
+    BM, warps, stages, *walk = config or SPMM_DEFAULT
+    walk = walk[0] if walk else 1
     M = inp.shape[0]
     b = lay.b
     if transposed:   # dx[:, J] += g[:, I] · S_IJ
         ptr, other, tidx = lay.cptr, lay.crow, lay.cidx
     else:            # y[:, I] += x[:, J] · S_IJᵀ
         ptr, other, tidx = lay.rptr, lay.rcol, lay.rptr
+    # "tma": the one-tile walk with its blocks moved by the TMA, each tensor that it can read
+    # (else by pointer, as everywhere off Hopper)
+    tma = walk == "tma" and M > 0 and n_out > 0 and has_tma(inp.device)
+    in_d = _desc(inp, inp.shape[1], BM, b) if tma else None
+    x_d = _desc(x, n_out, BM, b) if tma and dv is not None else None
+    out_d = _desc(out, n_out, BM, b) if tma else None
+    base_d = (_desc(base, n_out, BM, b) if base is not None else out_d) if out_d is not None else None
+    io = out_d is not None and base_d is not None
+    base_arg = base if base is not None else out
     grid = (cdiv(n_out, b), cdiv(M, BM))
     _bsr_spmm_kernel[grid](
-        inp, inp.stride(0), ptr, other, tidx, values, lay.base, lay.stride,
-        base if base is not None else out, base.stride(0) if base is not None else 0,
-        bias if bias is not None else out, out, out.stride(0),
-        x if dv is not None else inp, x.stride(0) if dv is not None else 0,
-        dv if dv is not None else out,
+        in_d if in_d is not None else inp, inp.stride(0), ptr, other, tidx, values, lay.base,
+        lay.stride, base_d if io else base_arg, base_arg.stride(0),
+        bias if bias is not None else out, out_d if io else out, out.stride(0),
+        x_d if x_d is not None else (x if dv is not None else inp),
+        x.stride(0) if dv is not None else 0, dv if dv is not None else out,
         M, n_out, float(scale),
         B=b, BM=BM, TRANS=transposed, HAS_BASE=base is not None,
-        HAS_BIAS=bias is not None, IEEE=_ieee(inp.dtype), DV=dv is not None, G=G,
-        num_warps=warps, num_stages=stages)
+        HAS_BIAS=bias is not None, IEEE=_ieee(inp.dtype), DV=dv is not None,
+        G=1 if walk == "tma" else walk, DESC_IN=in_d is not None, DESC_X=x_d is not None,
+        DESC_IO=io, num_warps=warps, num_stages=stages)
     return out
+
+
+def _desc(t: torch.Tensor, width: int, rows: int, cols: int):
+    """A TMA descriptor of the first ``width`` columns of the 2-D tensor ``t``, in
+    (rows, cols) blocks, or None where the TMA cannot address it (it needs unit column
+    stride and a 16-byte aligned start and row stride)."""
+    if width <= 0 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        return None
+    return TensorDescriptor(t, [t.shape[0], width], [t.stride(0), 1], [rows, cols])
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:

@@ -77,6 +77,24 @@ def sm_count(device: torch.device) -> int:
     return n
 
 
+_TMA: dict = {}
+
+
+def has_tma(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can move blocks with the tensor memory accelerator
+    (TMA, tensor descriptors): CUDA devices of compute capability 9.0 and above, and the
+    interpreter, which emulates it."""
+    if interpreting():
+        return True
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _TMA.get(index)
+    if ok is None:
+        ok = _TMA[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return ok
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for the launchers' grids and tile counts. ``triton.cdiv`` computes the
     same, but as a ``constexpr_function`` it costs several microseconds of host time per
