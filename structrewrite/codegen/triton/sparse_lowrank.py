@@ -68,9 +68,12 @@ On CUDA the tiles of each kernel are picked by timing the candidate configs once
 the defaults). The first call at a new shape therefore takes longer (seconds for a tile
 layer: the first three training steps of the benchmark's four 32x32-tile layers, one of
 their three shapes new to the process, took 15.8 s on the H200 in the run of
-2026-11-29 00:59 UTC; a fresh process's first fwd+bwd of a 4096x4096 tile layer took
-22 s with Triton's compilations (some perhaps from Triton's disk cache), 0.80 s with
-the choices read from disk), and it
+2026-11-29 00:59 UTC and 4.1 s in that of 02:13 UTC, with the four TMA candidates and on
+a machine that had compiled the same kernels in an earlier process; the same stack
+compiled with CUDA graphs took 114 s for its first three steps on a fresh machine, 53 s
+in the run before the TMA candidates; a fresh process's first fwd+bwd of a 4096x4096
+tile layer took 22 s with Triton's compilations (some perhaps from Triton's disk cache),
+0.80 s with the choices read from disk, both before the TMA candidates), and it
 must not happen inside CUDA-graph capture. The choices are kept on disk for later
 processes on the same machine (``STRUCTREWRITE_TUNE_CACHE``, ``tuning.py``). Tests and
 callers can pass configs explicitly.
@@ -109,7 +112,7 @@ So at this density and token count the op does not use them: the cost model of
 ``sparse_lowrank_folded.py`` sends the call to the folded path (W built a chunk at a
 time, cuBLAS products), 2.3-2.8 ms. The gathers remain the path for sparser supports
 and few tokens. Tile supports (32 x 32) run at 0.67-0.76x dense at 4096x4096 and
-channel-wise supports at 0.53-0.58x (runs up to 2026-11-29 00:59 UTC).
+channel-wise supports at 0.53-0.58x (runs up to 2026-11-29 02:13 UTC).
 
 Misaligned widths
 -----------------

@@ -461,13 +461,13 @@ def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d, scra
     """"fused" (d values inside the dx kernel) or "separate" (dx, then ``bsr_sddmm``),
     whichever ran faster for this problem, timed once with each side's own tiles. On the
     H200 (bf16, 16384 tokens, density 3%; the tuning log of
-    ``benchmarks/results/sparse_lowrank.json``, run of 2026-11-29 00:59 UTC) the fused
-    kernel was the faster for 16x16 tiles at all four benchmark shapes (0.561 against
-    0.657 ms at 4096x4096, 1.16 against 1.55 at 4096->11008) and for 32x32 tiles at
-    2048->5461 (0.291 against 0.354 ms), the separate pair for 32x32 tiles at 4096x4096
-    (0.284 against 0.334 ms), 4096->11008 (0.616 against 0.774 ms) and 5461->2048 (0.334
-    against 0.346 ms). At 2048x2048 the two came out level (0.114 and 0.115 ms), so
-    close calls go either way. ``scratch``: ``_trial_buffers``."""
+    ``benchmarks/results/sparse_lowrank.json``, run of 2026-11-29 02:13 UTC, with the
+    TMA walk among the tiles) the fused kernel was the faster for 16x16 tiles at all four
+    benchmark shapes (0.538 against 0.635 ms at 4096x4096, 1.16 against 1.52 at
+    4096->11008) and for 32x32 tiles at 2048->5461 (0.198 against 0.284 ms) and 2048x2048
+    (0.099 against 0.175 ms; level in the run of 00:59 UTC, 0.114 and 0.115), the separate
+    pair for 32x32 tiles at 4096x4096 (0.253 against 0.289 ms), 4096->11008 (0.588 against
+    0.701 ms) and, by a close call, 5461->2048 (0.320 against 0.328 ms). ``scratch``: ``_trial_buffers``."""
     def run(path):
         out, dv = scratch()
         if path == "fused":
