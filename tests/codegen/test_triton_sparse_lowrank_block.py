@@ -208,13 +208,17 @@ def test_bsr_spmm_adds_d_values_alongside_dx(dtype, config):
         blk.bsr_spmm(x, lay, vals, out_f, torch.empty(M, out_f, dtype=dtype), False, x=x, dv=dv)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("b", [16, 32])
-def test_every_tuning_candidate_computes_the_products(b):
+def test_every_tuning_candidate_computes_the_products(b, aligned):
     """The tile configs that ``tuning.pick`` may choose on a device, each run once here
     (float32, a token count that fills no config's token block evenly): the forward
-    product, dx with d values riding on it, and the separate d values kernel."""
+    product, dx with d values riding on it, and the separate d values kernel. With
+    ``aligned`` widths (rows of 16-byte multiples) the "tma" configs move every block
+    by tensor descriptor, else none."""
     seed = random.randrange(2**31)
-    p = _float32_products(b, 2 * b + 3, 3 * b + 5, 37, 4, seed)
+    pad = 4 if aligned else 3
+    p = _float32_products(b, 2 * b + pad, 3 * b + pad + 2 * (not aligned), 37, 4, seed)
     for cfg in blk.SPMM_CANDIDATES:
         _check_spmm(p, cfg, seed)
     for cfg in blk.SDDMM_CANDIDATES:
@@ -290,6 +294,27 @@ def test_tma_is_a_hopper_and_interpreter_feature(monkeypatch):
     assert tuning.has_tma(torch.device("cpu"))            # the interpreter emulates it
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not tuning.has_tma(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_tuning_offers_the_tma_walk_only_where_the_device_has_it(tma, monkeypatch):
+    """Off Hopper the "tma" candidates would time the pointer walk again: the forward and
+    both dx timings leave them out there, and offer the whole list where the TMA is."""
+    offered = {}
+
+    def pick(kind, key, candidates, run, default):
+        offered[kind] = list(candidates)
+        return "fused" if kind == "bsr_dv_path" else default
+    monkeypatch.setattr(blk, "pick", pick)
+    monkeypatch.setattr(blk, "has_tma", lambda device: tma)
+    seed = random.randrange(2**31)
+    b, p, args = _backward_problem(torch.float32, seed)
+    blk.forward(*_problem(torch.float32, False, seed)[1].values(), b=b)
+    blk.backward(*args, b=b)
+    want = [c for c in blk.SPMM_CANDIDATES if tma or c[-1] != "tma"]
+    assert any(c[-1] == "tma" for c in blk.SPMM_CANDIDATES)
+    for kind in ("bsr_spmm", "bsr_spmm_t", "bsr_spmm_t_dv"):
+        assert offered[kind] == want, kind
 
 
 def test_deterministic_mode_keeps_the_separate_d_values_kernel(monkeypatch):

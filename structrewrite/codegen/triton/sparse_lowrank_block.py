@@ -288,6 +288,12 @@ SPMM_CANDIDATES = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (64, 4, 4)
                    # 16x16 tiles (benchmarks/README.md)
                    (128, 4, 2, "tma"), (128, 4, 6, "tma"), (256, 4, 2, "tma"), (256, 4, 6, "tma")]
 SPMM_DEFAULT = (128, 4, 3)            # (BM, warps, stages[, G tiles per step (default 1) or "tma"])
+def spmm_candidates(device) -> list:
+    """``SPMM_CANDIDATES`` less the "tma" walks where the device has no TMA (there they
+    would run the pointer walk again under another name)."""
+    return [c for c in SPMM_CANDIDATES if c[-1] != "tma" or has_tma(device)]
+
+
 SDDMM_CANDIDATES = [(64, 0, 4, 3), (128, 0, 4, 3), (128, 0, 8, 3), (64, 0, 4, 4), (256, 0, 8, 3),
                     (128, 0, 4, 4), (64, 0, 2, 4), (256, 0, 4, 3),
                     # 32-token steps on 2 warps, or a fixed number of token splits: 9-28%
@@ -426,7 +432,7 @@ def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, s
                 scratch.append(base.clone() if inplace else torch.empty_like(y))
             return bsr_spmm(x2, lay, vals, out_features, scratch[0], False,
                             base=scratch[0] if inplace else base, bias=bias, scale=scale, config=c)
-        config = pick("bsr_spmm", key, SPMM_CANDIDATES, trial, SPMM_DEFAULT)
+        config = pick("bsr_spmm", key, spmm_candidates(x.device), trial, SPMM_DEFAULT)
     bsr_spmm(x2, lay, vals, out_features, y, False, base=base, bias=bias, scale=scale, config=config)
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -525,10 +531,11 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
 def _tiles(key, g2, x2, xk, lay, vals, in_features, fuse, out):
     """(dx tiles, dx-with-d-values tiles or None, d values tiles), each timed once per
     problem (``tuning.pick``) on the scratch outputs of ``out`` (``_trial_buffers``)."""
-    cfg_t = pick("bsr_spmm_t", key, SPMM_CANDIDATES,
+    cands = spmm_candidates(g2.device)
+    cfg_t = pick("bsr_spmm_t", key, cands,
                  lambda c: bsr_spmm(g2, lay, vals, in_features, out()[0], True, config=c),
                  SPMM_DEFAULT)
-    cfg_td = pick("bsr_spmm_t_dv", key, SPMM_CANDIDATES,
+    cfg_td = pick("bsr_spmm_t_dv", key, cands,
                   lambda c: bsr_spmm(g2, lay, vals, in_features, out()[0], True, config=c, x=xk,
                                      dv=out()[1]),
                   SPMM_DEFAULT) if fuse else None
