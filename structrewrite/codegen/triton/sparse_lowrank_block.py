@@ -286,14 +286,9 @@ SPMM_CANDIDATES = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (64, 4, 4)
                    # on the H200 17-20% off the forward and dx of 32x32 tiles at 4096 wide
                    # (dx 0.357 -> 0.287 ms at 4096->11008), 5-15% at 2048 wide and for
                    # 16x16 tiles (benchmarks/README.md)
-                   (128, 4, 2, "tma"), (128, 4, 6, "tma"), (256, 4, 2, "tma"), (256, 4, 6, "tma")]
-SPMM_DEFAULT = (128, 4, 3)            # (BM, warps, stages[, G tiles per step (default 1) or "tma"])
-def spmm_candidates(device) -> list:
-    """``SPMM_CANDIDATES`` less the "tma" walks where the device has no TMA (there they
-    would run the pointer walk again under another name)."""
-    return [c for c in SPMM_CANDIDATES if c[-1] != "tma" or has_tma(device)]
-
-
+                   (128, 4, 2, "tma"), (128, 4, 6, "tma"), (256, 4, 2, "tma"),
+                   (256, 4, 6, "tma")]
+SPMM_DEFAULT = (128, 4, 3)   # (BM, warps, stages[, G tiles per step (default 1) or "tma"])
 SDDMM_CANDIDATES = [(64, 0, 4, 3), (128, 0, 4, 3), (128, 0, 8, 3), (64, 0, 4, 4), (256, 0, 8, 3),
                     (128, 0, 4, 4), (64, 0, 2, 4), (256, 0, 4, 3),
                     # 32-token steps on 2 warps, or a fixed number of token splits: 9-28%
@@ -305,6 +300,12 @@ SDDMM_CANDIDATES = [(64, 0, 4, 3), (128, 0, 4, 3), (128, 0, 8, 3), (64, 0, 4, 4)
                     # 5461-wide shapes; slower for 32x32 tiles except at 5461->2048
                     (128, 8, 4, 3, 4), (128, 8, 4, 3, 2)]
 SDDMM_DEFAULT = (64, 0, 4, 3)         # (BK, token splits (0: enough programs for the device), warps, stages[, G])
+
+
+def spmm_candidates(device) -> list:
+    """``SPMM_CANDIDATES`` less the "tma" walks where the device has no TMA (there they
+    would run the pointer walk again under another name)."""
+    return [c for c in SPMM_CANDIDATES if c[-1] != "tma" or has_tma(device)]
 
 
 def _ieee(dtype) -> bool:
@@ -320,7 +321,10 @@ def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, o
     ``out`` may be ``base`` itself. ``dv`` (transposed only): a float32 (nnz,) buffer in CSR
     order to which the same pass adds ``inpᵀ x`` at the support (d values, with ``inp`` the
     incoming gradient and ``x`` the layer's input, M x n_out), from the blocks of the
-    gradient it loads anyway; the order of the additions varies from run to run."""
+    gradient it loads anyway; the order of the additions varies from run to run.
+    ``config``: (BM tokens, warps, stages[, walk]), the walk G tiles per step or "tma" (one
+    tile per step, each operand whose rows are 16-byte aligned moved by the TMA where the
+    device has it, the others by pointer)."""
     if dv is not None and not transposed:
         raise ValueError("d values ride on the transposed product (dx) only")
     BM, warps, stages, *walk = config or SPMM_DEFAULT
@@ -337,7 +341,7 @@ def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, o
     in_d = _desc(inp, inp.shape[1], BM, b) if tma else None
     x_d = _desc(x, n_out, BM, b) if tma and dv is not None else None
     out_d = _desc(out, n_out, BM, b) if tma else None
-    base_d = (_desc(base, n_out, BM, b) if base is not None else out_d) if out_d is not None else None
+    base_d = out_d if base is None or out_d is None else _desc(base, n_out, BM, b)
     io = out_d is not None and base_d is not None
     base_arg = base if base is not None else out
     grid = (cdiv(n_out, b), cdiv(M, BM))
@@ -359,7 +363,8 @@ def _desc(t: torch.Tensor, width: int, rows: int, cols: int):
     """A TMA descriptor of the first ``width`` columns of the 2-D tensor ``t``, in
     (rows, cols) blocks, or None where the TMA cannot address it (it needs unit column
     stride and a 16-byte aligned start and row stride)."""
-    if width <= 0 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+    if (width <= 0 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16
+            or t.data_ptr() % 16):
         return None
     return TensorDescriptor(t, [t.shape[0], width], [t.stride(0), 1], [rows, cols])
 
@@ -473,7 +478,8 @@ def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d, scra
     4096->11008) and for 32x32 tiles at 2048->5461 (0.198 against 0.284 ms) and 2048x2048
     (0.099 against 0.175 ms; level in the run of 00:59 UTC, 0.114 and 0.115), the separate
     pair for 32x32 tiles at 4096x4096 (0.253 against 0.289 ms), 4096->11008 (0.588 against
-    0.701 ms) and, by a close call, 5461->2048 (0.320 against 0.328 ms). ``scratch``: ``_trial_buffers``."""
+    0.701 ms) and, by a close call, 5461->2048 (0.320 against 0.328 ms). ``scratch``:
+    ``_trial_buffers``."""
     def run(path):
         out, dv = scratch()
         if path == "fused":
