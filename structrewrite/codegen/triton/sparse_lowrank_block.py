@@ -285,7 +285,8 @@ SPMM_CANDIDATES = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (64, 4, 4)
                    # pointer elsewhere, and for a tensor whose rows are not 16-byte aligned):
                    # on the H200 17-20% off the forward and dx of 32x32 tiles at 4096 wide
                    # (dx 0.357 -> 0.287 ms at 4096->11008), 5-15% at 2048 wide and for
-                   # 16x16 tiles (benchmarks/README.md)
+                   # 16x16 tiles; about 30 us more host time per launch, which the timing
+                   # of device time does not weigh (benchmarks/README.md)
                    (128, 4, 2, "tma"), (128, 4, 6, "tma"), (256, 4, 2, "tma"),
                    (256, 4, 6, "tma")]
 SPMM_DEFAULT = (128, 4, 3)   # (BM, warps, stages[, G tiles per step (default 1) or "tma"])
