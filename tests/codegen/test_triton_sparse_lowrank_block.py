@@ -284,6 +284,11 @@ def test_tma_walk_uses_descriptors_where_rows_are_aligned(dtype, aligned, monkey
     assert not made
     y, dx, dv = tma
     ref_y = 0.37 * base_y.double() + bias.double() + x.double() @ S.t()
+    inplace = base_y.clone()     # base is the output: one descriptor for both
+    blk.bsr_spmm(x, lay, vals, out_f, inplace, False, base=inplace, bias=bias, scale=0.37,
+                 config=(16, 4, 2, "tma"))
+    assert len(made) == 2 and all(made) == aligned, (made, seed)
+    assert _rel(inplace, y) < 1e-6, f"in place (seed {seed})"
     assert _rel(y, ref_y) < TOL[dtype], f"forward (seed {seed})"
     assert _rel(dx, base_x.double() + gy.double() @ S) < TOL[dtype], f"dx (seed {seed})"
     assert _rel(dv, (gy.double().t() @ x.double())[row.long(), col.long()]) < 1e-5, f"dv (seed {seed})"

@@ -342,7 +342,8 @@ def bsr_spmm(inp: torch.Tensor, lay: Layout, values: torch.Tensor, n_out: int, o
     in_d = _desc(inp, inp.shape[1], BM, b) if tma else None
     x_d = _desc(x, n_out, BM, b) if tma and dv is not None else None
     out_d = _desc(out, n_out, BM, b) if tma else None
-    base_d = out_d if base is None or out_d is None else _desc(base, n_out, BM, b)
+    # in place (base is out, as the op calls it on aligned widths) one descriptor serves both
+    base_d = out_d if base is None or base is out or out_d is None else _desc(base, n_out, BM, b)
     io = out_d is not None and base_d is not None
     base_arg = base if base is not None else out
     grid = (cdiv(n_out, b), cdiv(M, BM))
