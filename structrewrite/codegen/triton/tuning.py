@@ -63,21 +63,21 @@ def dot(a, b, acc, IEEE: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-_SMS: dict = {}
+_PROPS: dict = {}
+
+
+def _properties(device: torch.device):
+    """The CUDA device's properties, read once per device (the launchers ask per call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = _PROPS.get(index)
+    if props is None:
+        props = _PROPS[index] = torch.cuda.get_device_properties(index)
+    return props
 
 
 def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (read once per device); 4 elsewhere."""
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SMS.get(index)
-    if n is None:
-        n = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return n
-
-
-_TMA: dict = {}
+    """Streaming multiprocessors of a CUDA device; 4 elsewhere."""
+    return _properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def has_tma(device: torch.device) -> bool:
@@ -86,13 +86,7 @@ def has_tma(device: torch.device) -> bool:
     interpreter, which emulates it."""
     if interpreting():
         return True
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    ok = _TMA.get(index)
-    if ok is None:
-        ok = _TMA[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return ok
+    return device.type == "cuda" and _properties(device).major >= 9
 
 
 def cdiv(a: int, b: int) -> int:
