@@ -6,9 +6,11 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
 
+import contextlib  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import threading  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -32,6 +34,7 @@ def timed(monkeypatch):
     monkeypatch.setattr(tuning, "TUNED", {})
     monkeypatch.setattr(tuning, "TUNE_LOG", {})
     monkeypatch.setattr(tuning, "CACHE_DIR", None)   # nothing on disk unless a test says so
+    monkeypatch.setattr(tuning, "COMPILE_THREADS", 1)   # the interpreter runs one kernel at a time
     clock = itertools.count(1000, -1)
     ran = []
 
@@ -54,6 +57,70 @@ def test_pick_keeps_the_fastest_skips_failures_and_caches(timed):
     assert log["chosen"] == "b" and log["candidates_ms"]["'bad'"].startswith("failed")
     assert tuning.pick("k", (2,), [], run, "default") == "default"            # nothing ran
 
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The CUDA calls of ``tuning._first_calls`` recorded per thread, without a GPU: the
+    caller is on device 1, stream "s1"."""
+    seen = {"device": [], "stream": [], "synchronize": []}
+    here = threading.local()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"s{device}")
+
+    @contextlib.contextmanager
+    def device(d):
+        here.device = d
+        yield
+
+    @contextlib.contextmanager
+    def stream(s):
+        here.stream = s
+        yield
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: seen["synchronize"].append(d))
+    seen["here"] = here
+    return seen
+
+
+def test_first_calls_overlap_on_the_callers_device_and_stream(fake_cuda, monkeypatch):
+    """Every candidate's first call runs once, all of them at the same time (each waits
+    at a barrier for the others), with the caller's device and stream; a failing one is
+    passed over; the device is synchronised before the timing starts."""
+    monkeypatch.setattr(tuning, "COMPILE_THREADS", 8)
+    candidates = ["a", "b", "bad", "c"]
+    meet = threading.Barrier(len(candidates), timeout=30)
+    calls = []
+
+    def run(cfg):
+        meet.wait()                          # breaks (and fails the test) unless all four overlap
+        calls.append((cfg, fake_cuda["here"].device, fake_cuda["here"].stream))
+        if cfg == "bad":
+            raise RuntimeError("out of resources")
+    tuning._first_calls(candidates, run)
+    assert sorted(calls) == [(c, 1, "s1") for c in sorted(candidates)]
+    assert not meet.broken and fake_cuda["synchronize"] == [1]
+
+
+def test_pick_compiles_the_candidates_together_before_timing_them(timed, fake_cuda, monkeypatch):
+    monkeypatch.setattr(tuning, "COMPILE_THREADS", 4)
+    calls = []
+
+    def run(cfg):
+        calls.append((cfg, threading.current_thread() is threading.main_thread()))
+        if cfg == "bad":
+            raise RuntimeError("out of resources")
+    assert tuning.pick("k", (5,), ["a", "bad", "b"], run, "default") == "b"
+    # first calls in the pool's threads, all before the timing's (in the caller's thread)
+    assert sorted(calls[:3]) == [("a", False), ("b", False), ("bad", False)]
+    assert calls[3:] == [("a", True), ("bad", True), ("b", True)]
+    assert fake_cuda["synchronize"] == [1]
+    assert tuning.tuned_configs()["('k', 5)"]["candidates_ms"]["'bad'"].startswith("failed")
+    monkeypatch.setattr(tuning, "COMPILE_THREADS", 1)      # one thread: straight to the timing
+    calls.clear()
+    tuning.pick("k", (6,), ["a", "b"], run, "default")
+    assert len(calls) == 2 and fake_cuda["synchronize"] == [1]
 
 @pytest.fixture
 def on_disk(timed, tmp_path, monkeypatch):

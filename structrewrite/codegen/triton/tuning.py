@@ -6,6 +6,17 @@ returns the kernel's default. Timing happens at the first call at a new shape, w
 must not be inside CUDA-graph capture; for a tile layer it takes seconds (the four
 kernels' candidates, and Triton's first compilation of each).
 
+Triton compiles a kernel per config, and these compilations can overlap. So before
+timing, the candidates' first calls run in a pool of ``STRUCTREWRITE_COMPILE_THREADS``
+threads (default: the CPU count, at most 16; ``1`` compiles one by one), on the caller's
+device and stream; the device is then synchronised and the timing runs one candidate at
+a time as before. On the H200's host (16 cores; 32x32 tiles at the three shapes of a
+LLaMA-1B block, 16384 tokens, a fresh Triton cache, no kept choices) the first fwd+bwd
+of the three layers took 41.7 s with 16 threads against 109.2 s one by one (each
+``bsr_spmm`` choice 2.9-4.4 s against 9.3-11.1 s). The two runs agreed on 16 of the 20
+choices and gave the same errors against the float64 reference (2026-11-29; not in a
+results file).
+
 The choices are also kept on disk, one JSON file per device name and torch / Triton
 version, in ``STRUCTREWRITE_TUNE_CACHE`` (default ``$XDG_CACHE_HOME/structrewrite`` or
 ``~/.cache/structrewrite``; ``0`` keeps nothing on disk), so that the next process on the
@@ -21,6 +32,7 @@ import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -30,6 +42,10 @@ import triton.language as tl
 TUNED: dict = {}
 TUNE_LOG: dict = {}
 TUNE = os.environ.get("STRUCTREWRITE_TUNE", "1") != "0"
+# threads that make the candidates' first calls, and so Triton's compilations, at once
+# (``_first_calls``); 1: each candidate compiles when the timing reaches it
+COMPILE_THREADS = (int(os.environ.get("STRUCTREWRITE_COMPILE_THREADS", "0") or 0)
+                   or min(16, os.cpu_count() or 1))
 
 
 def _default_cache_dir() -> Optional[str]:
@@ -123,6 +139,8 @@ def pick(kind: str, key: tuple, candidates, run, default):
         TUNED[full] = kept
         TUNE_LOG[repr(full)] = {"from disk": CACHE_DIR}
         return kept
+    if COMPILE_THREADS > 1 and len(candidates) > 1:
+        _first_calls(candidates, run)
     best, best_t = default, float("inf")
     log = TUNE_LOG.setdefault(repr(full), {})
     for cfg in candidates:
@@ -138,6 +156,25 @@ def pick(kind: str, key: tuple, candidates, run, default):
     if best_t < float("inf"):   # a choice that rests on a timing
         _write(entry, best)
     return best
+
+
+def _first_calls(candidates, run) -> None:
+    """Calls ``run`` once per candidate from ``COMPILE_THREADS`` threads, on the caller's
+    device and stream, and waits for the device: a candidate's first call compiles its
+    kernels, and the compilations overlap. A failing candidate is left for the timing,
+    which logs it."""
+    device = torch.cuda.current_device()
+    stream = torch.cuda.current_stream(device)
+
+    def first(cfg):
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                run(cfg)
+        except Exception:   # noqa: BLE001 (timed again below, where it is logged)
+            pass
+    with ThreadPoolExecutor(min(COMPILE_THREADS, len(candidates))) as pool:
+        list(pool.map(first, candidates))
+    torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------
