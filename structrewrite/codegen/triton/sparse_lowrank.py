@@ -65,23 +65,18 @@ Tiles
 -----
 On CUDA the tiles of each kernel are picked by timing the candidate configs once per
 (kind, token bucket, shape, nnz, dtype) (``tuning.pick``; ``STRUCTREWRITE_TUNE=0`` uses
-the defaults). The first call at a new shape therefore takes longer (seconds for a tile
-layer: the first three training steps of the benchmark's four 32x32-tile layers, one of
-their three shapes new to the process, took 15.8 s on the H200 in the run of
-2026-11-29 00:59 UTC and 4.1 s in that of 02:13 UTC, with the four TMA candidates and on
-a machine that had compiled the same kernels in an earlier process; the same stack
-compiled with CUDA graphs took 114 s for its first three steps on a fresh machine, 53 s
-in the run before the TMA candidates; a fresh process's first fwd+bwd of a 4096x4096
-tile layer took 22 s with Triton's compilations (some perhaps from Triton's disk cache),
-0.80 s with the choices read from disk, both before the TMA candidates; all of these
-before the compilation pool below), and it
-must not happen inside CUDA-graph capture. The candidates' compilations run in a pool
-of threads before the timing (``STRUCTREWRITE_COMPILE_THREADS``): the first fwd+bwd of
-three 32x32-tile layers at the LLaMA-1B shapes in a fresh process with a fresh Triton
-cache took 41.7 s with 16 threads against 109.2 s one by one (``tuning.py``). The
-choices are kept on disk for later
-processes on the same machine (``STRUCTREWRITE_TUNE_CACHE``, ``tuning.py``). Tests and
-callers can pass configs explicitly.
+the defaults). The first call at a new shape therefore takes longer, mostly for Triton's
+compilation of each candidate; these run in a pool of threads before the timing
+(``STRUCTREWRITE_COMPILE_THREADS``, ``tuning.py``). On the H200 the first three steps of
+the benchmark's four-layer 32x32-tile stack (three shapes), compiled with CUDA graphs on
+a fresh machine, took 40.3 s with the pool (2026-11-29 03:35 UTC,
+``benchmarks/results/sparse_lowrank_e2e_graphs.md``) against 114 s one by one (02:07
+UTC); the first fwd+bwd of three such layers in a fresh process with a fresh Triton
+cache took 41.7 s with 16 threads against 109.2 s one by one. The timing must not
+happen inside CUDA-graph capture. The choices are kept on disk for later processes on
+the same machine (``STRUCTREWRITE_TUNE_CACHE``), which then skip it: a fresh process's
+first fwd+bwd of a 4096x4096 tile layer took 0.80 s with the choices read from disk
+(before the TMA candidates). Tests and callers can pass configs explicitly.
 
 Structured supports
 -------------------
