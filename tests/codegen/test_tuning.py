@@ -11,6 +11,8 @@ import itertools  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -102,6 +104,27 @@ def test_first_calls_overlap_on_the_callers_device_and_stream(fake_cuda, monkeyp
     assert sorted(calls) == [(c, 1, "s1") for c in sorted(candidates)]
     assert not meet.broken and fake_cuda["synchronize"] == [1]
 
+
+
+def test_lazily_makes_once_for_threads_that_ask_at_once():
+    """The trials' scratch buffers: asked for by every first call at the same moment, made
+    once (not once per thread: a copy of a layer's output per thread), and not before."""
+    made = []
+
+    def make():
+        made.append(1)
+        time.sleep(0.05)                     # a slow allocation: the others ask meanwhile
+        return object()
+    get = tuning.lazily(make)
+    assert made == []
+    meet = threading.Barrier(8, timeout=30)
+
+    def ask(_):
+        meet.wait()
+        return get()
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, range(8)))
+    assert made == [1] and all(g is got[0] for g in got)
 
 def test_pick_compiles_the_candidates_together_before_timing_them(timed, fake_cuda, monkeypatch):
     monkeypatch.setattr(tuning, "COMPILE_THREADS", 4)

@@ -134,7 +134,7 @@ from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
-from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, pick, sm_count
+from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, lazily, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import autocast_off
 
 OP = "structrewrite::sparse_lowrank_linear"
@@ -521,12 +521,11 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
                            SPMM_CANDIDATES, run_dx, SPMM_DEFAULT)
     run_dx(spmm_config)
     if nnz:
-        xt = []                                       # made once, only for "gather" configs
+        xt = lazily(lambda: transpose(x2))           # made once, only for "gather" configs
 
         def run_dv(c):
-            if c[0] == "gather" and not xt:
-                xt.append(transpose(x2))
-            return sddmm(g2, x2, crow, col, row, config=c, gt=gt, xt=xt[0] if xt else None)
+            return sddmm(g2, x2, crow, col, row, config=c, gt=gt,
+                         xt=xt() if c[0] == "gather" else None)
 
         if sddmm_config is None:
             sddmm_config = pick("sddmm", (bucket(M), out_features, in_features, nnz, x.dtype),

@@ -51,8 +51,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from structrewrite.codegen.triton import aligned
-from structrewrite.codegen.triton.tuning import (bucket, cdiv, dot, has_tma, interpreting, pick,
-                                                 sm_count)
+from structrewrite.codegen.triton.tuning import (bucket, cdiv, dot, has_tma, interpreting, lazily,
+                                                 pick, sm_count)
 
 # detection and layout live in ``block_layout`` (plain torch, also used by the CPU
 # implementation); re-exported here for the kernels' callers
@@ -432,13 +432,12 @@ def forward(x, A, B, values, crow, col, row, bias, scale, b: int, config=None, s
     vals = values.to(x.dtype)
     if config is None:   # time on a scratch output (in place: on a copy of base), then run once for real
         key = (bucket(M), out_features, in_features, lay.nt, b, x.dtype)
-        scratch = []
+        scratch = lazily(lambda: base.clone() if inplace else torch.empty_like(y))
 
         def trial(c):
-            if not scratch:
-                scratch.append(base.clone() if inplace else torch.empty_like(y))
-            return bsr_spmm(x2, lay, vals, out_features, scratch[0], False,
-                            base=scratch[0] if inplace else base, bias=bias, scale=scale, config=c)
+            out = scratch()
+            return bsr_spmm(x2, lay, vals, out_features, out, False,
+                            base=out if inplace else base, bias=bias, scale=scale, config=c)
         config = pick("bsr_spmm", key, spmm_candidates(x.device), trial, SPMM_DEFAULT)
     bsr_spmm(x2, lay, vals, out_features, y, False, base=base, bias=bias, scale=scale, config=config)
     return y.reshape(*x.shape[:-1], out_features)
@@ -458,16 +457,10 @@ def fuses_dv() -> bool:
 
 def _trial_buffers(g2, in_features: int, vals):
     """A function that returns (dx-shaped output, float32 d values) for the timing trials,
-    made on its first call only: once every choice is cached, no trial runs and nothing
-    is allocated."""
-    made = []
-
-    def get():
-        if not made:
-            made.append(_empty((g2.shape[0], in_features), g2.dtype, g2.device))
-            made.append(torch.zeros(vals.shape, dtype=torch.float32, device=vals.device))
-        return made
-    return get
+    made on its first call only (``tuning.lazily``): once every choice is cached, no trial
+    runs and nothing is allocated."""
+    return lazily(lambda: (_empty((g2.shape[0], in_features), g2.dtype, g2.device),
+                           torch.zeros(vals.shape, dtype=torch.float32, device=vals.device)))
 
 
 def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d, scratch) -> str:

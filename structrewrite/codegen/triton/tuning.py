@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -156,6 +157,21 @@ def pick(kind: str, key: tuple, candidates, run, default):
     if best_t < float("inf"):   # a choice that rests on a timing
         _write(entry, best)
     return best
+
+
+def lazily(make):
+    """A function that returns ``make()``, made at its first call only, whichever thread
+    calls first: the trials' scratch buffers, which the first calls (``_first_calls``)
+    ask for from several threads at once, are made once and only where a timing runs."""
+    lock = threading.Lock()
+    made = []
+
+    def get():
+        with lock:
+            if not made:
+                made.append(make())
+        return made[0]
+    return get
 
 
 def _first_calls(candidates, run) -> None:
