@@ -81,7 +81,8 @@ def test_rewrite_train_generate_and_reload(case):
 
     # generate() still works
     m.eval()
-    out = m.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = m.generate(ids[:1, :5], max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                     pad_token_id=0)   # no early end-of-sequence stop
     assert out.shape == (1, 11)
 
     # the state dict loads into the same rewrite of a fresh model and reproduces outputs
