@@ -71,8 +71,7 @@ compilation of each candidate; these run in a pool of threads before the timing
 the benchmark's four-layer 32x32-tile stack (three shapes), compiled with CUDA graphs on
 a fresh machine, took 40.3 s with the pool (2026-11-29 03:35 UTC,
 ``benchmarks/results/sparse_lowrank_e2e_graphs.md``) against 114 s one by one (02:07
-UTC); the first fwd+bwd of three such layers in a fresh process with a fresh Triton
-cache took 41.7 s with 16 threads against 109.2 s one by one. The timing must not
+UTC; the pool alone is measured in ``tuning.py``). The timing must not
 happen inside CUDA-graph capture. The choices are kept on disk for later processes on
 the same machine (``STRUCTREWRITE_TUNE_CACHE``), which then skip it: a fresh process's
 first fwd+bwd of a 4096x4096 tile layer took 0.80 s with the choices read from disk
