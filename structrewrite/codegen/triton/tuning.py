@@ -8,9 +8,9 @@ kernels' candidates, and Triton's first compilation of each).
 
 Triton compiles a kernel per config, and these compilations can overlap. So before
 timing, the candidates' first calls run in a pool of ``STRUCTREWRITE_COMPILE_THREADS``
-threads (default: the CPU count, at most 16; ``1`` compiles one by one), on the caller's
-device and stream; the device is then synchronised and the timing runs one candidate at
-a time as before. On the H200's host (16 cores; 32x32 tiles at the three shapes of a
+threads (default: the CPUs this process may run on, at most 16; ``1`` compiles one by
+one), on the caller's device and stream; the device is then synchronised and the timing
+runs one candidate at a time as before. On the H200's host (16 cores; 32x32 tiles at the three shapes of a
 LLaMA-1B block, 16384 tokens, a fresh Triton cache, no kept choices) the first fwd+bwd
 of the three layers took 41.7 s with 16 threads against 109.2 s one by one (each
 ``bsr_spmm`` choice 2.9-4.4 s against 9.3-11.1 s). The two runs agreed on 16 of the 20
@@ -48,7 +48,8 @@ TUNE = os.environ.get("STRUCTREWRITE_TUNE", "1") != "0"
 # threads that make the candidates' first calls, and so Triton's compilations, at once
 # (``_first_calls``); 1: each candidate compiles when the timing reaches it
 COMPILE_THREADS = (int(os.environ.get("STRUCTREWRITE_COMPILE_THREADS", "0") or 0)
-                   or min(16, os.cpu_count() or 1))
+                   or min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                          else os.cpu_count() or 1))
 
 
 def _default_cache_dir() -> Optional[str]:
