@@ -189,6 +189,21 @@ def _bsr_spmm_grouped(acc, in_ptr, stride_im, other_ptr, tidx_ptr, v_ptr, tbase_
 
 
 @triton.jit
+def _token_range(sp, CHUNK, M):
+    """The tokens [m_lo, m_hi) of split ``sp`` of the d values kernels: CHUNK per split."""
+    m_lo = sp * CHUNK
+    return m_lo, tl.minimum(m_lo + CHUNK, M)
+
+
+@triton.jit
+def _token_step(m0, m_hi, BK: tl.constexpr):
+    """The BK tokens from ``m0`` of a token range ending at ``m_hi``: (which are in range,
+    their 64-bit row indices)."""
+    offs_k = m0 + tl.arange(0, BK)
+    return offs_k < m_hi, offs_k.to(tl.int64)
+
+
+@triton.jit
 def _bsr_sddmm_kernel(
     g_ptr, stride_gm,                      # g (M, out), features contiguous
     x_ptr, stride_xm,                      # x (M, in)
@@ -204,12 +219,9 @@ def _bsr_sddmm_kernel(
     tj = tl.load(tj_ptr + t)
     offs_b = tl.arange(0, B)
     acc = tl.zeros([B, B], dtype=tl.float32)
-    m_lo = sp * CHUNK
-    m_hi = tl.minimum(m_lo + CHUNK, M)
+    m_lo, m_hi = _token_range(sp, CHUNK, M)
     for m0 in range(m_lo, m_hi, BK):
-        offs_k = m0 + tl.arange(0, BK)
-        mk = offs_k < m_hi
-        k64 = offs_k.to(tl.int64)
+        mk, k64 = _token_step(m0, m_hi, BK)
         a = tl.load(g_ptr + k64[None, :] * stride_gm + (ti * B + offs_b)[:, None],
                     mask=mk[None, :], other=0.0)          # gᵀ tile (B, BK)
         w = tl.load(x_ptr + k64[:, None] * stride_xm + (tj * B + offs_b)[None, :],
@@ -245,12 +257,9 @@ def _bsr_sddmm_grouped_kernel(
         live = eg < hi
         q = tl.load(rcol_ptr + eg, mask=live, other=0)
         acc = tl.zeros([G * B, B], dtype=tl.float32)
-        m_lo = sp * CHUNK
-        m_hi = tl.minimum(m_lo + CHUNK, M)
+        m_lo, m_hi = _token_range(sp, CHUNK, M)
         for m0 in range(m_lo, m_hi, BK):
-            offs_k = m0 + tl.arange(0, BK)
-            mk = offs_k < m_hi
-            k64 = offs_k.to(tl.int64)
+            mk, k64 = _token_step(m0, m_hi, BK)
             w3 = tl.load((x_ptr + k64 * stride_xm)[:, None, None] + (q * B)[None, :, None]
                          + offs_b[None, None, :],
                          mask=mk[:, None, None] & live[None, :, None], other=0.0)   # (BK, G, B)
