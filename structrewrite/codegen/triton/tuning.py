@@ -10,12 +10,12 @@ Triton compiles a kernel per config, and these compilations can overlap. So befo
 timing, the candidates' first calls run in a pool of ``STRUCTREWRITE_COMPILE_THREADS``
 threads (default: the CPUs this process may run on, at most 16; ``1`` compiles one by
 one), on the caller's device and stream; the device is then synchronised and the timing
-runs one candidate at a time as before. On the H200's host (16 cores; 32x32 tiles at the three shapes of a
-LLaMA-1B block, 16384 tokens, a fresh Triton cache, no kept choices) the first fwd+bwd
-of the three layers took 41.7 s with 16 threads against 109.2 s one by one (each
-``bsr_spmm`` choice 2.9-4.4 s against 9.3-11.1 s). The two runs agreed on 16 of the 20
-choices and gave the same errors against the float64 reference (2026-11-29; not in a
-results file). The trials' scratch buffers are made once for all threads (``lazily``):
+runs one candidate at a time as before. On the H200's host (16 cores; 32x32 tiles at the
+three shapes of a LLaMA-1B block, 16384 tokens, a fresh Triton cache, no kept choices)
+the first fwd+bwd of the three layers took 41.7 s with 16 threads against 109.2 s one
+by one (each ``bsr_spmm`` choice 2.9-4.4 s against 9.3-11.1 s). The two runs agreed on
+16 of the 20 choices and gave the same errors against the float64 reference
+(2026-11-29; not in a results file). The trials' scratch buffers are made once for all threads (``lazily``):
 the peak memory of the first fwd+bwd at 2048->5461 was 1696 MiB above the inputs with
 the pool and 1929 MiB one by one (same day, not in a results file).
 
