@@ -266,7 +266,11 @@ def test_tma_walk_uses_descriptors_where_rows_are_aligned(dtype, aligned, monkey
     bias = torch.randn(out_f, generator=g).to(dtype)
     made = []
     real = blk._desc
-    monkeypatch.setattr(blk, "_desc", lambda *a: made.append(real(*a) is not None) or real(*a))
+    def spy(*a):                 # records whether each descriptor asked for was made
+        d = real(*a)
+        made.append(d is not None)
+        return d
+    monkeypatch.setattr(blk, "_desc", spy)
 
     def run(walk):
         cfg = (16, 4, 2) + walk
