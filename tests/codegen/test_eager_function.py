@@ -162,3 +162,31 @@ def test_train_ops_of_the_cuda_implementation_match_the_reference(dtype, init, b
     for name, a, b_ in zip(("dx", "dA", "dB", "dvalues"), got, want):
         assert a.shape == b_.shape and a.dtype == b_.dtype, name
         assert _rel(a, b_) < TOL[dtype], f"{name} (seed {seed}, {init}, block {block}, fold {fold})"
+
+
+@pytest.mark.parametrize("init,block,fold", KINDS)
+def test_cuda_implementation_takes_values_and_bias_in_their_own_dtype(init, block, fold,
+                                                                      monkeypatch):
+    """The op's values and bias are in the parameters' dtype, which need not be x's (float32
+    values and bias beside bf16 x, A and B): every support kind computes in x's dtype and
+    returns d values in theirs, as the reference does."""
+    monkeypatch.setattr(sl.folded, "MODE", fold)
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    layer = SparseLowRankLinear(45, 60, rank=8, density=0.12, init=init, block=block,
+                                key=f"m{seed}")
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(21, 45, dtype=torch.bfloat16)
+    g = torch.randn(21, 60, dtype=torch.bfloat16)
+    A, B = layer.A.detach().bfloat16(), layer.B.detach().bfloat16()
+    v, b = layer.values.detach(), layer.bias.detach()               # float32
+    sup = (layer.sparse_crow, layer.sparse_col, layer.sparse_row)
+    y = sl._forward_cuda(x, A, B, v, *sup, b, layer.scale)
+    assert y.dtype == torch.bfloat16
+    assert _rel(y, reference(x, A, B, v, *sup, b, layer.scale)) < TOL[torch.bfloat16], seed
+    got = sl._backward_cuda(g, x, A, B, v, *sup, layer.scale)
+    want = reference_backward(g, x, A, B, v, *sup, layer.scale)
+    for name, a, b_ in zip(("dx", "dA", "dB", "dvalues"), got, want):
+        assert a.shape == b_.shape and a.dtype == b_.dtype, name
+        assert _rel(a, b_) < TOL[torch.bfloat16], f"{name} (seed {seed}, {init}, block {block})"

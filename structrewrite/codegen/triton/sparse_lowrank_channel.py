@@ -91,7 +91,8 @@ def _widened(A, B, values, cols, split, in_p, out_p):
     _, beta, e = split
     E, Z = _constant_blocks(cols, in_p, out_features, r, A.dtype, e)
     Aw = torch.cat([aligned.pad_cols(A, in_p), E], dim=0)
-    Ww = torch.cat([B if beta == 1.0 else B * beta, values.view(out_features, -1), Z], dim=1)
+    V = values.view(out_features, -1).to(B.dtype)   # values may come in another dtype (the op's)
+    Ww = torch.cat([B if beta == 1.0 else B * beta, V, Z], dim=1)
     return Aw, aligned.pad_rows(Ww, out_p)
 
 
@@ -129,7 +130,7 @@ def forward(x, A, B, values, cols, bias, scale, saved=None):
     if saved is not None:
         saved += [x2, t, Aw, Ww]
     if bias is not None:
-        y = torch.addmm(aligned.pad_cols(bias, out_p), t, Ww.t(), alpha=alpha)
+        y = torch.addmm(aligned.pad_cols(bias.to(t.dtype), out_p), t, Ww.t(), alpha=alpha)
     else:
         y = aligned.mm(t, Ww.t(), alpha)
     return aligned.cols(y, out_features).reshape(*x.shape[:-1], out_features)
