@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from structrewrite.ops import sparse_lowrank_linear  # noqa: F401  (registers the op)
 from structrewrite.ops.sparse_lowrank_linear import channel_count, channel_decomposition
+from structrewrite.codegen.triton.support_cache import version   # plain torch, no Triton
 
 INITS = ("random", "svd", "lost")
 BLOCKS = (1, 16, 32, 64)
@@ -236,7 +237,7 @@ class SparseLowRankLinear(nn.Module):
         self._support_seen = self._support_id()
 
     def _support_id(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in (self.sparse_crow, self.sparse_col))
+        return tuple((t.data_ptr(), version(t)) for t in (self.sparse_crow, self.sparse_col))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

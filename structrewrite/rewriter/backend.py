@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from structrewrite.codegen.triton.support_cache import version   # plain torch, no Triton
 from structrewrite.rewriter.capture import innermost_module
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,8 @@ _REWRITTEN = WeakIdKeyDictionary()
 
 
 def _cache_key(fingerprint: str, site: LinearSite) -> tuple:
-    bias_version = site.bias._version if site.bias is not None else None
-    return (fingerprint, site.fqn, site.weight._version, bias_version)
+    bias_version = version(site.bias) if site.bias is not None else None
+    return (fingerprint, site.fqn, version(site.weight), bias_version)
 
 
 _LINEAR_TYPE_NAMES = ("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D")

@@ -176,3 +176,23 @@ def test_channel_decomposition_matches_the_reference():
     crow = layer.sparse_crow.clone()
     crow[1] += 1
     assert channel_count(crow, layer.sparse_col, 29) == 0
+
+
+@pytest.mark.parametrize("init,block", [("random", 1), ("random", 16), ("lost", 1)])
+def test_inference_mode_builds_and_runs_the_layer(init, block):
+    """Under ``torch.inference_mode`` tensors keep no version counter, which the support's
+    caches read: the layer built there, and the op called on supports made there, run."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 48)
+    with torch.inference_mode():
+        layer = SparseLowRankLinear(48, 64, rank=8, density=0.1, init=init, block=block, key="i")
+        y = layer(x)
+        dense = nn.Linear(48, 64)
+        merged = SparseLowRankLinear.from_dense(dense.weight, dense.bias, rank=48, density=1.0)
+        assert torch.allclose(merged(x), dense(x), atol=1e-5)
+    assert torch.allclose(y, layer.to_dense()(x), atol=1e-5)
+    args = (x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
+            layer.sparse_row, layer.bias, layer.scale)
+    with torch.no_grad():   # (autograd refuses inference tensors that require grad)
+        assert torch.allclose(torch.ops.structrewrite.sparse_lowrank_linear(*args), y, atol=1e-5)
+

@@ -244,3 +244,17 @@ def test_backend_name_works_from_a_source_tree_without_entry_point():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok")
+
+
+def test_policy_on_a_model_made_under_inference_mode():
+    """Weights made under ``torch.inference_mode`` keep no version counter, which the cache
+    of rewritten modules reads: the policy still applies (exact at full rank)."""
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        model = tiny_llama()
+        ids = torch.randint(0, 128, (1, 8))
+        compiled = torch.compile(model, backend="structrewrite", options={
+            "policy": policy("model.layers.*.mlp.*_proj", rank=64, density=1.0)})
+        with pytest.warns(UserWarning, match="policy applied at compile time to 6 site"):
+            got = compiled(ids).logits
+        assert torch.allclose(got, model(ids).logits, atol=1e-4)

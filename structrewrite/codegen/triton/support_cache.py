@@ -77,9 +77,16 @@ def outside_graph_pools(device: torch.device, build: Callable[[], Any]):
     return value
 
 
+def version(t: torch.Tensor) -> int:
+    """``t``'s version counter, which an in-place change moves on; -1 for an inference
+    tensor (made under ``torch.inference_mode``), which keeps none, so that an in-place
+    change to one is not seen."""
+    return -1 if t.is_inference() else t._version
+
+
 def cached(kind: str, tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], Any]):
     """``build()`` once per (kind, tensors as they are now, extra); the stored value after."""
-    key = (kind, *(t.data_ptr() for t in tensors), *(t._version for t in tensors),
+    key = (kind, *(t.data_ptr() for t in tensors), *(version(t) for t in tensors),
            *(t.numel() for t in tensors), *extra)
     hit = _CACHE.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
