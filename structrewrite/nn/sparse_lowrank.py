@@ -319,9 +319,11 @@ class SparseLowRankLinear(nn.Module):
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
-        """The (out x in) weight this layer represents, in float32 (for checks and export)."""
-        W = self.scale * (self.B.float() @ self.A.float())
-        W.index_put_((self.sparse_row.long(), self.sparse_col.long()), self.values.float(),
+        """The (out x in) weight this layer represents (for checks, export and ``to_dense``),
+        in float32, or in float64 for a float64 layer."""
+        dtype = torch.float64 if self.A.dtype == torch.float64 else torch.float32
+        W = self.scale * (self.B.to(dtype) @ self.A.to(dtype))
+        W.index_put_((self.sparse_row.long(), self.sparse_col.long()), self.values.to(dtype),
                      accumulate=True)
         return W
 

@@ -196,3 +196,15 @@ def test_inference_mode_builds_and_runs_the_layer(init, block):
     with torch.no_grad():   # (autograd refuses inference tensors that require grad)
         assert torch.allclose(torch.ops.structrewrite.sparse_lowrank_linear(*args), y, atol=1e-5)
 
+
+def test_to_dense_of_a_float64_layer_is_exact():
+    """A full-rank SVD layer reproduces its float64 weight to rounding, and so does the
+    nn.Linear it merges back into (the merge runs in float64, not float32)."""
+    torch.manual_seed(0)
+    dense = nn.Linear(24, 20, dtype=torch.float64)
+    layer = SparseLowRankLinear.from_dense(dense.weight, dense.bias, rank=20, density=0.05)
+    back = layer.to_dense()
+    assert back.weight.dtype == torch.float64
+    assert (back.weight - dense.weight).abs().max() < 1e-12
+    x = torch.randn(7, 24, dtype=torch.float64)
+    assert (back(x) - dense(x)).abs().max() < 1e-12
