@@ -3,7 +3,11 @@
 * ``A`` (rank x in), ``B`` (out x rank), ``s = alpha / rank`` (SLTrain's scaling);
 * ``S`` is sparse with a *fixed* support, stored in the state dict as the int32 buffers
   ``sparse_crow`` / ``sparse_col`` / ``sparse_row`` (CSR by output row, the layout the
-  kernels read) and trained through ``values``.
+  kernels read) and trained through ``values``. To change a support, load it
+  (``load_state_dict``), assign the buffers, or ``copy_`` into them under
+  ``torch.no_grad()``: the layouts derived from it are cached by the buffers' storage and
+  version counter, and a write through ``.data`` moves no version counter, so the layer
+  would go on with the old support's layouts.
 
 The weight is never formed in forward or backward: the layer computes through the op
 ``structrewrite::sparse_lowrank_linear``, except that under ``torch.compile`` a
