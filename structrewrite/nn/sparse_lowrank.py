@@ -125,6 +125,33 @@ def csr_from_flat(flat: torch.Tensor, out_features: int, in_features: int):
     return crow.int(), col.int(), row.int()
 
 
+def check_support(crow: torch.Tensor, col: torch.Tensor, row: torch.Tensor, out_features: int,
+                  in_features: int) -> None:
+    """Raises ValueError unless (crow, col, row) is a support of an out x in matrix in the
+    order the kernels read: CSR by output row, columns strictly ascending within a row, and
+    ``row`` the row of each entry. A support loaded from elsewhere is checked here, since a
+    kernel would read past its operands on an index out of range."""
+    nnz = col.numel()
+    if crow.shape != (out_features + 1,) or row.shape != (nnz,) or col.dim() != 1:
+        raise ValueError(f"support shapes: crow {tuple(crow.shape)}, col {tuple(col.shape)}, "
+                         f"row {tuple(row.shape)}; expected ({out_features + 1},), (nnz,), (nnz,)")
+    crow, col, row = crow.long(), col.long(), row.long()
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
+        raise ValueError(f"sparse_crow must rise from 0 to nnz = {nnz}")
+    if nnz == 0:
+        return
+    if bool(((col < 0) | (col >= in_features)).any()):
+        raise ValueError(f"sparse_col holds indices outside [0, {in_features})")
+    rows = torch.repeat_interleave(torch.arange(out_features, device=crow.device),
+                                   crow[1:] - crow[:-1])
+    if not torch.equal(rows, row):
+        raise ValueError("sparse_row does not match sparse_crow (the row of each entry)")
+    flat = row * in_features + col
+    if bool((flat[1:] <= flat[:-1]).any()):
+        raise ValueError("support entries must be sorted by row, then by column, without "
+                         "repeats")
+
+
 def _exporting() -> bool:
     """Whether ``torch.export`` is tracing. Reads the flag that ``torch.compiler.is_exporting``
     returns: while tracing for ``torch.compile``, Dynamo in torch 2.11 folds that call to
@@ -245,6 +272,12 @@ class SparseLowRankLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.sparse_col.is_meta:
+            try:
+                check_support(self.sparse_crow, self.sparse_col, self.sparse_row,
+                              self.out_features, self.in_features)
+            except ValueError as exc:
+                raise ValueError(f"{prefix.rstrip('.') or 'layer'}: loaded support: {exc}") from None
         self._support_changed()
 
     @classmethod

@@ -208,3 +208,24 @@ def test_to_dense_of_a_float64_layer_is_exact():
     assert (back.weight - dense.weight).abs().max() < 1e-12
     x = torch.randn(7, 24, dtype=torch.float64)
     assert (back(x) - dense(x)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("break_it,message", [
+    (lambda sd: sd["l.sparse_col"].__setitem__(-1, 10**6), "outside"),
+    (lambda sd: sd["l.sparse_col"].__setitem__(-1, -1), "outside"),
+    (lambda sd: sd["l.sparse_crow"].__setitem__(-1, 10**6), "rise from 0"),
+    (lambda sd: sd["l.sparse_row"].__setitem__(0, 5), "does not match"),
+    (lambda sd: sd["l.sparse_col"].copy_(sd["l.sparse_col"].flip(0)), "sorted"),
+])
+def test_a_loaded_support_out_of_order_or_range_is_refused(break_it, message):
+    """A kernel would read past its operands on a bad index: loading names the layer and
+    the fault instead. A good support of another layer loads."""
+    model = nn.Sequential()
+    model.add_module("l", SparseLowRankLinear(64, 48, rank=4, density=0.1, key="k"))
+    other = SparseLowRankLinear(64, 48, rank=4, density=0.1, key="other")
+    model.load_state_dict({"l." + k: v for k, v in other.state_dict().items()})
+    assert torch.equal(model.l.sparse_col, other.sparse_col)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    break_it(sd)
+    with pytest.raises(ValueError, match=f"^l: loaded support: .*{message}"):
+        model.load_state_dict(sd)
