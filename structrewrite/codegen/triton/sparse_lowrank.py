@@ -299,6 +299,13 @@ SPMM_CANDIDATES = [
     (64, 32, 0, 32, 4, 4), (64, 32, 0, 32, 4, 2), (128, 16, 0, 32, 4, 4), (128, 32, 0, 32, 8, 2),
     (128, 32, 0, 32, 8, 4), (256, 16, 0, 32, 8, 2), (128, 8, 0, 64, 2, 4), (64, 64, 0, 32, 8, 2),
     (32, 32, 0, 32, 4, 4), (128, 16, 1024, 32, 4, 2), (64, 32, 512, 32, 4, 2),
+    # few tokens (decoding, small batches): the rows split over enough programs to fill the
+    # device (nsplit 0) in small token tiles. On the H200 at 1 to 256 tokens, bf16, 3%:
+    # 4096x4096 forward 121 -> 39 us at 1 token, 128 -> 36 at 64, 114 -> 50 at 256 (dx
+    # alike); 2048->5461 forward 97 -> 19 us and dx 82 -> 30 at 1 token; the list's own
+    # configs stay the faster from 1024 tokens (benchmarks/README.md, "What was tried")
+    (64, 16, 0, 0, 4, 4), (64, 32, 0, 0, 4, 4), (16, 32, 0, 0, 4, 4), (16, 16, 0, 0, 4, 4),
+    (16, 4, 0, 0, 1, 4),
 ]
 SPMM_DEFAULT = (64, 32, 0, 32, 4, 4)
 # sddmm configs: ("gather", BK, BM, nchunk, num_warps): entries x tokens, from xᵀ and gᵀ;
@@ -308,6 +315,8 @@ SDDMM_CANDIDATES = [
     ("gather", 32, 64, 0, 4), ("gather", 64, 32, 0, 4),
     ("mm", 128, 128, 64, 8, 3), ("mm", 128, 128, 64, 4, 4), ("mm", 128, 256, 64, 8, 3),
     ("mm", 64, 128, 64, 4, 4), ("mm", 128, 64, 64, 4, 4),
+    # few tokens: on the H200 at 4096x4096, 35.5 -> 14.9 us at 1 token, 37.3 -> 21.6 at 8
+    ("gather", 64, 16, 0, 2),
 ]
 SDDMM_DEFAULT = ("mm", 128, 128, 64, 8, 3)
 
