@@ -21,9 +21,11 @@ declares the name, importing the package registers it (``structrewrite/__init__.
      the node's ``nn_module_stack`` (``L['self'].model.layers[0].mlp.gate_proj`` ->
      ``model.layers.0.mlp.gate_proj``);
    * a stand-in module tree with modules of the original classes at those FQNs, holding the
-     real weights (the example inputs dynamo passes are the live parameters), is rewritten
-     by ``sr.rewrite`` under the policy made relaxed (one graph sees only part of a model,
-     and graph breaks split it further, so a rule that matches nothing here is no error);
+     real weights (the example inputs dynamo passes are the live parameters), under empty
+     parents of their original classes too (so that ``{type: LlamaMLP}`` selects the same
+     blocks as in the model), is rewritten by ``sr.rewrite`` under the policy made relaxed
+     (one graph sees only part of a model, and graph breaks split it further, so a rule
+     that matches nothing here is no error);
    * every rewritten site's new module is installed into the GraphModule and its calls are
      redirected to it. Its parameters are frozen (``requires_grad=False``): the graph is an
      inference graph with weights computed at compile time. Later changes to the eager
@@ -87,6 +89,13 @@ def _innermost_module(node: torch.fx.Node) -> Optional[tuple[str, type]]:
     return (fqn_from_source(where[0]), where[1]) if where else None
 
 
+def _module_classes(node: torch.fx.Node) -> dict[str, type]:
+    """FQN -> class of every module on the node's ``nn_module_stack`` (the compiled root
+    itself is not on it)."""
+    return {fqn_from_source(path): cls for path, cls in (node.meta.get("nn_module_stack") or {}).values()
+            if isinstance(cls, type) and issubclass(cls, nn.Module)}
+
+
 @dataclass
 class LinearSite:
     """One linear layer seen in the graph: its FQN, class, weight / bias and the calls."""
@@ -96,6 +105,7 @@ class LinearSite:
     bias: Optional[torch.Tensor]
     transposed: bool               # Conv1D: y = x W + b
     calls: list = field(default_factory=list)   # (node, input node)
+    classes: dict = field(default_factory=dict)   # FQN -> class of the site and its parents
 
 
 def _tensor_of(gm: torch.fx.GraphModule, node: Any, inputs: dict) -> Optional[torch.Tensor]:
@@ -140,7 +150,8 @@ def find_linear_sites(gm: torch.fx.GraphModule, example_inputs) -> dict[str, Lin
             continue
         site = sites.get(fqn)
         if site is None:
-            site = sites[fqn] = LinearSite(fqn, cls, weight, bias, transposed)
+            site = sites[fqn] = LinearSite(fqn, cls, weight, bias, transposed,
+                                           classes=_module_classes(node))
         elif site.weight is not weight:
             continue   # another call under the same module with other weights: not this layer
         site.calls.append((node, x))
@@ -165,14 +176,40 @@ def _stand_in(site: LinearSite) -> nn.Module:
     return mod
 
 
-def _install(root: nn.Module, fqn: str, module: nn.Module) -> None:
+def _bare(cls: type) -> nn.Module:
+    """An empty module of class ``cls`` (its __init__ not run), so that the policy's type
+    selectors see a parent block as the class it is (``{type: LlamaMLP}``); a plain
+    nn.Module where the class cannot be made so."""
+    try:
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        return mod
+    except Exception:   # noqa: BLE001 (a class with its own __new__)
+        return nn.Module()
+
+
+def _install(root: nn.Module, fqn: str, module: nn.Module, classes: dict) -> None:
+    """Puts ``module`` at ``fqn`` under ``root``, making the parents it needs, each of its
+    class in the compiled model (``classes``: FQN -> class)."""
     *parents, name = fqn.split(".")
     node = root
-    for part in parents:
+    for k, part in enumerate(parents):
         if not hasattr(node, part):
-            node.add_module(part, nn.Module())
+            node.add_module(part, _bare(classes.get(".".join(parents[:k + 1]), nn.Module)))
         node = getattr(node, part)
     node.add_module(name, module)
+
+
+def _linear_only(policy):
+    """``policy`` relaxed (every rule optional: one graph sees part of a model), with the
+    rules whose pass the backend cannot apply (``unsupported_rules``) keeping their
+    modules as they are, which is what the backend does with them, instead of asking a
+    stand-in parent to be rewritten."""
+    import dataclasses
+    skip = {r.index for r in unsupported_rules(policy)}
+    relaxed = policy.relaxed()
+    return dataclasses.replace(relaxed, rules=tuple(
+        dataclasses.replace(r, rewrite=None) if r.index in skip else r for r in relaxed.rules))
 
 
 # Rewritten modules by weight tensor, so that a recompile of the same model (a new input
@@ -240,10 +277,10 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str,
             new[fqn] = hit
         else:
             stand_ins[fqn] = _stand_in(site)
-            _install(root, fqn, stand_ins[fqn])
+            _install(root, fqn, stand_ins[fqn], site.classes)
     if stand_ins:
         with torch.no_grad():
-            rewrite(root, pol.relaxed(), inplace=True)
+            rewrite(root, _linear_only(pol), inplace=True)
         modules = dict(root.named_modules())
         for fqn, old in stand_ins.items():
             if modules.get(fqn) is not old:

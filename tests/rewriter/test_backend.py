@@ -182,6 +182,27 @@ def test_policy_resolves_like_sr_rewrite_and_recompile_reuses_modules():
     assert all(not p.requires_grad for m in first.values() for p in m.parameters())
 
 
+def test_type_selectors_see_the_parent_blocks_classes():
+    """A rule that keeps whole blocks dense by their class (``{type: LlamaMLP}``) holds
+    under the backend as under ``sr.rewrite``: the stand-in tree's parents are of the
+    compiled model's classes, not plain modules."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    pol = {"version": 1, "rules": [
+        {"match": {"type": "LlamaMLP"}, "rewrite": None},
+        {"match": "model.layers.*.*.*_proj", "rewrite": "sparse_lowrank",
+         "with": {"rank": 8, "density": 0.05}}]}
+    eager = sr.rewrite(model, pol).model
+    expected = {n for n, m in eager.named_modules() if isinstance(m, SparseLowRankLinear)}
+    assert expected and not any(".mlp." in n for n in expected)
+    compiled, graph_modules = compile_and_collect(model, {"policy": pol, "compiler": "eager"})
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, eager(ids).logits, atol=1e-5, rtol=1e-5)
+    got = {t.replace("structrewrite__", "").replace("__", ".") for t in installed(graph_modules)}
+    assert got == expected
+
+
 def test_block_level_rules_are_reported_as_not_applied(monkeypatch):
     from types import SimpleNamespace
 
@@ -246,10 +267,11 @@ def test_backend_name_works_from_a_source_tree_without_entry_point():
     assert run.stdout.strip().endswith("ok")
 
 
-def test_policy_on_a_model_made_under_inference_mode():
+def test_policy_on_a_model_made_under_inference_mode(monkeypatch):
     """Weights made under ``torch.inference_mode`` keep no version counter, which the cache
     of rewritten modules reads: the policy still applies (exact at full rank)."""
     torch._dynamo.reset()
+    monkeypatch.setattr(backend_mod, "_ANNOUNCED", [])   # the notice, given once per process
     with torch.inference_mode():
         model = tiny_llama()
         ids = torch.randint(0, 128, (1, 8))
