@@ -44,6 +44,16 @@ def set_submodule(root: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def replace_everywhere(root: nn.Module, fqn: str, new: nn.Module) -> list[str]:
+    """Puts ``new`` at ``fqn`` and at every other name under which the module at ``fqn`` is
+    registered (a module shared by two parents stays shared); returns those names."""
+    old = root.get_submodule(fqn)
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n]
+    for name in names or [fqn]:
+        set_submodule(root, name, new)
+    return names
+
+
 def run_plan(model: nn.Module, plan: Plan, recorded: dict[str, tuple],
              progress: Optional[Callable[[str], None]] = None) -> Report:
     report = Report()
@@ -89,7 +99,7 @@ def _rewrite_site(model, p, entry: PlanEntry, recorded) -> SiteReport:
     exact = p.is_exact(entry.options, entry.dims)
     verified = _check_exact(p, entry, original, new, recorded) if exact else None
     error = p.error(entry.options, original, new)
-    set_submodule(model, entry.fqn, new)
+    replace_everywhere(model, entry.fqn, new)
     values = dict(entry.dims) | p.option_values(entry.options)
     before, after = p.cost_before(), p.cost_after(entry.options)
     return SiteReport(site=entry.fqn, pass_name=p.name, module_type=entry.module_type,

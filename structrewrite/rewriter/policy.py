@@ -38,6 +38,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
@@ -46,7 +47,7 @@ import torch.nn as nn
 import yaml
 
 from structrewrite.rewriter import registry
-from structrewrite.rewriter.passbase import type_names
+from structrewrite.rewriter.passbase import NoMatch, type_names
 
 TOP_KEYS = ("version", "defaults", "rules")
 RULE_KEYS = ("match", "rewrite", "with", "optional")
@@ -428,21 +429,50 @@ class Plan:
 
     def to_rows(self) -> list[dict]:
         return [{"site": e.fqn, "type": e.module_type, "pass": e.pass_name, "rule": e.rule,
-                 "options": dataclasses.asdict(e.options), "done": e.done}
+                 "options": _options_dict(e), "done": e.done}
                 for e in self.entries.values()]
 
     def __str__(self) -> str:
         from structrewrite.rewriter.report import render_table
         rows = [[e.fqn, e.module_type, e.pass_name, str(e.rule),
-                 ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(e.options).items()),
+                 ", ".join(f"{k}={v}" for k, v in _options_dict(e).items()),
                  "already rewritten" if e.done else ""] for e in self.entries.values()]
         return render_table(f"plan: {len(self.entries)} sites, {len(self.kept)} kept dense",
                             ["site", "type", "pass", "rule", "options", "note"], rows)
 
 
+def _options_dict(entry: PlanEntry) -> dict:
+    """The entry's options as a dict; none for a site already rewritten."""
+    return dataclasses.asdict(entry.options) if entry.options is not None else {}
+
+
+def _tied(named: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """FQN -> why, for each module holding a parameter that a module outside its own
+    subtree holds too (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``)."""
+    owners: dict[int, list[str]] = {}
+    for fqn, module in named:
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(fqn)
+    tied = {}
+    for names in owners.values():
+        for fqn in names:
+            others = [o for o in names if o != fqn and not o.startswith(fqn + ".")
+                      and not fqn.startswith(o + ".")]
+            if others and fqn not in tied:
+                tied[fqn] = (f"shares its weight with {others[0]} (tied weights): rewriting it "
+                             f"would untie the two and add parameters; untie them first "
+                             f"(give it a copy of the weight) to rewrite it")
+    return tied
+
+
 def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Module]]]) -> Plan:
-    """Resolve ``policy`` against a module tree (or (fqn, module) pairs in pre-order)."""
-    named = modules.named_modules() if isinstance(modules, nn.Module) else modules
+    """Resolve ``policy`` against a module tree (or (fqn, module) pairs in pre-order). A
+    module whose weight another module holds too (tied weights) is not rewritten: a rule
+    that names it alone fails with the reason, a broader rule leaves it as it is with a
+    warning."""
+    named = list(modules.named_modules() if isinstance(modules, nn.Module) else modules)
+    tied = _tied(named)
+    left_tied: list[tuple[Rule, str]] = []
     claimed: set[str] = set()
     entries: dict[str, PlanEntry] = {}
     kept: list[str] = []
@@ -470,9 +500,11 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
                     entries[fqn] = PlanEntry(fqn, p.name, None, rule.index, type(module).__name__,
                                              {}, done=True)
                 else:
-                    m = p.accepts(module)
+                    m = p.accepts(module) if fqn not in tied else NoMatch(lambda why=tied[fqn]: why)
                     if not m:
                         refused[rule.index].append((fqn, m))
+                        if fqn in tied:
+                            left_tied.append((rule, fqn))
                         continue
                     dims = p.dims(m)
                     options = _instantiate(p, rule, fqn, dims, policy)
@@ -481,6 +513,10 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
             hits[rule.index] += 1
             claimed.add(fqn)
             break
+    for rule, fqn in left_tied:
+        if hits[rule.index] and fqn not in claimed:
+            warnings.warn(f"rule {rule.describe()}: {fqn} is left as it is: it {tied[fqn]}",
+                          UserWarning, stacklevel=3)
     for rule in policy.rules:
         if hits[rule.index] == 0 and not rule.optional:
             why = ""
@@ -489,10 +525,11 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
                 more = len(refused[rule.index]) - 3
                 why = f": it selects modules that {rule.rewrite} cannot rewrite: {shown}" + \
                     (f" and {more} more" if more > 0 else "")
+            fix = ("select modules that the pass can rewrite, or add 'optional: true'" if why else
+                   "correct the pattern (see `structrewrite plan` for the model's module names) "
+                   "or add 'optional: true'")
             raise PolicyError(f"rule {rule.describe()} matches nothing{why}", source=policy.source,
-                              rule=rule.index, line=rule.line,
-                              fix="correct the pattern (see `structrewrite plan` for the model's "
-                                  "module names) or add 'optional: true'")
+                              rule=rule.index, line=rule.line, fix=fix)
     return Plan(entries, kept, policy)
 
 

@@ -341,3 +341,45 @@ def test_fuzz_mutated_valid_policy(mutations):
         sr.plan(_FUZZ_NET, data)
     except sr.PolicyError as e:
         assert "Fix: " in str(e)
+
+
+class Tied(nn.Module):
+    """A head that holds the embedding's weight (as GPT-2's lm_head does), and a layer
+    registered under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.mid = nn.Linear(16, 16)
+        self.again = self.mid
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def _rule(match, **kw):
+    return {"version": 1, "rules": [{"match": match, "rewrite": "sparse_lowrank",
+                                     "with": {"rank": 4, "density": 0.1}, **kw}]}
+
+
+def test_tied_weights_are_not_untied():
+    """A rule naming a tied module fails with the reason and the fix; a broader rule
+    leaves it as it is and says so; the tie holds and the model does not grow."""
+    with pytest.raises(sr.PolicyError, match=r"head.*shares its weight with embed \(tied"):
+        sr.plan(Tied(), _rule("head"))
+    model = Tied()
+    with pytest.warns(UserWarning, match="head is left as it is: it shares its weight with embed"):
+        result = sr.rewrite(model, _rule({"type": "Linear"}))
+    assert [e.fqn for e in result.plan] == ["mid"]
+    assert result.model.head.weight is result.model.embed.weight
+    assert result.report.model_params_after < result.report.model_params_before
+
+
+def test_a_module_under_two_names_is_rewritten_under_both():
+    """The same layer registered twice stays one layer: the rewrite replaces it under every
+    name, and the model's parameter count follows the report's."""
+    result = sr.rewrite(Tied(), _rule("mid"))
+    new = result.model.mid
+    assert type(new).__name__ == "SparseLowRankLinear" and result.model.again is new
+    totals = result.report.totals()
+    assert (result.report.model_params_before - result.report.model_params_after
+            == totals["before"]["params"] - totals["after"]["params"])
