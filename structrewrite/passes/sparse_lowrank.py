@@ -115,6 +115,14 @@ class SparseLowRankPass(Pass):
     def option_values(self, options):
         return {"r": options.rank, "d": options.density}
 
+    def cost_of(self, module):
+        """``cost_after`` of a layer already rewritten, from its own rank and support."""
+        mm, nn_, nnz = module.out_features, module.in_features, module.values.numel()
+        params = sum(p.numel() for p in module.parameters())
+        beta_ = int(module.bias is not None)
+        return {"params": params, "flops": 2 * module.rank * (mm + nn_) + 2 * nnz + beta_ * mm,
+                "bytes": module.A.element_size() * params + 4 * (2 * nnz + mm + 1)}
+
     def solve_budget(self, dims, values, budget_field, fraction):
         init = values.get("init", SparseLowRankOptions.init)
         density = values.get("density", SparseLowRankOptions.density)

@@ -110,8 +110,10 @@ def _rewrite_site(model, p, entry: PlanEntry, recorded) -> SiteReport:
 
 
 def _unchanged_site(p, entry: PlanEntry, module) -> SiteReport:
-    n = sum(t.numel() for t in module.parameters())
-    cost = {"params": n, "flops": float("nan"), "bytes": float("nan")}
+    """A site already in the pass's output form: its cost as it is (FLOPs and bytes None
+    where the pass cannot tell them)."""
+    cost = p.cost_of(module) or {"params": sum(t.numel() for t in module.parameters()),
+                                 "flops": None, "bytes": None}
     return SiteReport(site=entry.fqn, pass_name=p.name, module_type=entry.module_type, options={},
                       before=cost, after=cost, formulas_before={}, formulas_after={}, dims={},
                       status="unchanged")

@@ -202,6 +202,11 @@ class Pass:
         """Relative reconstruction error where defined (None otherwise)."""
         return None
 
+    def cost_of(self, module: nn.Module) -> Optional[dict[str, float]]:
+        """params, flops per token and bytes of a module already in the pass's output form
+        (a site left unchanged), where the pass can tell; None otherwise."""
+        return None
+
     # -- shared --
     def accepts(self, module: nn.Module):
         return self.pattern.match(module)

@@ -38,9 +38,9 @@ class Report:
     # -- totals --
     def totals(self) -> dict[str, dict[str, float]]:
         out = {"before": {}, "after": {}}
-        for key in ("params", "flops", "bytes"):
-            out["before"][key] = sum(s.before.get(key, 0) for s in self.sites)
-            out["after"][key] = sum(s.after.get(key, 0) for s in self.sites)
+        for key in ("params", "flops", "bytes"):   # sites whose cost is unknown (None) add nothing
+            out["before"][key] = sum(s.before.get(key) or 0 for s in self.sites)
+            out["after"][key] = sum(s.after.get(key) or 0 for s in self.sites)
         return out
 
     def to_dict(self) -> dict:
@@ -74,7 +74,8 @@ class Report:
             key = (s.pass_name, tuple(s.formulas_after.items()))
             seen.setdefault(key, s)
         for (name, _), s in seen.items():
-            yield name, s.formulas_before, s.formulas_after
+            if s.formulas_before and s.formulas_after:   # none for sites left unchanged
+                yield name, s.formulas_before, s.formulas_after
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(self._HEAD) + " |", "|" + "---|" * len(self._HEAD)]
@@ -101,6 +102,8 @@ class Report:
 
 
 def _human(x) -> str:
+    if x is None:
+        return "-"
     x = float(x)
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:

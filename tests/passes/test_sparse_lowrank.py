@@ -138,6 +138,26 @@ def test_idempotent():
         assert k == k2 and torch.equal(v, v2)
 
 
+def test_report_and_plan_of_a_partly_rewritten_model():
+    """A second rewrite over sites already rewritten: the plan prints, and the report gives
+    those sites their cost as they are (strict JSON: no NaN), with totals that follow the
+    model's parameters."""
+    import json
+    once = sr.rewrite(MLP(), policy("up", rank=4))
+    plan = sr.plan(once.model, policy("*", rank=4))
+    assert [e.done for e in plan] == [True, False, False]
+    assert "already rewritten" in str(plan) and plan.to_rows()[0]["options"] == {}
+    again = sr.rewrite(once.model, policy("*", rank=4))
+    up = [s for s in again.report.sites if s.site == "up"][0]
+    assert up.status == "unchanged" and up.before == up.after
+    assert up.after == sr.rewrite(MLP(), policy("up", rank=4)).report.sites[0].after
+    json.loads(again.report.to_json(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert "| total |" in again.report.to_markdown() and "nan" not in str(again.report)
+    t = again.report.totals()
+    assert (again.report.model_params_before - again.report.model_params_after
+            == t["before"]["params"] - t["after"]["params"])
+
+
 def test_input_model_not_mutated_unless_inplace():
     model = MLP()
     sr.rewrite(model, policy("*"))
