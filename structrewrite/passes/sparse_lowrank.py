@@ -44,6 +44,11 @@ pattern = ModulePattern(
                    "a 2-D weight"),
         Constraint("floating_weight", lambda mod: mod.weight.is_floating_point(),
                    "a floating-point weight (quantized layers are not supported)"),
+        # nn.MultiheadAttention never calls its out_proj: it reads out_proj.weight itself
+        Constraint("called_as_a_layer",
+                   lambda mod: type(mod).__name__ != "NonDynamicallyQuantizableLinear",
+                   "a layer that its parent calls (nn.MultiheadAttention reads its "
+                   "out_proj's weight directly)"),
     ),
 )
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -39,10 +40,34 @@ def rewrite(model: nn.Module, policy, example_inputs=None,
     target = model if inplace else copy.deepcopy(model)
     params_before = _count(target)
     todo = [e.fqn for e in the_plan if not e.done]
+    _warn_fast_path(target, todo)
     recorded = record_inputs(target, todo, example_inputs, example_kwargs)
+    if example_inputs is not None or example_kwargs:
+        unused = [fqn for fqn in todo if fqn not in recorded]
+        if unused:
+            warnings.warn(
+                f"{len(unused)} site(s) were not called by the example inputs "
+                f"({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}): they are "
+                "rewritten all the same, but a parent that reads such a layer's weight "
+                "instead of calling it will fail, and exact rewrites there are checked on "
+                "random rows only", UserWarning, stacklevel=2)
     report = run_plan(target, the_plan, recorded, progress=progress)
     report.model_params_before, report.model_params_after = params_before, _count(target)
     return RewriteResult(target, report, the_plan)
+
+
+def _warn_fast_path(model: nn.Module, fqns: list) -> None:
+    """nn.TransformerEncoderLayer's inference fast path (eval mode, no grad) reads its
+    linear layers' weights instead of calling them, which a rewritten layer does not
+    hold."""
+    inside = [f for f in fqns if "." in f and type(model.get_submodule(f.rpartition(".")[0]))
+              .__name__ == "TransformerEncoderLayer"]
+    if inside:
+        warnings.warn(
+            f"{', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}: layers of an "
+            "nn.TransformerEncoderLayer, whose inference fast path (eval mode without grad) "
+            "reads their weights directly; run the rewritten model with "
+            "torch.backends.mha.set_fastpath_enabled(False)", UserWarning, stacklevel=3)
 
 
 def _count(model: nn.Module) -> int:

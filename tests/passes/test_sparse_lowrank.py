@@ -252,3 +252,44 @@ def test_block_budget_and_refusals():
         sr.rewrite(nn.Sequential(nn.Linear(12, 40)), policy("*", init="random", block=16))
     with pytest.raises(Exception, match="block"):
         sr.rewrite(model, policy("*", init="random", block=8))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64,
+                                              batch_first=True, dropout=0.0)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+def test_torch_transformer_layers_that_read_weights_directly():
+    """nn.MultiheadAttention reads out_proj's weight instead of calling it: {type: Linear}
+    leaves it alone. The encoder layer's inference fast path reads linear1/linear2 too: the
+    rewrite says so, and with the fast path off the full-rank rewrite is exact."""
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    x = torch.randn(2, 5, 32)
+    rule = policy({"name": "enc.**", "type": "Linear"}, rank=32, density=0.0)
+    assert "enc.self_attn.out_proj" not in [e.fqn for e in sr.plan(model, rule)]
+    with pytest.raises(sr.PolicyError, match="nn.MultiheadAttention reads its out_proj"):
+        sr.plan(model, policy("enc.self_attn.out_proj", rank=4))
+    with pytest.warns(UserWarning, match="set_fastpath_enabled"):
+        result = sr.rewrite(model, rule, example_inputs=(x,))
+    with torch.no_grad():
+        want = model(x)
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            got = result.model(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_sites_the_example_inputs_never_call_are_named():
+    model = MLP()
+    model.spare = nn.Linear(24, 24)      # never called by forward
+    with pytest.warns(UserWarning, match=r"1 site\(s\) were not called by the example inputs \(spare\)"):
+        sr.rewrite(model, policy("*"), example_inputs=(torch.randn(3, 24),))
