@@ -118,8 +118,17 @@ def reference(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tens
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
+def _check_widths(x, A, B) -> None:
+    """The fakes' shape checks: x's last dim is A's width, A's rank is B's. Under
+    ``torch.export`` they also pin the input's feature dim (no dynamic width there)."""
+    torch._check(x.shape[-1] == A.shape[1], lambda: f"x has {x.shape[-1]} features, the "
+                 f"layer takes {A.shape[1]}")
+    torch._check(A.shape[0] == B.shape[1], lambda: f"A has rank {A.shape[0]}, B {B.shape[1]}")
+
+
 @sparse_lowrank_linear.register_fake
 def _(x, A, B, values, crow, col, row, bias, scale):
+    _check_widths(x, A, B)
     return x.new_empty((*x.shape[:-1], B.shape[0]))
 
 
@@ -239,6 +248,7 @@ def reference_train(x, A, B, values, crow, col, row, bias, scale: float):
 
 @sparse_lowrank_linear_train.register_fake
 def _(x, A, B, values, crow, col, row, bias, scale):
+    _check_widths(x, A, B)
     return x.new_empty((*x.shape[:-1], B.shape[0])), x.new_empty((*x.shape[:-1], A.shape[0]))
 
 

@@ -125,6 +125,26 @@ def test_op_with_and_without_bias_exact_at_full_rank(tmp_path, bias):
         np.testing.assert_allclose(y, dense.numpy(), atol=1e-4, rtol=1e-4)
 
 
+def test_feature_dim_of_a_2d_input_stays_fixed(tmp_path):
+    """The default dynamic dims are 0 and 1; a (batch, features) input's features are fixed
+    by the layer, and the file says so: ONNX Runtime refuses another width (it took a
+    (4, 80) input for a 40-wide layer and returned 8 rows)."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(40, 72), torch.nn.ReLU(), torch.nn.Linear(72, 24))
+    model = sr.rewrite(mlp, policy("*", rank=8, density=0.1)).model.eval()
+    path = tmp_path / "mlp.onnx"
+    export_onnx(model, (torch.randn(4, 40),), path)
+    onnx_model = onnx.load(path)
+    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in (*onnx_model.graph.input, *onnx_model.graph.output)]
+    assert dims == [["batch", 40], ["batch", 24]]
+    sess = ort_session(path)
+    (y,) = sess.run(None, ort_inputs(sess, (torch.randn(7, 40),)))
+    assert y.shape == (7, 24)
+    with pytest.raises(Exception, match="Got: 80 Expected: 40"):
+        sess.run(None, ort_inputs(sess, (torch.randn(4, 80),)))
+
+
 @pytest.mark.parametrize("init", ["svd", "lost"])
 @pytest.mark.parametrize("density", [0.0, 0.004, 0.1, 1.0])
 def test_empty_single_and_full_support(tmp_path, density, init):

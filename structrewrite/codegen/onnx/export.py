@@ -153,6 +153,22 @@ def name_custom_nodes(model_ir) -> dict[str, str]:
     return sites
 
 
+def _pin_static_dims(program) -> None:
+    """Writes the dims that ``torch.export`` specialised as numbers. The exporter can leave
+    them as symbols named by their value (``SymbolicDim('40')``), which ONNX Runtime takes
+    as free: a 2-D model input whose feature dim the model fixes would accept any width."""
+    import onnx_ir as ir
+
+    for value in list(program.model.graph.inputs) + list(program.model.graph.outputs):
+        shape = value.shape
+        if shape is None:
+            continue
+        dims = [int(d.value) if not isinstance(d, int) and isinstance(getattr(d, "value", None), str)
+                and d.value.isdigit() else d for d in shape]
+        if dims != list(shape):
+            value.shape = ir.Shape(dims)
+
+
 def _rename_default_axes(program) -> None:
     """Name the symbolic dims at positions 0 / 1 of the inputs ``batch`` / ``seq`` where
     that naming is unambiguous (one symbol per position)."""
@@ -219,6 +235,7 @@ def export_onnx(model: torch.nn.Module, args: Any, path: str | os.PathLike,
                                 opset_version=opset_version, verbose=False)
     attach_functions(program.model)
     name_custom_nodes(program.model)
+    _pin_static_dims(program)
     if default_dims:
         _rename_default_axes(program)
     if external_data is None:
