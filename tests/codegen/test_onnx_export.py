@@ -250,3 +250,27 @@ def test_cli_export_onnx_rewrites_exports_and_checks(tmp_path, capsys):
     assert "(12 structured op nodes)" in printed       # 4 layers x gate/up/down
     assert "ok" in printed.splitlines()[-1]
     check_file(out, 12)
+
+
+def test_cli_export_onnx_weights_that_do_not_fit_are_one_line(tmp_path, capsys):
+    """Weights without their policy, of another rank, or no file: exit 2 with one line (1
+    is the parity mismatch)."""
+    from structrewrite.cli import main
+    from examples.models import llama_small
+
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(
+        '{"version": 1, "rules": [{"match": "model.layers.*.mlp.*_proj", '
+        '"rewrite": "sparse_lowrank", "with": {"rank": 8, "density": 0.05}}]}')
+    model, inputs = llama_small()
+    torch.save(sr.rewrite(model, str(policy_file)).model.state_dict(), tmp_path / "w.pt")
+    out = str(tmp_path / "m.onnx")
+    other = tmp_path / "rank4.json"
+    other.write_text(policy_file.read_text().replace('"rank": 8', '"rank": 4'))
+    for argv, message in [(["--weights", str(tmp_path / "w.pt")], "give the --policy"),
+                          (["--weights", str(tmp_path / "none.pt")], "cannot read --weights"),
+                          (["--policy", str(other), "--weights", str(tmp_path / "w.pt")],
+                           "size mismatch")]:
+        code = main(["export-onnx", "examples.models:llama_small", "--out", out, *argv])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err

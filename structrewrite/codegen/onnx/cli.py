@@ -3,7 +3,8 @@
 Exports MODEL (``package.module:callable`` returning ``(model, example_inputs)``) to ONNX,
 rewritten first when ``--policy`` is given (``--weights`` then loads a state dict saved by
 ``structrewrite rewrite``), and checks ONNX Runtime against PyTorch on the example inputs
-unless ``--no-check``. Exit code 1 when the outputs differ by more than ``--atol``.
+unless ``--no-check``. Exit code 1 when the outputs differ by more than ``--atol``; 2 with
+one line for a user error (the model, the policy, weights that do not fit).
 """
 from __future__ import annotations
 
@@ -27,6 +28,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _weights(path, model, policy) -> dict:
+    """The state dict at ``path``, checked against ``model``'s keys: a user error (a missing
+    file, weights of a model rewritten by another policy, or none) is one line."""
+    import torch
+
+    from structrewrite.cli import CliError
+
+    try:
+        state = torch.load(path, map_location="cpu")
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CliError(f"cannot read --weights {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise CliError(f"--weights {path} holds a {type(state).__name__}, not a state dict")
+    want = set(model.state_dict())
+    missing, extra = sorted(want - set(state)), sorted(set(state) - want)
+    if missing or extra:
+        shown = "; ".join(f"{what} {len(keys)} key(s) ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})"
+                          for what, keys in (("missing", missing), ("unexpected", extra)) if keys)
+        hint = ("give the --policy they were rewritten with" if not policy else
+                "give the policy they were rewritten with")
+        raise CliError(f"--weights {path} do not fit the model: {shown}; {hint}")
+    return state
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -46,7 +71,12 @@ def run(args) -> int:
     if args.policy:
         model = sr.rewrite(model, args.policy, example_inputs=inputs, inplace=True).model
     if args.weights:
-        model.load_state_dict(torch.load(args.weights, map_location="cpu"))
+        try:
+            model.load_state_dict(_weights(args.weights, model, args.policy))
+        except (RuntimeError, ValueError) as e:   # shapes of another rank, a bad support
+            first = str(e).strip().splitlines()
+            raise CliError(f"--weights {args.weights} do not fit the model: "
+                           f"{' '.join(line.strip() for line in first[:2])}") from None
     model.eval()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
