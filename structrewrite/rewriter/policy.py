@@ -14,7 +14,8 @@ A policy is a YAML or JSON file, a dict, or a ``Policy``::
 Selectors (``match``):
 
 * a string: a glob on the module's fully qualified name, where ``*`` matches within one
-  dotted segment and ``**`` across segments; ``re:<regex>`` is a regular expression that
+  dotted segment and ``**`` across segments (none too, where it stands for whole segments:
+  ``**.lm_head`` matches ``lm_head``); ``re:<regex>`` is a regular expression that
   must match the whole name;
 * a mapping with any of ``name`` (a string as above), ``type`` (class name, short or
   qualified, of the module or one of its bases), ``every`` and ``offset`` (position among
@@ -76,9 +77,14 @@ class PolicyError(ValueError):
 # -- selectors ---------------------------------------------------------------------
 
 def _glob_to_regex(glob: str) -> re.Pattern:
+    """``*`` within a segment, ``**`` across them; ``**.`` also stands for no segment
+    (``**.lm_head`` matches ``lm_head``, ``model.**.norm`` matches ``model.norm``)."""
     out, i = [], 0
     while i < len(glob):
-        if glob.startswith("**", i):
+        if glob.startswith("**.", i):
+            out.append(r"(?:.*\.)?")
+            i += 3
+        elif glob.startswith("**", i):
             out.append(".*")
             i += 2
         elif glob[i] == "*":
@@ -347,6 +353,10 @@ def _check_value(key, value, typ, choices, rng, err):
     else:
         ok = isinstance(value, typ)
     if not ok:
+        if typ is float and isinstance(value, str) and "e" in value.lower() and _numeric(value):
+            raise err(f"option {key!r} must be a number, got the string {value!r} (YAML reads "
+                      f"an exponent without a decimal point, such as 3e-2, as text)",
+                      f"write {key} as {float(value)!r} or with a decimal point (3.0e-2)")
         raise err(f"option {key!r} must be of type {typ.__name__}, got {value!r}",
                   f"give {key} a {typ.__name__} value")
     if choices and value not in choices:
@@ -358,6 +368,14 @@ def _check_value(key, value, typ, choices, rng, err):
             span = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
             raise err(f"option {key!r} = {value!r} is out of range {span}",
                       f"choose {key} in {span}")
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _field_type(f) -> type:

@@ -57,6 +57,26 @@ def test_double_star_crosses_segments():
     assert list(plan.entries) == [f"layers.{i}.down_proj" for i in range(4)]
 
 
+def test_double_star_dot_also_stands_for_no_segment():
+    """``**.head`` reaches a top-level ``head``; ``layers.**.up_proj`` one directly below."""
+    assert list(sr.plan(Net(), pol(rule("**.head"))).entries) == ["head"]
+    assert list(sr.plan(Net(), pol(rule("**.0.**.up_proj"))).entries) == ["layers.0.up_proj"]
+    net = Net()
+    net.layers.add_module("up_proj", nn.Linear(16, 8))
+    assert list(sr.plan(net, pol(rule("layers.**.up_proj"))).entries) == \
+        [f"layers.{i}.up_proj" for i in range(4)] + ["layers.up_proj"]
+
+
+def test_an_exponent_yaml_reads_as_text_is_named():
+    with pytest.raises(sr.PolicyError, match=r"got the string '3e-2' \(YAML reads .* as text\)"
+                       r".*Fix: write density as 0.03"):
+        sr.Policy.from_dict(yaml.safe_load(textwrap.dedent("""
+            version: 1
+            rules:
+              - {match: head, rewrite: sparse_lowrank, with: {rank: 4, density: 3e-2}}
+            """)))
+
+
 def test_regex_is_a_fullmatch():
     plan = sr.plan(Net(), pol(rule("re:layers\\.[02]\\.(up|down)_proj")))
     assert list(plan.entries) == ["layers.0.up_proj", "layers.0.down_proj",
