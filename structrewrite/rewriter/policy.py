@@ -498,12 +498,20 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
     refused: list[list[tuple]] = [[] for _ in policy.rules]   # (fqn, NoMatch): explained on error only
     exact = {r.selector.exact: r for r in reversed(policy.rules) if r.selector.exact is not None}
 
-    def inside_claimed(fqn):
+    claimed_by: dict[str, int] = {}      # claimed module -> the rule that claimed it
+    shadowed: dict[str, str] = {}        # module inside a claimed subtree -> that subtree
+
+    def claimer(fqn):
         parts = fqn.split(".")
-        return any(".".join(parts[:k]) in claimed for k in range(1, len(parts)))
+        return next((p for p in (".".join(parts[:k]) for k in range(1, len(parts))) if p in claimed),
+                    None)
 
     for fqn, module in named:
-        if fqn == "" or inside_claimed(fqn):
+        if fqn == "":
+            continue
+        outer = claimer(fqn)
+        if outer is not None:
+            shadowed[fqn] = outer
             continue
         candidates = ([exact[fqn]] if fqn in exact and exact[fqn].selector.matches(fqn, module) else [])
         candidates += [r for r in policy.rules if r.selector.exact is None or r.selector.exact != fqn]
@@ -530,6 +538,7 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
                                              type(module).__name__, dims)
             hits[rule.index] += 1
             claimed.add(fqn)
+            claimed_by[fqn] = rule.index
             break
     for rule, fqn in left_tied:
         if hits[rule.index] and fqn not in claimed:
@@ -546,6 +555,14 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
             fix = ("select modules that the pass can rewrite, or add 'optional: true'" if why else
                    "correct the pattern (see `structrewrite plan` for the model's module names) "
                    "or add 'optional: true'")
+            name = rule.selector.exact
+            if not why and name in claimed_by:
+                why = f": rule {claimed_by[name]} names {name} first"
+                fix = "keep one rule per module"
+            elif not why and name in shadowed:
+                why = (f": {name} lies inside {shadowed[name]}, which rule "
+                       f"{claimed_by[shadowed[name]]} claims with its whole subtree")
+                fix = f"narrow rule {claimed_by[shadowed[name]]} or drop this one"
             raise PolicyError(f"rule {rule.describe()} matches nothing{why}", source=policy.source,
                               rule=rule.index, line=rule.line, fix=fix)
     return Plan(entries, kept, policy)

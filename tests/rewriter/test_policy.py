@@ -403,3 +403,11 @@ def test_a_module_under_two_names_is_rewritten_under_both():
     totals = result.report.totals()
     assert (result.report.model_params_before - result.report.model_params_after
             == totals["before"]["params"] - totals["after"]["params"])
+
+
+def test_a_named_module_inside_a_claimed_subtree_says_which_rule_claims_it():
+    with pytest.raises(sr.PolicyError, match=r"layers.1.attn lies inside layers.1, which rule 0 "
+                       r"claims with its whole subtree.*Fix: narrow rule 0"):
+        sr.plan(Net(), pol(rule("layers.1", None), rule("layers.1.attn")))
+    with pytest.raises(sr.PolicyError, match=r"rule 0 names head first.*Fix: keep one rule"):
+        sr.plan(Net(), pol(rule("head", rank=2), rule("head", rank=4)))
