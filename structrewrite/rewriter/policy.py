@@ -255,6 +255,11 @@ def _parse(data: Any, source: Optional[str], lines: list[int]) -> Policy:
     if "seed" in defaults:
         _check_value("seed", defaults["seed"], int, None, (0, None),
                      lambda p, f: err(p + " in 'defaults'", f))
+    for n in registry.pass_names():   # each default as every pass that has the option takes it
+        for f in dataclasses.fields(registry.get_pass(n).Options):
+            if f.name in defaults and f.name != "seed":
+                _check_value(f.name, defaults[f.name], _field_type(f), f.metadata.get("choices"),
+                             f.metadata.get("range"), lambda p, fix: err(p + " in 'defaults'", fix))
     raw_rules = data.get("rules")
     if not isinstance(raw_rules, list):
         raise err("'rules' must be a list of rules",

@@ -411,3 +411,12 @@ def test_a_named_module_inside_a_claimed_subtree_says_which_rule_claims_it():
         sr.plan(Net(), pol(rule("layers.1", None), rule("layers.1.attn")))
     with pytest.raises(sr.PolicyError, match=r"rule 0 names head first.*Fix: keep one rule"):
         sr.plan(Net(), pol(rule("head", rank=2), rule("head", rank=4)))
+
+
+@pytest.mark.parametrize("used", [True, False])
+def test_a_bad_default_is_blamed_on_the_defaults(used):
+    rules = [rule("head")] if used else [rule("head", None)]
+    with pytest.raises(sr.PolicyError, match=r"option 'density' = 1.5 is out of range .* in "
+                       r"'defaults'") as info:
+        sr.plan(Net(), pol(*rules, defaults={"density": 1.5}))
+    assert info.value.rule is None
