@@ -270,14 +270,29 @@ class SparseLowRankLinear(nn.Module):
     def _support_id(self) -> tuple:
         return tuple((t.data_ptr(), version(t)) for t in (self.sparse_crow, self.sparse_col))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if not self.sparse_col.is_meta:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Loads as nn.Module does, then checks the support (``check_support``). Where the
+        load fails for this layer (a support of another size: PyTorch copies the buffers
+        whose shapes agree, ``sparse_crow``, and reports the others), or the loaded support
+        is not valid, the layer keeps its own support whole and the fault joins PyTorch's
+        error messages, raised by ``load_state_dict``."""
+        support = (self.sparse_crow, self.sparse_col, self.sparse_row)
+        real = not self.sparse_col.is_meta
+        kept = [t.clone() for t in support] if real else None
+        errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if real and len(error_msgs) == errors:
             try:
-                check_support(self.sparse_crow, self.sparse_col, self.sparse_row,
-                              self.out_features, self.in_features)
+                check_support(*support, self.out_features, self.in_features)
             except ValueError as exc:
-                raise ValueError(f"{prefix.rstrip('.') or 'layer'}: loaded support: {exc}") from None
+                error_msgs.append(f"{prefix.rstrip('.') or 'layer'}: loaded support: {exc}")
+        if real and len(error_msgs) > errors:
+            with torch.no_grad():
+                for t, old in zip(support, kept):
+                    if t.shape == old.shape:
+                        t.copy_(old)
         self._support_changed()
 
     @classmethod

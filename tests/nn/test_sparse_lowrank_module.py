@@ -227,5 +227,23 @@ def test_a_loaded_support_out_of_order_or_range_is_refused(break_it, message):
     assert torch.equal(model.l.sparse_col, other.sparse_col)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     break_it(sd)
-    with pytest.raises(ValueError, match=f"^l: loaded support: .*{message}"):
+    before = {k: v.clone() for k, v in model.state_dict().items() if "sparse" in k}
+    with pytest.raises(RuntimeError, match=f"l: loaded support: .*{message}"):
         model.load_state_dict(sd)
+    for k, v in before.items():   # the layer keeps its own support, whole
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_a_support_of_another_size_keeps_pytorchs_message_and_the_layers_support():
+    """At another density only ``sparse_crow`` has the same shape, so PyTorch copies it and
+    reports the others: its size-mismatch message is what the user sees, and the layer's
+    support stays whole (a half-loaded one read past its entries)."""
+    layer = SparseLowRankLinear(64, 48, rank=4, density=0.1, key="k")
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    other = SparseLowRankLinear(64, 48, rank=4, density=0.05, key="k").state_dict()
+    with pytest.raises(RuntimeError, match="size mismatch for values") as info:
+        layer.load_state_dict(other)
+    assert "loaded support" not in str(info.value)
+    for k in ("sparse_crow", "sparse_col", "sparse_row", "values"):
+        assert torch.equal(layer.state_dict()[k], before[k]), k
+    layer(torch.randn(3, 64)).sum().backward()
