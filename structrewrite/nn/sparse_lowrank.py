@@ -3,7 +3,9 @@
 * ``A`` (rank x in), ``B`` (out x rank), ``s = alpha / rank`` (SLTrain's scaling);
 * ``S`` is sparse with a *fixed* support, stored in the state dict as the int32 buffers
   ``sparse_crow`` / ``sparse_col`` / ``sparse_row`` (CSR by output row, the layout the
-  kernels read) and trained through ``values``. To change a support, load it
+  kernels read) and trained through ``values``. ``values`` is 1-D: optimizer recipes that
+  choose weight decay by ``p.dim() >= 2`` (nanoGPT's) leave it out; choose by name
+  (``.A``, ``.B``, ``.values``, ``.bias``) instead. To change a support, load it
   (``load_state_dict``), assign the buffers, or ``copy_`` into them under
   ``torch.no_grad()``: the layouts derived from it are cached by the buffers' storage and
   version counter, and a write through ``.data`` moves no version counter, so the layer
