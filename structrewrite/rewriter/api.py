@@ -60,8 +60,8 @@ def _warn_fast_path(model: nn.Module, fqns: list) -> None:
     """nn.TransformerEncoderLayer's inference fast path (eval mode, no grad) reads its
     linear layers' weights instead of calling them, which a rewritten layer does not
     hold."""
-    inside = [f for f in fqns if "." in f and type(model.get_submodule(f.rpartition(".")[0]))
-              .__name__ == "TransformerEncoderLayer"]
+    inside = [f for f in fqns if isinstance(model.get_submodule(f.rpartition(".")[0]),
+                                            nn.TransformerEncoderLayer)]
     if inside:
         warnings.warn(
             f"{', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}: layers of an "
