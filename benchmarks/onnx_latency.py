@@ -85,10 +85,13 @@ def main(argv=None) -> int:
                     help="one rewritten model per init: svd (scattered support), lost (whole "
                          "input channels), svd:blockK (whole K x K tiles)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per case")
-    ap.add_argument("--reps", type=int, default=5, help="timed runs per round and model")
+    ap.add_argument("--reps", type=int, default=5,
+                    help="timed runs per round and model (at least 2: the quartiles need them)")
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: all)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.reps < 2:
+        ap.error("--reps must be at least 2 (the quartiles of each round need two runs)")
 
     import onnxruntime as ort
 
