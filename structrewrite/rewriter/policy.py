@@ -363,7 +363,7 @@ def _check_value(key, value, typ, choices, rng, err):
                       f"an exponent without a decimal point, such as 3e-2, as text)",
                       f"write {key} as {float(value)!r} or with a decimal point (3.0e-2)")
         raise err(f"option {key!r} must be of type {typ.__name__}, got {value!r}",
-                  f"give {key} a {typ.__name__} value")
+                  f"give {key} {'an' if typ.__name__[0] in 'aeiou' else 'a'} {typ.__name__} value")
     if choices and value not in choices:
         raise err(f"option {key!r} must be one of {', '.join(map(str, choices))}, got {value!r}",
                   f"set {key} to one of {', '.join(map(str, choices))}")
