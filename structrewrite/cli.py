@@ -110,6 +110,10 @@ def cmd_rewrite(args) -> int:
     (out / "report.md").write_text(result.report.to_markdown())
     print(result.report)
     print(f"wrote {out / 'model.pt'}, {out / 'policy.yaml'}, {out / 'report.json'}, {out / 'report.md'}")
+    if any(t.is_meta for t in result.model.state_dict().values()):
+        print("note: the model is on the meta device, so model.pt holds shapes, no values; "
+              "materialise it with to_empty() and reset_parameters() on each rewritten layer "
+              "(README, 'Models built on the meta device')")
     return 0
 
 

@@ -64,3 +64,15 @@ def test_bad_model_spec_is_one_line_and_exit_2(tmp_path):
     res = run("plan", "no_such_module:make", "-p", "x.yaml", cwd=tmp_path)
     assert res.returncode == 2 and "cannot import 'no_such_module'" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_rewrite_of_a_meta_model_says_the_state_dict_has_no_values(tmp_path):
+    setup(tmp_path)
+    (tmp_path / "meta_model.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    with torch.device('meta'):\n"
+        "        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))\n")
+    res = run("rewrite", "meta_model:make", "-p", "policy.yaml", "-o", "out", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "model.pt holds shapes, no values" in res.stdout
