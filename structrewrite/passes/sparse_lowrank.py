@@ -13,6 +13,7 @@ Cost (m = out, n = in, r = rank, d = density, b = bytes per element, β = has bi
   With ``block: k`` (k x k tiles): nnz = k²·min(round(d·m·n/k²), ⌊m/k⌋·⌊n/k⌋).
 A budget ``params: f`` solves params_after(r) = f · params_before for r.
 """
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +21,7 @@ import sympy
 import torch
 import torch.nn as nn
 
-from structrewrite.nn.sparse_lowrank import BLOCKS, INITS, SparseLowRankLinear
+from structrewrite.nn.sparse_lowrank import BLOCKS, INITS, SparseLowRankLinear, support_size
 from structrewrite.rewriter.passbase import Constraint, Cost, ModulePattern, Pass, option
 
 m, n, r, d, b, beta = sympy.symbols("m n r d b beta")
@@ -146,6 +147,12 @@ class SparseLowRankPass(Pass):
 
     def replacement(self, ctx, module, options):
         captures = self.pattern.match(module).captures
+        if options.block > 1 and options.density > 0 and support_size(
+                *_weight_out_in(module).shape, options.density, options.init, options.block) == 0:
+            warnings.warn(f"at density {options.density} a layer holds no whole {options.block}x"
+                          f"{options.block} tile: its sparse part is empty (the report's nnz "
+                          "shows which); block supports are meant for full-size layers",
+                          UserWarning, stacklevel=2)
         new = SparseLowRankLinear.from_dense(
             captures["weight"], captures["bias"], rank=options.rank, density=options.density,
             init=options.init, alpha=options.alpha, seed=options.seed, key=ctx.fqn,

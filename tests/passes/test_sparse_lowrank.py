@@ -293,3 +293,10 @@ def test_sites_the_example_inputs_never_call_are_named():
     model.spare = nn.Linear(24, 24)      # never called by forward
     with pytest.warns(UserWarning, match=r"1 site\(s\) were not called by the example inputs \(spare\)"):
         sr.rewrite(model, policy("*"), example_inputs=(torch.randn(3, 24),))
+
+
+def test_a_block_support_too_coarse_for_the_layer_is_named():
+    """At 3% a 24x40 layer holds no 16x16 tile: the rewrite says so once."""
+    with pytest.warns(UserWarning, match="at density 0.03 a layer holds no whole 16x16 tile"):
+        result = sr.rewrite(MLP(), policy("*", density=0.03, init="random", block=16))
+    assert all(m.nnz == 0 for m in result.model.modules() if isinstance(m, SparseLowRankLinear))
