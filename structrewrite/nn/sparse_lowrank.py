@@ -279,22 +279,21 @@ class SparseLowRankLinear(nn.Module):
         whose shapes agree, ``sparse_crow``, and reports the others), or the loaded support
         is not valid, the layer keeps its own support whole and the fault joins PyTorch's
         error messages, raised by ``load_state_dict``."""
-        support = (self.sparse_crow, self.sparse_col, self.sparse_row)
+        names = ("sparse_crow", "sparse_col", "sparse_row")
         real = not self.sparse_col.is_meta
-        kept = [t.clone() for t in support] if real else None
+        kept = {n: getattr(self, n).clone() for n in names} if real else None
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if real and len(error_msgs) == errors:
             try:
-                check_support(*support, self.out_features, self.in_features)
+                check_support(*(getattr(self, n) for n in names), self.out_features,
+                              self.in_features)
             except ValueError as exc:
                 error_msgs.append(f"{prefix.rstrip('.') or 'layer'}: loaded support: {exc}")
-        if real and len(error_msgs) > errors:
-            with torch.no_grad():
-                for t, old in zip(support, kept):
-                    if t.shape == old.shape:
-                        t.copy_(old)
+        if real and len(error_msgs) > errors:   # copied in place or assigned (assign=True)
+            for n in names:
+                self._buffers[n] = kept[n]
         self._support_changed()
 
     @classmethod

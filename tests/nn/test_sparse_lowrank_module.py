@@ -228,10 +228,11 @@ def test_a_loaded_support_out_of_order_or_range_is_refused(break_it, message):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     break_it(sd)
     before = {k: v.clone() for k, v in model.state_dict().items() if "sparse" in k}
-    with pytest.raises(RuntimeError, match=f"l: loaded support: .*{message}"):
-        model.load_state_dict(sd)
-    for k, v in before.items():   # the layer keeps its own support, whole
-        assert torch.equal(model.state_dict()[k], v), k
+    for assign in (False, True):
+        with pytest.raises(RuntimeError, match=f"l: loaded support: .*{message}"):
+            model.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=assign)
+        for k, v in before.items():   # the layer keeps its own support, whole
+            assert torch.equal(model.state_dict()[k], v), (k, assign)
 
 
 def test_a_support_of_another_size_keeps_pytorchs_message_and_the_layers_support():
