@@ -44,3 +44,22 @@ def test_helper_thread_returns_the_result_and_raises_the_error():
 def test_cpu_builds_run_in_place():
     here = threading.get_ident()
     assert sc.outside_graph_pools(torch.device("cpu"), lambda: threading.get_ident()) == here
+
+
+def test_an_entry_goes_with_its_tensors():
+    """What a layer's support left in the cache (layouts, on the device) goes when the
+    layer does, not when 2048 newer entries push it out."""
+    import gc
+    import weakref
+
+    class Layout:
+        pass
+    crow, col = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([3, 1], dtype=torch.int32)
+    layout = weakref.ref(sc.cached("test-life", (crow, col), (), Layout))
+    keep = torch.tensor([0, 1], dtype=torch.int32)
+    other = weakref.ref(sc.cached("test-life", (keep,), (), Layout))
+    assert layout() is not None
+    del col
+    gc.collect()
+    assert layout() is None and other() is not None
+    assert not any(k[0] == "test-life" and len(k) > 4 for k in sc._CACHE)

@@ -4,7 +4,8 @@ The support buffers of a layer (``crow``, ``col``, ``row``) do not change while 
 trains; only ``values`` do. Whatever a kernel derives from them (a CSC copy, the channel
 list of a channel-wise support, constant GEMM blocks) is cached here, keyed on the
 buffers' identity (data pointer, held weakly), version (an in-place change rebuilds) and
-the extra key parts the caller gives. Bounded: the oldest entry goes first.
+the extra key parts the caller gives. An entry goes when one of its tensors dies; and
+the cache is bounded: the oldest entry goes first.
 
 What is cached is allocated outside any CUDA-graph memory pool (``outside_graph_pools``):
 ``torch.compile(mode="reduce-overhead")`` runs its first calls with the calling thread's
@@ -94,5 +95,13 @@ def cached(kind: str, tensors: Sequence[torch.Tensor], extra: tuple, build: Call
     value = outside_graph_pools(tensors[0].device, build)
     if len(_CACHE) >= MAX_ENTRIES:
         _CACHE.pop(next(iter(_CACHE)))
-    _CACHE[key] = (tuple(weakref.ref(t) for t in tensors), value)
+
+    def drop(ref, key=key):
+        """The entry goes with the first of its tensors to die: its value (layouts on the
+        device) would otherwise outlive the layer until MAX_ENTRIES newer ones pushed it
+        out, as in a sweep that builds model after model."""
+        hit = _CACHE.get(key)
+        if hit is not None and any(r is ref for r in hit[0]):
+            del _CACHE[key]
+    _CACHE[key] = (tuple(weakref.ref(t, drop) for t in tensors), value)
     return value
