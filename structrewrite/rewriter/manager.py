@@ -44,13 +44,13 @@ def set_submodule(root: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def replace_everywhere(root: nn.Module, fqn: str, new: nn.Module) -> list[str]:
-    """Puts ``new`` at ``fqn`` and at every other name under which the module at ``fqn`` is
-    registered (a module shared by two parents stays shared); returns those names."""
-    old = root.get_submodule(fqn)
-    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n]
-    for name in names or [fqn]:
-        set_submodule(root, name, new)
+def names_by_module(root: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every name it is registered under in ``root`` (a module shared by
+    two parents has two), read in one walk of the tree."""
+    names: dict[int, list[str]] = {}
+    for n, m in root.named_modules(remove_duplicate=False):
+        if n:
+            names.setdefault(id(m), []).append(n)
     return names
 
 
@@ -66,6 +66,9 @@ def run_plan(model: nn.Module, plan: Plan, recorded: dict[str, tuple],
         p = registry.get_pass(name)
         result = PassResult(name)
         t_pass = time.perf_counter()
+        # one walk per pass: a pass's sites are disjoint subtrees, so replacing one leaves
+        # the names of the others as they are
+        names = names_by_module(model)
         for entry in by_pass[name]:
             if progress:
                 progress(entry.fqn)
@@ -74,7 +77,7 @@ def run_plan(model: nn.Module, plan: Plan, recorded: dict[str, tuple],
                 result.unchanged += 1
                 report.sites.append(_unchanged_site(p, entry, model.get_submodule(entry.fqn)))
                 continue
-            report.sites.append(_rewrite_site(model, p, entry, recorded.get(entry.fqn)))
+            report.sites.append(_rewrite_site(model, p, entry, recorded.get(entry.fqn), names))
             result.created += 1
             result.erased += 1
         _verify_pass(model, p, by_pass[name])
@@ -83,7 +86,9 @@ def run_plan(model: nn.Module, plan: Plan, recorded: dict[str, tuple],
     return report
 
 
-def _rewrite_site(model, p, entry: PlanEntry, recorded) -> SiteReport:
+def _rewrite_site(model, p, entry: PlanEntry, recorded, names: dict) -> SiteReport:
+    """``names``: ``names_by_module`` of the model; the new module goes under every name of
+    the old one, so that a module shared by two parents stays shared."""
     t0 = time.perf_counter()
     original = model.get_submodule(entry.fqn)
     match = p.accepts(original)
@@ -99,7 +104,8 @@ def _rewrite_site(model, p, entry: PlanEntry, recorded) -> SiteReport:
     exact = p.is_exact(entry.options, entry.dims)
     verified = _check_exact(p, entry, original, new, recorded) if exact else None
     error = p.error(entry.options, original, new)
-    replace_everywhere(model, entry.fqn, new)
+    for fqn in names.get(id(original), [entry.fqn]):
+        set_submodule(model, fqn, new)
     values = dict(entry.dims) | p.option_values(entry.options)
     before, after = p.cost_before(), p.cost_after(entry.options)
     return SiteReport(site=entry.fqn, pass_name=p.name, module_type=entry.module_type,
