@@ -82,6 +82,17 @@ def _nnz_expr(init: str, block: int = 1):
     return sympy.floor(d * m * n + half)
 
 
+_NNZ = sympy.Symbol("nnz")
+
+
+def _cost_with(nnz) -> Cost:
+    """The layer's cost with ``nnz`` stored entries (a formula of the options, or ``_NNZ``
+    for a layer whose support is known)."""
+    params = r * (m + n) + nnz + beta * m
+    return Cost(params=params, flops=2 * r * (m + n) + 2 * nnz + beta * m,
+                bytes=b * params + 4 * (2 * nnz + m + 1))
+
+
 class SparseLowRankPass(Pass):
     name = "sparse_lowrank"
     summary = "Linear W -> s·B·A + S: low rank plus fixed-support sparse (SLTrain; LOST)"
@@ -113,21 +124,18 @@ class SparseLowRankPass(Pass):
         return Cost(params=params, flops=2 * m * n + beta * m, bytes=b * params)
 
     def cost_after(self, options) -> Cost:
-        nnz = _nnz_expr(options.init, options.block)
-        params = r * (m + n) + nnz + beta * m
-        return Cost(params=params, flops=2 * r * (m + n) + 2 * nnz + beta * m,
-                    bytes=b * params + 4 * (2 * nnz + m + 1))
+        return _cost_with(_nnz_expr(options.init, options.block))
 
     def option_values(self, options):
         return {"r": options.rank, "d": options.density}
 
     def cost_of(self, module):
-        """``cost_after`` of a layer already rewritten, from its own rank and support."""
-        mm, nn_, nnz = module.out_features, module.in_features, module.values.numel()
-        params = sum(p.numel() for p in module.parameters())
-        beta_ = int(module.bias is not None)
-        return {"params": params, "flops": 2 * module.rank * (mm + nn_) + 2 * nnz + beta_ * mm,
-                "bytes": module.A.element_size() * params + 4 * (2 * nnz + mm + 1)}
+        """``cost_after``'s formulas for a layer already rewritten, at its own rank and
+        support size."""
+        return _cost_with(_NNZ).evaluate({
+            "m": module.out_features, "n": module.in_features, "r": module.rank,
+            "beta": int(module.bias is not None), "b": module.A.element_size(),
+            "nnz": module.values.numel()})
 
     def solve_budget(self, dims, values, budget_field, fraction):
         init = values.get("init", SparseLowRankOptions.init)
