@@ -48,7 +48,7 @@ import json
 import logging
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -205,11 +205,10 @@ def _linear_only(policy):
     rules whose pass the backend cannot apply (``unsupported_rules``) keeping their
     modules as they are, which is what the backend does with them, instead of asking a
     stand-in parent to be rewritten."""
-    import dataclasses
     skip = {r.index for r in unsupported_rules(policy)}
     relaxed = policy.relaxed()
-    return dataclasses.replace(relaxed, rules=tuple(
-        dataclasses.replace(r, rewrite=None) if r.index in skip else r for r in relaxed.rules))
+    return replace(relaxed, rules=tuple(replace(r, rewrite=None) if r.index in skip else r
+                                        for r in relaxed.rules))
 
 
 # Rewritten modules by weight tensor, so that a recompile of the same model (a new input

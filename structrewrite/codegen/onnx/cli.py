@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _weights(path, model, policy) -> dict:
+def _weights(path, model) -> dict:
     """The state dict at ``path``, checked against ``model``'s keys: a user error (a missing
     file, weights of a model rewritten by another policy, or none) is one line."""
     import torch
@@ -46,9 +46,8 @@ def _weights(path, model, policy) -> dict:
     if missing or extra:
         shown = "; ".join(f"{what} {len(keys)} key(s) ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})"
                           for what, keys in (("missing", missing), ("unexpected", extra)) if keys)
-        hint = ("give the --policy they were rewritten with" if not policy else
-                "give the policy they were rewritten with")
-        raise CliError(f"--weights {path} do not fit the model: {shown}; {hint}")
+        raise CliError(f"--weights {path} do not fit the model: {shown}; give the --policy "
+                       "they were rewritten with")
     return state
 
 
@@ -72,7 +71,7 @@ def run(args) -> int:
         model = sr.rewrite(model, args.policy, example_inputs=inputs, inplace=True).model
     if args.weights:
         try:
-            model.load_state_dict(_weights(args.weights, model, args.policy))
+            model.load_state_dict(_weights(args.weights, model))
         except (RuntimeError, ValueError) as e:   # shapes of another rank, a bad support
             first = str(e).strip().splitlines()
             raise CliError(f"--weights {args.weights} do not fit the model: "
