@@ -296,7 +296,7 @@ def test_sites_the_example_inputs_never_call_are_named():
 
 
 def test_a_block_support_too_coarse_for_the_layer_is_named():
-    """At 3% a 24x40 layer holds no 16x16 tile: the rewrite says so once."""
+    """At 3% a 24x40 layer holds no 16x16 tile: the rewrite says so."""
     with pytest.warns(UserWarning, match="at density 0.03 a layer holds no whole 16x16 tile"):
         result = sr.rewrite(MLP(), policy("*", density=0.03, init="random", block=16))
     assert all(m.nnz == 0 for m in result.model.modules() if isinstance(m, SparseLowRankLinear))
