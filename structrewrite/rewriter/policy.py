@@ -161,8 +161,9 @@ class Policy:
         source = str(path)
         try:
             text = path.read_text()
-        except OSError as e:
-            raise PolicyError(f"cannot read the policy file ({e.strerror})", source=source,
+        except (OSError, ValueError) as e:   # ValueError: a path with a NUL byte
+            raise PolicyError(f"cannot read the policy file ({getattr(e, 'strerror', None) or e})",
+                              source=source,
                               fix="give the path of an existing YAML or JSON file") from None
         if path.suffix == ".json":
             try:

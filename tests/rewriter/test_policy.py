@@ -420,3 +420,12 @@ def test_a_bad_default_is_blamed_on_the_defaults(used):
                        r"'defaults'") as info:
         sr.plan(Net(), pol(*rules, defaults={"density": 1.5}))
     assert info.value.rule is None
+
+
+def test_a_path_that_cannot_name_a_file_is_a_policyerror():
+    """A string policy is a path; one with a NUL byte (found by the fuzz test) cannot name
+    a file, and says so as a PolicyError like a missing file."""
+    with pytest.raises(sr.PolicyError, match=r"cannot read the policy file \(embedded null byte\)"):
+        sr.plan(Net(), "\x00")
+    with pytest.raises(sr.PolicyError, match=r"cannot read the policy file \(No such file"):
+        sr.plan(Net(), "/nonexistent/policy.yaml")
