@@ -163,6 +163,15 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for the device type; False for types without autocast
+    (``meta``: shape inference), for which ``torch.is_autocast_enabled`` raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 class SparseLowRankLinear(nn.Module):
     """y = s·(x Aᵀ) Bᵀ + x Sᵀ + bias with a fixed sparse support; see the module docstring."""
 
@@ -341,7 +350,7 @@ class SparseLowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B, values, bias = self.A, self.B, self.values, self.bias
         plain = type(x) in _PLAIN          # not a proxy or fake tensor of a tracer
-        if plain and torch.is_autocast_enabled(x.device.type):   # AMP: compute in the autocast dtype
+        if plain and _autocast_on(x.device.type):   # AMP: compute in the autocast dtype
             dt = torch.get_autocast_dtype(x.device.type)
             x, A, B, values = x.to(dt), A.to(dt), B.to(dt), values.to(dt)
             bias = bias.to(dt) if bias is not None else None

@@ -248,3 +248,15 @@ def test_a_support_of_another_size_keeps_pytorchs_message_and_the_layers_support
     for k in ("sparse_crow", "sparse_col", "sparse_row", "values"):
         assert torch.equal(layer.state_dict()[k], before[k]), k
     layer(torch.randn(3, 64)).sum().backward()
+
+
+@pytest.mark.parametrize("init,block", [("random", 1), ("lost", 1), ("random", 16)])
+def test_a_meta_layer_infers_shapes(init, block):
+    """A forward and backward on ``meta`` (shape inference, as for nn.Linear): the autocast
+    check does not ask about a device type that has no autocast."""
+    with torch.device("meta"):
+        layer = SparseLowRankLinear(64, 48, rank=8, density=0.1, init=init, block=block)
+        x = torch.randn(3, 5, 64, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (3, 5, 48) and y.is_meta and layer.values.grad.shape == layer.values.shape
