@@ -210,6 +210,9 @@ class SparseLowRankLinear(nn.Module):
         # k where the support is channel-wise (every row holds the same k input channels),
         # else 0; set where the support is set or loaded (``_support_changed``)
         self._channel_k, self._support_seen = 0, ()
+        # the support as last built or checked (``_support_id``), and the support buffers a
+        # load in parts has brought so far (``_load_from_state_dict``)
+        self._support_valid, self._support_parts = (), frozenset()
         if self.A.device.type != "meta":
             self.reset_parameters()
 
@@ -268,6 +271,7 @@ class SparseLowRankLinear(nn.Module):
         self.sparse_col.copy_(col)
         self.sparse_row.copy_(row)
         self._support_changed()
+        self._support_valid = self._support_id()
 
     def _support_changed(self) -> None:
         """Reads the support once more where it was set or loaded: whether it is
@@ -279,31 +283,72 @@ class SparseLowRankLinear(nn.Module):
         self._support_seen = self._support_id()
 
     def _support_id(self) -> tuple:
-        return tuple((t.data_ptr(), version(t)) for t in (self.sparse_crow, self.sparse_col))
+        return tuple((t.data_ptr(), version(t))
+                     for t in (self.sparse_crow, self.sparse_col, self.sparse_row))
+
+    def _check_support(self) -> None:
+        """Checks a support that this layer did not build and has not checked since it
+        last changed (``check_support``): one the buffers got from ``to_empty`` (never
+        set), from a load in parts, or from a write in place. Raises ValueError rather
+        than let a kernel read past its operands."""
+        try:
+            check_support(self.sparse_crow, self.sparse_col, self.sparse_row,
+                          self.out_features, self.in_features)
+        except ValueError as exc:
+            raise ValueError(
+                f"{self.key or 'SparseLowRankLinear'}: the sparse support is not valid ({exc}). "
+                "After to_empty(), call reset_parameters() or load a state dict that holds "
+                "sparse_crow, sparse_col and sparse_row") from None
+        self._support_valid = self._support_id()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        """Loads as nn.Module does, then checks the support (``check_support``). Where the
-        load fails for this layer (a support of another size: PyTorch copies the buffers
-        whose shapes agree, ``sparse_crow``, and reports the others), or the loaded support
-        is not valid, the layer keeps its own support whole and the fault joins PyTorch's
-        error messages, raised by ``load_state_dict``."""
+        """Loads as nn.Module does, then checks the support (``check_support``) once all
+        three of its buffers have come. Where the load fails for this layer (a support of
+        another size: PyTorch copies the buffers whose shapes agree, ``sparse_crow``, and
+        reports the others), or the loaded support is not valid, the layer keeps its own
+        support whole and the fault joins PyTorch's error messages, raised by
+        ``load_state_dict``.
+
+        A state dict in parts (a sharded checkpoint, loaded one shard at a time with
+        ``strict=False``) may hold some of the three buffers: the support is checked when
+        the last of them comes. A call in between checks the support as it stands (old
+        and new buffers mixed) and refuses it unless it is valid. A layer built on
+        ``meta`` and loaded with ``assign=True`` is checked like any other."""
         names = ("sparse_crow", "sparse_col", "sparse_row")
-        real = not self.sparse_col.is_meta
-        kept = {n: getattr(self, n).clone() for n in names} if real else None
+        came = frozenset(n for n in names if prefix + n in state_dict)
+        kept = {n: getattr(self, n).clone() for n in came}
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if real and len(error_msgs) == errors:
+        if not came:
+            return
+        if len(error_msgs) > errors:   # copied in place or assigned (assign=True): undo
+            for n in came:
+                self._buffers[n] = kept[n]
+            return
+        parts = self._support_parts | came
+        if len(parts) < len(names):   # part of a sharded state dict: checked with the rest
+            self._support_parts = parts
+            self._channel_k, self._support_seen = 0, ()
+            return
+        self._support_parts = frozenset()
+        real = not any(getattr(self, n).is_meta for n in names)
+        if real:
             try:
                 check_support(*(getattr(self, n) for n in names), self.out_features,
                               self.in_features)
             except ValueError as exc:
                 error_msgs.append(f"{prefix.rstrip('.') or 'layer'}: loaded support: {exc}")
-        if real and len(error_msgs) > errors:   # copied in place or assigned (assign=True)
-            for n in names:
-                self._buffers[n] = kept[n]
+                if came != frozenset(names):   # the earlier parts are gone: calls refuse it
+                    self._channel_k, self._support_seen = 0, ()
+                    return
+                for n in names:   # all three came in this load: keep the layer's own
+                    self._buffers[n] = kept[n]
+                real = False
         self._support_changed()
+        if real:
+            self._support_valid = self._support_id()
 
     @classmethod
     @torch.no_grad()
@@ -355,7 +400,10 @@ class SparseLowRankLinear(nn.Module):
             x, A, B, values = x.to(dt), A.to(dt), B.to(dt), values.to(dt)
             bias = bias.to(dt) if bias is not None else None
         if plain and not torch.compiler.is_compiling() and self._support_id() != self._support_seen:
-            self._support_changed()   # buffers moved or written since the support was read
+            # buffers moved, written or loaded in parts since the support was read
+            if self._support_id() != self._support_valid and not self.sparse_col.is_meta:
+                self._check_support()
+            self._support_changed()
         if self._channel_k and torch.compiler.is_compiling() and not _exporting():
             # a channel-wise support is two GEMMs: Inductor compiles them with the code
             # around them, where the op would cost a Python call per layer and pass

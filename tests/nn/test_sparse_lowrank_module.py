@@ -250,6 +250,69 @@ def test_a_support_of_another_size_keeps_pytorchs_message_and_the_layers_support
     layer(torch.randn(3, 64)).sum().backward()
 
 
+def _split(sd, parts):
+    """The state dict in loads that each hold the keys ending as one of ``parts``."""
+    return [{k: v for k, v in sd.items() if k.endswith(p)} for p in parts]
+
+
+@pytest.mark.parametrize("init,block", [("random", 1), ("lost", 1), ("random", 16)])
+def test_a_support_loaded_in_parts_is_checked_when_complete(init, block):
+    """A sharded checkpoint loads one shard at a time (``strict=False``): one layer's three
+    support buffers may come in different loads. The mix between them is not refused as a
+    bad support at the load; a call in between checks it and refuses it where it is not a
+    valid support (two channel-wise supports of one size share ``sparse_crow``, so their
+    mix is one). Once the rest has come the layer equals the source layer, on the
+    channel-wise path where the support is channel-wise."""
+    kw = dict(rank=4, density=0.1, init=init, block=block)
+    src = SparseLowRankLinear(128, 96, key="src", **kw)
+    layer = SparseLowRankLinear(128, 96, key="dst", **kw)
+    first, second = _split(src.state_dict(), [("A", "B", "values", "bias", "sparse_crow"),
+                                              ("sparse_col", "sparse_row")])
+    layer.load_state_dict(first, strict=False)
+    if init != "lost":
+        with pytest.raises(ValueError, match="dst: the sparse support is not valid"):
+            layer(torch.randn(2, 128))
+    layer.load_state_dict(second, strict=False)
+    x = torch.randn(3, 128)
+    assert torch.equal(layer(x), src(x))
+    assert layer._channel_k == src._channel_k
+    # a bad support that completes in a later part: named at that load, refused at a call
+    bad = {k: v.clone() for k, v in src.state_dict().items()}
+    bad["sparse_col"][-1] = 10**6
+    first, second = _split(bad, [("sparse_crow", "sparse_row"), ("sparse_col",)])
+    layer.load_state_dict(first, strict=False)
+    with pytest.raises(RuntimeError, match="layer: loaded support: .*outside"):
+        layer.load_state_dict(second, strict=False)
+    with pytest.raises(ValueError, match="not valid .*outside"):
+        layer(x)
+
+
+def test_a_support_assigned_to_a_meta_layer_is_checked():
+    """``load_state_dict(assign=True)`` into a layer built on ``meta`` brings real buffers:
+    they are checked as into a real layer."""
+    sd = SparseLowRankLinear(64, 48, rank=4, density=0.1, key="k").state_dict()
+    sd["sparse_col"][-1] = 10**6
+    with torch.device("meta"):
+        layer = SparseLowRankLinear(64, 48, rank=4, density=0.1, key="k")
+    with pytest.raises(RuntimeError, match="loaded support: .*outside"):
+        layer.load_state_dict(sd, assign=True)
+    assert layer.sparse_col.is_meta   # the layer keeps its own
+
+
+def test_to_empty_without_reset_is_refused_at_the_first_call():
+    """``to_empty()`` leaves the support buffers unset (HF's ``init_weights`` does not know
+    the layer): the first call says what to do instead of reading past its operands."""
+    with torch.device("meta"):
+        model = nn.Sequential(SparseLowRankLinear(64, 48, rank=4, density=0.1, key="m.0"))
+    model.to_empty(device="cpu")
+    for buf in model.buffers():
+        buf.fill_(-7)   # what uninitialised memory may hold
+    with pytest.raises(ValueError, match="m.0: the sparse support is not valid .*reset_parameters"):
+        model(torch.randn(2, 64))
+    model[0].reset_parameters()
+    assert model(torch.randn(2, 64)).shape == (2, 48)
+
+
 @pytest.mark.parametrize("init,block", [("random", 1), ("lost", 1), ("random", 16)])
 def test_a_meta_layer_infers_shapes(init, block):
     """A forward and backward on ``meta`` (shape inference, as for nn.Linear): the autocast
