@@ -15,7 +15,8 @@ The weight is never formed in forward or backward: the layer computes through th
 ``structrewrite::sparse_lowrank_linear``, except that under ``torch.compile`` a
 channel-wise support (``init: lost``) is given to Inductor as its two GEMMs on widened
 operands (``ops.sparse_lowrank_linear.channel_decomposition``), which need no kernel of
-their own. ``to_dense()`` merges it back into nn.Linear.
+their own. ``to_dense()`` merges it back into nn.Linear (or HF's Conv1D where it
+replaced one).
 
 Initialisations (``init``):
 
@@ -174,6 +175,10 @@ def _autocast_on(device_type: str) -> bool:
 
 class SparseLowRankLinear(nn.Module):
     """y = s·(x Aᵀ) Bᵀ + x Sᵀ + bias with a fixed sparse support; see the module docstring."""
+
+    #: what ``to_dense`` merges back into: ``"linear"`` (nn.Linear), or ``"conv1d"`` (HF's
+    #: Conv1D, weight stored in x out), which the sparse_lowrank pass sets at Conv1D sites
+    merges_into = "linear"
 
     def __init__(self, in_features: int, out_features: int, rank: int, density: float,
                  bias: bool = True, alpha: float = 32.0, init: str = "random",
@@ -438,8 +443,20 @@ class SparseLowRankLinear(nn.Module):
         return W
 
     @torch.no_grad()
-    def to_dense(self) -> nn.Linear:
-        """Merge back into an nn.Linear (the reverse of the rewrite)."""
+    def to_dense(self) -> nn.Module:
+        """Merge back (the reverse of the rewrite): into an nn.Linear, or into HF's
+        ``Conv1D`` where the layer replaced one (``merges_into``), whose weight is stored
+        in x out: a model merged back then has the state dict of the original."""
+        if self.merges_into == "conv1d":
+            from transformers.pytorch_utils import Conv1D
+            with torch.device(self.A.device):
+                mod = Conv1D(self.out_features, self.in_features).to(self.A.dtype)
+            mod.weight.copy_(self.dense_weight().t())
+            if self.bias is not None:
+                mod.bias.copy_(self.bias)
+            else:
+                mod.bias.zero_()
+            return mod
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.A.device, dtype=self.A.dtype)
         lin.weight.copy_(self.dense_weight())

@@ -165,6 +165,8 @@ class SparseLowRankPass(Pass):
             captures["weight"], captures["bias"], rank=options.rank, density=options.density,
             init=options.init, alpha=options.alpha, seed=options.seed, key=ctx.fqn,
             block=options.block)
+        if not isinstance(module, nn.Linear):   # HF Conv1D: to_dense() gives one back
+            new.merges_into = "conv1d"
         new.train(module.training)
         return new
 

@@ -109,3 +109,25 @@ def test_full_rank_rewrite_of_a_real_model_is_exact(case):
     with torch.no_grad():
         ref, out = model(ids).logits, res.model(ids).logits
     assert (out - ref).norm() / ref.norm() < 1e-5
+
+
+def test_merged_back_model_has_the_original_state_dict(case):
+    """``to_dense()`` gives back the class the rewrite replaced: GPT-2's Conv1D keeps its
+    weight in x out, so the merged model's state dict loads into the stock model and
+    computes what the rewritten one does (a Linear there would load transposed)."""
+    name, make, policy, _ = case
+    res = sr.rewrite(make(0), policy)
+    merged = copy.deepcopy(res.model)
+    for fqn, mod in list(merged.named_modules()):
+        if isinstance(mod, SparseLowRankLinear):
+            parent, _, leaf = fqn.rpartition(".")
+            back = mod.to_dense()
+            assert type(back).__name__ == ("Conv1D" if name == "gpt2" else "Linear"), fqn
+            setattr(merged.get_submodule(parent), leaf, back)
+    stock = make(1)
+    stock.load_state_dict(merged.state_dict())
+    ids = batch(2)
+    with torch.no_grad():
+        want = res.model(ids).logits
+        assert (merged(ids).logits - want).abs().max() < 1e-4
+        assert (stock(ids).logits - want).abs().max() < 1e-4
