@@ -174,9 +174,10 @@ def reference_backward(grad, x, A, B, values, crow, col, row, scale: float, xa=N
 
 
 def _grads_like(x, A, B, values):
-    """Fake outputs of a backward op: (dx, dA, dB, dvalues)."""
-    return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
-            torch.empty_like(values))
+    """Fake outputs of a backward op: (dx, dA, dB, dvalues), contiguous as every
+    implementation returns them (``empty_like`` would copy the strides of a transposed or
+    permuted x, and Inductor checks the real outputs' strides against these)."""
+    return tuple(t.new_empty(t.shape) for t in (x, A, B, values))
 
 
 @sparse_lowrank_linear_backward.register_fake

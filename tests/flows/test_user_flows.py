@@ -96,3 +96,36 @@ def test_autocast_training_and_generate(kind, ids):
     # greedy decoding may reach the end-of-sequence token early: eight new tokens are asked for
     out = model.generate(ids[:1, :8], max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert out.shape == (1, 16)
+
+
+class _Mixer(torch.nn.Module):
+    """Token mixing as in MLP-Mixer: a linear over the sequence, fed the (B, C, T)
+    transpose of a (B, T, C) activation, between two channel linears."""
+
+    def __init__(self, tokens=64, channels=96):
+        super().__init__()
+        self.inp = torch.nn.Linear(channels, channels)
+        self.mix = torch.nn.Linear(tokens, tokens)
+        self.out = torch.nn.Linear(channels, channels)
+
+    def forward(self, x):
+        h = self.inp(x).transpose(1, 2)            # (B, C, T): a permuted, non-contiguous input
+        return self.out(self.mix(h).transpose(1, 2))
+
+
+@pytest.mark.parametrize("kind", list(SUPPORTS))
+def test_compiled_training_with_a_permuted_input(kind):
+    """Inductor checks the strides of the op's real gradients against its fakes: a
+    rewritten linear fed a transposed activation trains compiled as it does eagerly."""
+    torch.manual_seed(0)
+    policy = {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                                       "with": {"rank": 16, "density": 0.1, **SUPPORTS[kind]}}]}
+    model = sr.rewrite(_Mixer(), policy).model.to(DEVICE)
+    x = torch.randn(3, 64, 96, device=DEVICE)
+    model(x).square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    torch.compile(model)(x).square().mean().backward()
+    assert max(_rel(p.grad, want[n]) for n, p in model.named_parameters()) < 1e-4
+    torch._dynamo.reset()

@@ -160,3 +160,25 @@ def test_train_op_autograd_matches_the_op_and_xa_is_not_differentiable():
     want = torch.autograd.grad(y2, [x, *params], g)
     for a, b_ in zip(got, want):
         torch.testing.assert_close(a, b_)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_backward_fakes_have_the_strides_of_the_real_gradients(train):
+    """A linear fed a transposed input (``x.transpose(1, 2)`` of a (B, C, T) tensor): the
+    real backward returns a contiguous dx, and so must the fake, or Inductor's stride check
+    fails the compiled backward. opcheck compares the two."""
+    A, B, v, crow, col, row, b = make(16, 12, 4, 0.1, dtype=torch.float64)
+    x = torch.randn(2, 12, 5, dtype=torch.float64).transpose(1, 2)   # (2, 5, 12), permuted
+    g = torch.randn(2, 5, 16, dtype=torch.float64)
+    if train:
+        back = torch.ops.structrewrite.sparse_lowrank_linear_backward_train
+        args = (g, x, x @ A.t(), A, B, v, crow, col, row, 0.5)
+    else:
+        back = torch.ops.structrewrite.sparse_lowrank_linear_backward
+        args = (g, x, A, B, v, crow, col, row, 0.5)
+    torch.library.opcheck(back, args)
+    real = back(*args)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as fm:
+        fake = back(*(fm.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
+    for r, f in zip(real, fake):
+        assert r.shape == f.shape and r.stride() == f.stride(), (r.stride(), f.stride())
