@@ -19,13 +19,17 @@ declares the name, importing the package registers it (``structrewrite/__init__.
    * sites: each ``F.linear`` call (``nn.Linear``) and ``torch.addmm`` call (HF ``Conv1D``)
      whose weight is a graph input or attribute, named by the FQN of the innermost module in
      the node's ``nn_module_stack`` (``L['self'].model.layers[0].mlp.gate_proj`` ->
-     ``model.layers.0.mlp.gate_proj``);
+     ``model.layers.0.mlp.gate_proj``; the same from a module held in a global,
+     ``G['net']``, or compiled as a bound ``forward``; where a graph calls modules from
+     several variables, the variable's name comes first: ``enc.0``, ``dec.0``);
    * a stand-in module tree with modules of the original classes at those FQNs, holding the
      real weights (the example inputs dynamo passes are the live parameters), under empty
      parents of their original classes too (so that ``{type: LlamaMLP}`` selects the same
      blocks as in the model), is rewritten by ``sr.rewrite`` under the policy made relaxed
      (one graph sees only part of a model, and graph breaks split it further, so a rule
-     that matches nothing here is no error);
+     that matches nothing here is no error). A module that uses a site's weight too
+     (GPT-2's ``wte`` and ``lm_head``) holds the same weight in the tree, so tied sites are
+     left as ``sr.rewrite`` leaves them, with its warning;
    * every rewritten site's new module is installed into the GraphModule and its calls are
      redirected to it. Its parameters are frozen (``requires_grad=False``): the graph is an
      inference graph with weights computed at compile time. Later changes to the eager
@@ -71,28 +75,48 @@ class BackendError(RuntimeError):
 
 # -- sites --------------------------------------------------------------------------
 
-_ROOT = re.compile(r"^L\[[^\]]*\](\[\d+\])*\.?")
+# the variable a module path starts from: a local (``L['self']``, ``L['args'][0]``), a
+# global (``G['net']``), or the module of a bound method compiled as such
+# (``L['fn'].__self__``)
+_ROOT = re.compile(r"^[LG]\[['\"]?([^\]'\"]*)['\"]?\](\[\d+\])*(\.__self__)?")
 
 
-def fqn_from_source(source: str) -> str:
+def root_of(source: str) -> str:
+    """The variable part of a module path (``G['net']`` of ``G['net'][0]``), or ''."""
+    m = _ROOT.match(source)
+    return m.group(0) if m else ""
+
+
+def fqn_from_source(source: str, named_roots: bool = False) -> str:
     """Dynamo's module path (``L['self'].model.layers[0].mlp``, also with ``._modules['x']``
-    or ``getattr(..)`` forms) -> the module's FQN in the compiled root (``model.layers.0.mlp``)."""
-    s = _ROOT.sub("", source)
+    or ``getattr(..)`` forms, from a global ``G['net']`` or a bound method's
+    ``L['fn'].__self__``) -> the module's FQN in the compiled root (``model.layers.0.mlp``).
+    ``named_roots``: keep the variable's name as the first part (``net.0``), for a graph
+    that calls modules from more than one variable, whose names would otherwise clash."""
+    m = _ROOT.match(source)
+    s = source[m.end():] if m else source
+    if named_roots and m:
+        s = f"{m.group(1)}{m.group(2) or ''}.{s.lstrip('.')}"
     s = re.sub(r"(^|\.)_modules\[['\"]([^'\"]+)['\"]\]", r".\2", s)
     s = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", s)
     s = re.sub(r"\[(\d+)\]", r".\1", s)
     return s.strip(".")
 
 
-def _innermost_module(node: torch.fx.Node) -> Optional[tuple[str, type]]:
+def _stack(node: torch.fx.Node) -> list:
+    return list((node.meta.get("nn_module_stack") or {}).values())
+
+
+def _innermost_module(node: torch.fx.Node, named_roots: bool = False) -> Optional[tuple[str, type]]:
     where = innermost_module(node)
-    return (fqn_from_source(where[0]), where[1]) if where else None
+    return (fqn_from_source(where[0], named_roots), where[1]) if where else None
 
 
-def _module_classes(node: torch.fx.Node) -> dict[str, type]:
-    """FQN -> class of every module on the node's ``nn_module_stack`` (the compiled root
-    itself is not on it)."""
-    return {fqn_from_source(path): cls for path, cls in (node.meta.get("nn_module_stack") or {}).values()
+def _module_classes(node: torch.fx.Node, named_roots: bool = False) -> dict[str, type]:
+    """FQN -> class of every module on the node's ``nn_module_stack``: its parents, and the
+    compiled root ('') where Dynamo records it (a module called from a function or
+    compiled itself; not the ``self`` of a compiled ``forward``)."""
+    return {fqn_from_source(path, named_roots): cls for path, cls in _stack(node)
             if isinstance(cls, type) and issubclass(cls, nn.Module)}
 
 
@@ -106,6 +130,9 @@ class LinearSite:
     transposed: bool               # Conv1D: y = x W + b
     calls: list = field(default_factory=list)   # (node, input node)
     classes: dict = field(default_factory=dict)   # FQN -> class of the site and its parents
+    # the other modules that use the weight (tied weights: GPT-2's lm_head and wte):
+    # FQN -> (class, FQN -> class of its parents)
+    shared_with: dict = field(default_factory=dict)
 
 
 def _tensor_of(gm: torch.fx.GraphModule, node: Any, inputs: dict) -> Optional[torch.Tensor]:
@@ -125,11 +152,14 @@ def find_linear_sites(gm: torch.fx.GraphModule, example_inputs) -> dict[str, Lin
     """Linear layers called in ``gm`` whose weights are graph inputs or attributes."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(placeholders, example_inputs))
+    roots = {root_of(stack[0][0]) for node in gm.graph.nodes if (stack := _stack(node))}
+    named = len(roots) > 1   # modules from several variables: keep their names apart
     sites: dict[str, LinearSite] = {}
+    weight_nodes: dict[str, torch.fx.Node] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        where = _innermost_module(node)
+        where = _innermost_module(node, named)
         if where is None:
             continue
         fqn, cls = where
@@ -151,23 +181,34 @@ def find_linear_sites(gm: torch.fx.GraphModule, example_inputs) -> dict[str, Lin
         site = sites.get(fqn)
         if site is None:
             site = sites[fqn] = LinearSite(fqn, cls, weight, bias, transposed,
-                                           classes=_module_classes(node))
+                                           classes=_module_classes(node, named))
+            weight_nodes[fqn] = w_node
         elif site.weight is not weight:
             continue   # another call under the same module with other weights: not this layer
         site.calls.append((node, x))
+    for fqn, site in sites.items():
+        calls = {node for node, _ in site.calls}
+        for user in weight_nodes[fqn].users:
+            where = _innermost_module(user, named) if user not in calls else None
+            if where is not None and where[0] != fqn:
+                site.shared_with.setdefault(where[0], (where[1], _module_classes(user, named)))
     return sites
 
 
 # -- rewriting through a stand-in module tree -----------------------------------------
 
-def _stand_in(site: LinearSite) -> nn.Module:
+def _stand_in(site: LinearSite, params: dict) -> nn.Module:
     """A module of the site's class holding the real weight and bias, without running the
-    class's __init__ (which would allocate and initialise a fresh weight)."""
+    class's __init__ (which would allocate and initialise a fresh weight). ``params``: one
+    Parameter per tensor (by id) for all stand-ins, so that the policy sees tied weights."""
+    def param(t):
+        if id(t) not in params:
+            params[id(t)] = nn.Parameter(t.detach(), requires_grad=False)
+        return params[id(t)]
     mod = site.cls.__new__(site.cls)
     nn.Module.__init__(mod)
-    mod.weight = nn.Parameter(site.weight.detach(), requires_grad=False)
-    mod.bias = (nn.Parameter(site.bias.detach(), requires_grad=False)
-                if site.bias is not None else None)
+    mod.weight = param(site.weight)
+    mod.bias = param(site.bias) if site.bias is not None else None
     if site.transposed:
         mod.nf = site.weight.shape[1]
     else:
@@ -266,17 +307,29 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str,
     fingerprint = json.dumps(pol.to_dict(), sort_keys=True, default=str)
     _warn_unsupported(pol, fingerprint)
     new = {}
-    root = nn.Module()
-    stand_ins = {}
+    root_cls = next((s.classes[""] for s in sites.values() if "" in s.classes), None)
+    root = _bare(root_cls) if root_cls is not None else nn.Module()
+    stand_ins, params, same = {}, {}, {}
     for fqn, site in sites.items():
         if not fqn:
             continue
         hit = _REWRITTEN.get(site.weight, {}).get(_cache_key(fingerprint, site))
         if hit is not None:
             new[fqn] = hit
-        else:
-            stand_ins[fqn] = _stand_in(site)
-            _install(root, fqn, stand_ins[fqn], site.classes)
+            continue
+        # one module called under two names (as sr.rewrite sees it: replaced under both)
+        key = (site.cls, id(site.weight), id(site.bias))
+        stand_ins[fqn] = same.setdefault(key, None) or _stand_in(site, params)
+        same[key] = stand_ins[fqn]
+        _install(root, fqn, stand_ins[fqn], site.classes)
+    modules = dict(root.named_modules())
+    for fqn, site in sites.items():   # the modules that share a site's weight, holding it
+        for other, (cls, classes) in site.shared_with.items():
+            if fqn in stand_ins and other and other not in modules:
+                holder = _bare(cls)
+                holder.weight = params[id(site.weight)]
+                _install(root, other, holder, classes)
+                modules = dict(root.named_modules())
     if stand_ins:
         with torch.no_grad():
             rewrite(root, _linear_only(pol), inplace=True)

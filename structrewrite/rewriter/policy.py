@@ -532,11 +532,12 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
                     entries[fqn] = PlanEntry(fqn, p.name, None, rule.index, type(module).__name__,
                                              {}, done=True)
                 else:
-                    m = p.accepts(module) if fqn not in tied else NoMatch(lambda why=tied[fqn]: why)
+                    m = p.accepts(module)
+                    if m and fqn in tied:   # a site the pass would rewrite, but tied
+                        m = NoMatch(lambda why=tied[fqn]: why)
+                        left_tied.append((rule, fqn))
                     if not m:
                         refused[rule.index].append((fqn, m))
-                        if fqn in tied:
-                            left_tied.append((rule, fqn))
                         continue
                     dims = p.dims(m)
                     options = _instantiate(p, rule, fqn, dims, policy)
@@ -546,8 +547,8 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
             claimed.add(fqn)
             claimed_by[fqn] = rule.index
             break
-    for rule, fqn in left_tied:
-        if hits[rule.index] and fqn not in claimed:
+    for rule, fqn in left_tied:   # (a required rule that matches nothing else fails below)
+        if (hits[rule.index] or rule.optional) and fqn not in claimed:
             warnings.warn(f"rule {rule.describe()}: {fqn} is left as it is: it {tied[fqn]}",
                           UserWarning, stacklevel=3)
     for rule in policy.rules:

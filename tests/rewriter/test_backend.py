@@ -33,6 +33,10 @@ def test_fqn_from_dynamo_sources():
     assert backend_mod.fqn_from_source("L['args'][0].transformer.h[1].attn.c_attn") == \
         "transformer.h.1.attn.c_attn"
     assert backend_mod.fqn_from_source("L['self']._modules['proj']") == "proj"
+    assert backend_mod.fqn_from_source("G['net'].blocks[2].up") == "blocks.2.up"
+    assert backend_mod.fqn_from_source("L['fn'].__self__.2.0") == "2.0"
+    assert backend_mod.fqn_from_source("G['enc'][0]", named_roots=True) == "enc.0"
+    assert backend_mod.fqn_from_source("L['args'][1].up", named_roots=True) == "args.1.up"
 
 
 def test_no_policy_training_step_through_opaque_op_equals_eager():
@@ -280,3 +284,98 @@ def test_policy_on_a_model_made_under_inference_mode(monkeypatch):
         with pytest.warns(UserWarning, match="policy applied at compile time to 6 site"):
             got = compiled(ids).logits
         assert torch.allclose(got, model(ids).logits, atol=1e-4)
+
+
+def test_tied_weights_are_left_as_sr_rewrite_leaves_them():
+    """GPT-2's lm_head holds wte's weight. The stand-in tree holds the one weight in both
+    places, so the policy sees the tie as on the eager model: a broad rule leaves lm_head
+    dense with a warning; a rule that names it alone, which fails ``sr.rewrite``, leaves it
+    with the same warning (the backend's rules are optional: a graph holds part of a
+    model)."""
+    model = tiny_gpt2()
+    pol = {"version": 1, "rules": [{"match": "**", "rewrite": "sparse_lowrank",
+                                    "with": {"rank": 8, "density": 0.05}}]}
+    with pytest.warns(UserWarning, match="lm_head is left as it is: it shares its weight"):
+        eager = sr.rewrite(model, pol).model
+    assert type(eager.lm_head).__name__ == "Linear"
+    with pytest.warns(UserWarning, match="lm_head is left as it is"):
+        compiled, graph_modules = compile_and_collect(model, {"policy": pol, "compiler": "eager"})
+        ids = torch.randint(0, 128, (2, 7))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids).logits, eager(ids).logits, atol=1e-5, rtol=1e-5)
+    got = {t.replace("structrewrite__", "").replace("__", ".") for t in installed(graph_modules)}
+    assert got == {n for n, m in eager.named_modules() if isinstance(m, SparseLowRankLinear)}
+    torch._dynamo.reset()
+    alone = {"version": 1, "rules": [{"match": "lm_head", "rewrite": "sparse_lowrank",
+                                      "with": {"rank": 8, "density": 0.05}}]}
+    with pytest.raises(sr.PolicyError, match="lm_head.*shares its weight with transformer.wte"):
+        sr.rewrite(model, alone)
+    with pytest.warns(UserWarning, match="lm_head is left as it is: it shares its weight"):
+        compiled, graph_modules = compile_and_collect(model, {"policy": alone, "compiler": "eager"})
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
+    assert not installed(graph_modules)
+
+
+NET = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+ENC = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU())
+DEC = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU())
+
+
+def _through_global(x):
+    return NET(x)
+
+
+def _through_two_globals(x):
+    return DEC(ENC(x))
+
+
+def test_modules_reached_through_a_global_or_a_bound_method_keep_their_names():
+    """A compiled function that calls a module held in a global, and a compiled bound
+    ``forward``, name the sites as the module does (Dynamo's paths start at ``G['NET']``
+    and ``L['fn'].__self__``). Modules from two variables keep the variables' names."""
+    pol = {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                                    "with": {"rank": 4, "density": 0.1}}]}
+    eager = sr.rewrite(NET, pol).model.eval()
+    x = torch.randn(3, 16)
+    for fn in (_through_global, NET.forward, NET):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="structrewrite",
+                                 options={"policy": pol, "compiler": "eager"})
+        with torch.no_grad():
+            assert (compiled(x) - eager(x)).abs().max() < 1e-6, fn
+    torch._dynamo.reset()
+    two = {"version": 1, "rules": [{"match": "ENC.0", "rewrite": "sparse_lowrank",
+                                    "with": {"rank": 4, "density": 0.1}}]}
+    compiled, graph_modules = compile_and_collect(_through_two_globals,
+                                                  {"policy": two, "compiler": "eager"})
+    with torch.no_grad():
+        y = compiled(x)
+        enc = sr.rewrite(ENC, {"version": 1, "rules": [{**two["rules"][0], "match": "0"}]}).model
+        torch.testing.assert_close(y, DEC(enc(x)), atol=1e-6, rtol=1e-6)
+    assert set(installed(graph_modules)) == {"structrewrite__ENC__0"}
+
+
+def test_a_module_registered_under_two_names_is_one_site():
+    """As under ``sr.rewrite``: one module registered twice is replaced by one module, not
+    refused as two modules with tied weights (Dynamo names both calls by the first name)."""
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(16, 16)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    pol = {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                                    "with": {"rank": 4, "density": 0.1}}]}
+    eager = sr.rewrite(model, pol).model
+    assert eager.a is eager.b and isinstance(eager.a, SparseLowRankLinear)
+    compiled, graph_modules = compile_and_collect(model, {"policy": pol, "compiler": "eager"})
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), atol=1e-6, rtol=1e-6)
+    assert set(installed(graph_modules)) == {"structrewrite__a"}
