@@ -96,12 +96,13 @@ def cached(kind: str, tensors: Sequence[torch.Tensor], extra: tuple, build: Call
     if len(_CACHE) >= MAX_ENTRIES:
         _CACHE.pop(next(iter(_CACHE)))
 
-    def drop(ref, key=key):
+    def drop(ref, key=key, cache=_CACHE):
         """The entry goes with the first of its tensors to die: its value (layouts on the
         device) would otherwise outlive the layer until MAX_ENTRIES newer ones pushed it
-        out, as in a sweep that builds model after model."""
-        hit = _CACHE.get(key)
+        out, as in a sweep that builds model after model. (``cache`` is bound here: at
+        interpreter exit the module's globals may already be gone when tensors die.)"""
+        hit = cache.get(key)
         if hit is not None and any(r is ref for r in hit[0]):
-            del _CACHE[key]
+            del cache[key]
     _CACHE[key] = (tuple(weakref.ref(t, drop) for t in tensors), value)
     return value
