@@ -209,6 +209,30 @@ def test_each_support_gets_its_layout_and_matches(tmp_path, block, in_f, out_f, 
         np.testing.assert_allclose(y, layer(x).numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.float64, 1e-6)])
+@pytest.mark.parametrize("init,block", [("random", 16), ("random", 1), ("lost", 1)])
+def test_half_and_double_layers_run_in_onnxruntime(tmp_path, dtype, tol, init, block):
+    """Every layout runs in ONNX Runtime in float16 (whose ScatterND adds no float16: the
+    tiles are summed in float32) and in float64 (relative tolerance: the tile sums' float32
+    rounding)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 128)
+    layer = SparseLowRankLinear.from_dense(lin.weight, lin.bias, rank=8, density=0.1,
+                                           init=init, block=block).eval()
+    with torch.no_grad():
+        layer.B.normal_()
+    layer = layer.to(dtype)
+    path = tmp_path / "layer.onnx"
+    export_onnx(layer, (torch.randn(2, 3, 256, dtype=dtype),), path)
+    sess = ort_session(path)
+    x = torch.randn(3, 5, 256, dtype=dtype)
+    (y,) = sess.run(None, ort_inputs(sess, (x,)))
+    with torch.no_grad():
+        ref = layer.double()(x.double()).numpy()
+    assert y.dtype == np.dtype(str(dtype).split(".")[1])
+    np.testing.assert_allclose(y.astype(np.float64), ref, atol=tol * np.abs(ref).max(), rtol=0)
+
+
 @torch.library.custom_op("structrewrite::onnx_test_untranslated", mutates_args=())
 def _untranslated(x: torch.Tensor) -> torch.Tensor:
     return x * 2
