@@ -294,7 +294,46 @@ def test_cli_export_onnx_weights_that_do_not_fit_are_one_line(tmp_path, capsys):
     for argv, message in [(["--weights", str(tmp_path / "w.pt")], "give the --policy"),
                           (["--weights", str(tmp_path / "none.pt")], "cannot read --weights"),
                           (["--policy", str(other), "--weights", str(tmp_path / "w.pt")],
-                           "size mismatch")]:
+                           "size mismatch"),
+                          (["--weights", str(tmp_path / "junk.pt")], "not a state dict saved by")]:
+        (tmp_path / "junk.pt").write_text("not a pickle\n")
         code = main(["export-onnx", "examples.models:llama_small", "--out", out, *argv])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def _mlp(dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    return model.to(dtype), (torch.randn(4, 64).to(dtype),)
+
+
+def mlp_half():
+    return _mlp(torch.float16)
+
+
+def mlp_bf16():
+    return _mlp(torch.bfloat16)
+
+
+def test_cli_export_onnx_half_models_pass_and_what_ort_cannot_run_is_one_line(tmp_path, capsys):
+    """The default tolerance follows the dtype: a float16 model, dense or with tiles,
+    passes where float32's 1e-4 failed it on rounding alone. A bfloat16 model, which ONNX
+    Runtime's CPU kernels cannot run, and an --out that cannot be written are one line
+    with exit 2 (1 is the parity mismatch)."""
+    from structrewrite.cli import main
+
+    policy_file = tmp_path / "tiles.json"
+    policy_file.write_text('{"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank", '
+                           '"with": {"rank": 8, "density": 0.25, "block": 16}}]}')
+    spec = f"{__name__}:mlp_half"
+    for argv in ([], ["--policy", str(policy_file)]):
+        code = main(["export-onnx", spec, "--out", str(tmp_path / "h.onnx"), *argv])
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        assert code == 0 and "ok" in last, last
+    for argv, message in [([f"{__name__}:mlp_bf16", "--out", str(tmp_path / "b.onnx")],
+                           "no bfloat16 matrix products"),
+                          ([spec, "--out", str(tmp_path)], "cannot write --out")]:
+        code = main(["export-onnx", *argv])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err

@@ -3,8 +3,12 @@
 Exports MODEL (``package.module:callable`` returning ``(model, example_inputs)``) to ONNX,
 rewritten first when ``--policy`` is given (``--weights`` then loads a state dict saved by
 ``structrewrite rewrite``), and checks ONNX Runtime against PyTorch on the example inputs
-unless ``--no-check``. Exit code 1 when the outputs differ by more than ``--atol``; 2 with
-one line for a user error (the model, the policy, weights that do not fit).
+unless ``--no-check``. The tolerance is absolute (``--atol``); by default it follows each
+output's dtype and size: ``TOLERANCE[dtype] * max(1, max |output|)`` (1e-4 for float32
+and float64, a few units in the last place for float16 and bfloat16). Exit code 1 when
+the outputs differ by more than that; 2 with one line for a user error (the model, the
+policy, weights that do not fit, an output path that cannot be written) and where ONNX
+Runtime cannot run the file (its CPU kernels have no bfloat16 matrix products).
 """
 from __future__ import annotations
 
@@ -23,9 +27,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="state dict of the rewritten model (from `structrewrite rewrite`)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime parity check")
-    p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="absolute parity tolerance (default: by dtype, scaled by the outputs' "
+                        "magnitude: 1e-4 for float32)")
     p.set_defaults(func=run)
     return p
+
+
+# the default tolerance's unit, by output dtype: float32's 1e-4; for 16-bit types about
+# four units in the last place (ORT and PyTorch sum in other orders and round once more)
+TOLERANCE = {"float16": 4e-3, "bfloat16": 3e-2}
+
+
+def tolerance(ref, atol=None) -> float:
+    """The tolerance for one output ``ref`` (a tensor): ``atol`` if given, else by dtype."""
+    if atol is not None:
+        return atol
+    unit = TOLERANCE.get(str(ref.dtype).split(".")[-1], 1e-4)
+    return unit * max(1.0, float(ref.abs().max()) if ref.numel() else 0.0)
 
 
 def _weights(path, model) -> dict:
@@ -35,10 +54,16 @@ def _weights(path, model) -> dict:
 
     from structrewrite.cli import CliError
 
+    import pickle
+
     try:
         state = torch.load(path, map_location="cpu")
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CliError(f"cannot read --weights {path}: {e}") from None
+    except pickle.UnpicklingError:
+        raise CliError(f"cannot read --weights {path}: not a state dict saved by torch.save "
+                       "(`structrewrite rewrite` writes one as model.pt)") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CliError(f"cannot read --weights {path}: {first}") from None
     if not isinstance(state, dict):
         raise CliError(f"--weights {path} holds a {type(state).__name__}, not a state dict")
     want = set(model.state_dict())
@@ -52,6 +77,7 @@ def _weights(path, model) -> dict:
 
 
 def run(args) -> int:
+    import os
     from pathlib import Path
 
     import numpy as np
@@ -78,18 +104,35 @@ def run(args) -> int:
                            f"{' '.join(line.strip() for line in first[:2])}") from None
     model.eval()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"cannot write --out {out}: {e.strerror or e}") from None
+    if out.is_dir() or not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise CliError(f"cannot write --out {out}: "
+                       f"{'a folder' if out.is_dir() else 'permission denied'}")
     export_onnx(model, inputs, out, opset_version=args.opset)
     print(f"wrote {out} ({custom_node_count(out)} structured op nodes)")
     if args.no_check:
         return 0
-    sess = ort_session(out)
-    got = sess.run(None, ort_inputs(sess, inputs))
+    try:
+        sess = ort_session(out)
+        got = sess.run(None, ort_inputs(sess, inputs))
+    except Exception as e:   # noqa: BLE001 (ONNX Runtime's own error types)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        bf16 = any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *inputs)
+                   if isinstance(t, torch.Tensor))
+        hint = (" (its CPU kernels have no bfloat16 matrix products: export in float32 or "
+                "float16)" if bf16 else "")
+        raise CliError(f"ONNX Runtime cannot run {out}{hint}: {first[:300]}; the file is "
+                       "written (--no-check skips this check)") from None
     with torch.no_grad():
         outputs = model(*inputs, **export_kwargs(model))
         ref = [x for x in pytree.tree_leaves(outputs) if isinstance(x, torch.Tensor)]
-    worst = max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref))
-    ok = len(got) == len(ref) and worst <= args.atol
+    diffs = [(float(np.abs(g.astype(np.float64) - r.double().numpy()).max()) if r.numel() else 0.0,
+              tolerance(r, args.atol)) for g, r in zip(got, ref)]
+    worst, tol = max(diffs, key=lambda d: d[0] / d[1])
+    ok = len(got) == len(ref) and all(d <= t for d, t in diffs)
     print(f"ONNX Runtime vs PyTorch: {len(got)} output(s), max abs difference {worst:.2e} "
-          f"({'ok' if ok else 'MISMATCH'})")
+          f"(tolerance {tol:.1e}: {'ok' if ok else 'MISMATCH'})")
     return 0 if ok else 1
