@@ -190,3 +190,14 @@ def test_cuda_implementation_takes_values_and_bias_in_their_own_dtype(init, bloc
     for name, a, b_ in zip(("dx", "dA", "dB", "dvalues"), got, want):
         assert a.shape == b_.shape and a.dtype == b_.dtype, name
         assert _rel(a, b_) < TOL[torch.bfloat16], f"{name} (seed {seed}, {init}, block {block})"
+
+
+def test_segments_are_kept_per_chunk_width():
+    """Two chunk widths that give as many chunks (60 features: 48 and 32 wide give 2) have
+    their own offsets: a forward with one must not hand its offsets to the other."""
+    layer = SparseLowRankLinear(60, 30, rank=4, density=0.2, key="w")
+    sup = (layer.sparse_crow, layer.sparse_col, layer.sparse_row)
+    first = sl.segments(*sup, 60, 48).clone()
+    second = sl.segments(*sup, 60, 32)
+    fresh = sl.segments(*(t.clone() for t in sup), 60, 32)
+    assert torch.equal(second, fresh) and not torch.equal(first, second)

@@ -347,7 +347,8 @@ def segments(ptr: torch.Tensor, idx: torch.Tensor, owner: torch.Tensor, nfeat: i
         seg = torch.zeros((nrows, nch + 1), dtype=torch.int64, device=ptr.device)
         seg[:, 1:] = torch.cumsum(counts, 1)
         return (seg + ptr[:-1].long().unsqueeze(1)).int()
-    return cached("segments", (ptr, idx), (nfeat, nch), build)
+    # keyed by the width: two widths can give the same number of chunks at other offsets
+    return cached("segments", (ptr, idx), (nfeat, nch, width if nch > 1 else 0), build)
 
 
 def gather_spmm(pt: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, values: torch.Tensor,
