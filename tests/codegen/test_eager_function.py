@@ -192,6 +192,67 @@ def test_cuda_implementation_takes_values_and_bias_in_their_own_dtype(init, bloc
         assert _rel(a, b_) < TOL[torch.bfloat16], f"{name} (seed {seed}, {init}, block {block})"
 
 
+def _args(layer, x, values=None, bias=None):
+    return (x, layer.A, layer.B, layer.values if values is None else values, layer.sparse_crow,
+            layer.sparse_col, layer.sparse_row, layer.bias if bias is None else bias, layer.scale)
+
+
+@pytest.mark.parametrize("init,block,fold", KINDS)
+def test_strided_values_and_bias_are_read_as_their_elements(init, block, fold, monkeypatch):
+    """The kernels index values and bias by position: a strided view of either (every
+    other element of a longer tensor; a bias expanded from one number) computes what its
+    elements say, in the eager entry and in the op's CUDA implementation."""
+    monkeypatch.setattr(sl.folded, "MODE", fold)
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    layer = SparseLowRankLinear(48, 40, rank=4, density=0.1, init=init, block=block, key="s")
+    with torch.no_grad():
+        layer.B.normal_()
+    values = torch.randn(2 * layer.nnz)[::2].requires_grad_()
+    bias = torch.randn(1).expand(40)
+    x = torch.randn(5, 48, requires_grad=True)
+    g = torch.randn(5, 40)
+    args = _args(layer, x, values, bias)
+    want = (reference(*args), *reference_backward(g, *args[:7], layer.scale))
+    y = sl.eager(*args)
+    got = (y, *torch.autograd.grad(y, [x, layer.A, layer.B, values], g))
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dvalues"), got, want):
+        assert _rel(a, b) < 1e-5, f"eager {name} (seed {seed})"
+    y = sl._forward_cuda(*args)
+    assert _rel(y, want[0]) < 1e-5, f"op y (seed {seed})"
+    for name, a, b in zip(("dx", "dA", "dB", "dvalues"),
+                          sl._backward_cuda(g, *args[:7], layer.scale), want[1:]):
+        assert _rel(a, b) < 1e-5, f"op {name} (seed {seed})"
+
+
+def test_channel_support_edge_scales_and_dtypes():
+    """Channel-wise supports (GEMMs on widened operands): the eager entry takes values and
+    bias in another dtype than x, as the op does; a scale of 0 (alpha 0) leaves x Sᵀ +
+    bias; in float16 the input channels are not multiplied by 1/s on the way (large
+    inputs times 1/s overflowed float16)."""
+    torch.manual_seed(0)
+    layer = SparseLowRankLinear(48, 40, rank=4, density=0.1, init="lost", key="c")
+    x = torch.randn(5, 48)
+    A, B = layer.A.detach().bfloat16(), layer.B.detach().bfloat16()
+    args = (x.bfloat16(), A, B, layer.values.detach(), *_args(layer, x)[4:7], layer.bias.detach(),
+            layer.scale)
+    assert _rel(sl.eager(*args), reference(*args)) < 1e-2
+    args = _args(layer, x)[:8] + (0.0,)
+    for fn in (sl.eager, sl._forward_cuda):
+        assert _rel(fn(*args), reference(*args)) < 1e-5
+    big = SparseLowRankLinear(64, 64, rank=64, density=0.1, alpha=1.0, init="lost", key="f",
+                              dtype=torch.float16)       # s = 1/64, exact in float16
+    with torch.no_grad():
+        big.B.normal_()
+    xb = torch.full((3, 64), 1500.0, dtype=torch.float16)
+    args = _args(big, xb)
+    want = reference(*(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                       else a for a in args))
+    for fn in (sl.eager, sl._forward_cuda):
+        y = fn(*args)
+        assert bool(torch.isfinite(y).all()) and _rel(y, want) < 1e-2
+
+
 def test_segments_are_kept_per_chunk_width():
     """Two chunk widths that give as many chunks (60 features: 48 and 32 wide give 2) have
     their own offsets: a forward with one must not hand its offsets to the other."""

@@ -552,8 +552,15 @@ def _folds(x, A, B, values) -> bool:
     return folded.folds(x, A, B, values, "cuda" if x.is_cuda else None)
 
 
+def _dense(*tensors):
+    """The kernels index values, bias and the support by position: strided views (a
+    sliced or expanded ``values``) are made contiguous (no copy where they are)."""
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
 def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=None, fold=None):
     """``fold``: whether an element-wise support takes the folded path (None: ``_folds``)."""
+    values, crow, col, row, bias = _dense(values, crow, col, row, bias)
     how = how or plan(crow, col, row, B.shape[0], A.shape[1])
     if how.kind == "channel":     # channel-wise support (LOST): all dense GEMMs
         return channel.forward(x, A, B, values, how.cols, bias, scale, saved=saved)
@@ -569,6 +576,7 @@ def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=N
                    xa=None):
     """``saved``: what the forward kept (``EagerFunction``); ``xa``: x Aᵀ from the
     forward (``sparse_lowrank_linear_train``); without either, x Aᵀ is computed again."""
+    values, crow, col, row = _dense(values, crow, col, row)
     how = how or plan(crow, col, row, B.shape[0], A.shape[1])
     if xa is not None:
         xa = xa.reshape(-1, A.shape[0])
@@ -630,9 +638,10 @@ def eager(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
     """``sparse_lowrank_linear`` in eager mode: one plan lookup, then ``EagerFunction``, or
     for a channel-wise support plain differentiable GEMMs (``channel.differentiable``),
     whose backward autograd runs without Python."""
+    crow, col, row = _dense(crow, col, row)
     how = plan(crow, col, row, B.shape[0], A.shape[1])
     if how.kind == "channel":
-        return channel.differentiable(x, A, B, values, how.cols, bias, scale)
+        return channel.differentiable(x, A, B, values.contiguous(), how.cols, bias, scale)
     return EagerFunction.apply(x, A, B, values, crow, col, row, bias, scale, how)
 
 

@@ -60,7 +60,10 @@ def split_scale(scale: float, dtype: torch.dtype) -> tuple[float, float, float]:
     ``e``. When 1/s = rank/alpha is exact in ``dtype`` (a power of two, or few enough
     significant bits: the common ranks and alphas), the rows carry 1/s and s rides on the
     GEMMs' alpha (``aligned.mm``): no pass scales B. Otherwise B is scaled (one small
-    pass) and the rows carry 1."""
+    pass) and the rows carry 1: also in float16, where input channels times 1/s above
+    65504 would overflow t (at rank 1024 and alpha 32, inputs above 2047), and at s = 0."""
+    if scale == 0.0 or dtype == torch.float16:
+        return 1.0, scale, 1.0
     inv = 1.0 / scale
     if torch.tensor(inv, dtype=torch.float64).to(dtype).item() == inv:
         return scale, 1.0, inv
@@ -112,7 +115,8 @@ def differentiable(x, A, B, values, cols, bias, scale):
     backward."""
     in_p, out_p = aligned.widths(A, B, x.dtype)
     Aw, Ww = _widened(A, B, values, cols, (1.0, scale, 1.0), in_p, out_p)
-    bias = aligned.pad_cols(bias, out_p) if bias is not None else None
+    # values and bias may come in another dtype than x (the op's), as in forward()
+    bias = aligned.pad_cols(bias.to(Ww.dtype), out_p) if bias is not None else None
     y = F.linear(F.linear(aligned.pad_cols(x, in_p), Aw), Ww, bias)
     return aligned.cols(y, B.shape[0])
 
