@@ -262,3 +262,26 @@ def test_segments_are_kept_per_chunk_width():
     second = sl.segments(*sup, 60, 32)
     fresh = sl.segments(*(t.clone() for t in sup), 60, 32)
     assert torch.equal(second, fresh) and not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("init,block,fold", KINDS)
+def test_float64_layers_compute_in_float64(init, block, fold, monkeypatch):
+    """The gather and tile kernels accumulate in float32: a float64 layer takes the folded
+    path (float64 GEMMs) or, channel-wise, its float64 GEMMs, and matches the float64
+    specification to rounding, forward and backward."""
+    monkeypatch.setattr(sl.folded, "MODE", fold)
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    layer = SparseLowRankLinear(50, 36, rank=5, density=0.12, init=init, block=block,
+                                key="d", dtype=torch.float64)
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(2, 7, 50, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 7, 36, dtype=torch.float64)
+    args = _args(layer, x)
+    want = (reference(*args), *reference_backward(g, *args[:7], layer.scale))
+    y = sl.eager(*args)
+    got = (y, *torch.autograd.grad(y, [x, layer.A, layer.B, layer.values], g))
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dvalues"), got, want):
+        assert _rel(a, b) < 1e-12, f"{name} (seed {seed})"
+    assert _rel(sl._forward_cuda(*args), want[0]) < 1e-12

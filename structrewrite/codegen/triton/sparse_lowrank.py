@@ -558,16 +558,24 @@ def _dense(*tensors):
     return [t.contiguous() if t is not None else None for t in tensors]
 
 
+def _wide(x) -> bool:
+    """float64: the gather and tile kernels accumulate in float32, so element-wise and tile
+    supports take the folded path (float64 GEMMs on cuBLAS), as channel-wise ones take
+    float64 GEMMs: float64 results as the op's specification computes them."""
+    return x.dtype == torch.float64
+
+
 def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=None, fold=None):
     """``fold``: whether an element-wise support takes the folded path (None: ``_folds``)."""
     values, crow, col, row, bias = _dense(values, crow, col, row, bias)
     how = how or plan(crow, col, row, B.shape[0], A.shape[1])
     if how.kind == "channel":     # channel-wise support (LOST): all dense GEMMs
         return channel.forward(x, A, B, values, how.cols, bias, scale, saved=saved)
-    if how.kind == "block":       # tiles of b x b: tensor-core block-sparse kernels
+    wide = _wide(x)
+    if how.kind == "block" and not wide:   # tiles of b x b: tensor-core block-sparse kernels
         return block.forward(x, A, B, values, crow, col, row, bias, scale, how.layout.b,
                              saved=saved, lay=how.layout)
-    if _folds(x, A, B, values) if fold is None else fold:   # W by chunks on cuBLAS
+    if wide or (_folds(x, A, B, values) if fold is None else fold):   # W by chunks on cuBLAS
         return folded.forward(x, A, B, values, crow, col, row, bias, scale, memo=how.memo)
     return forward(x, A, B, values, crow, col, row, bias, scale, saved=saved)
 
@@ -584,10 +592,11 @@ def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=N
         return channel.backward(grad, x, A, B, values, how.cols, scale, saved=saved, xa=xa)
     if not saved and xa is not None:   # what the gather and tile backward passes take
         saved = [xa]
-    if how.kind == "block":
+    wide = _wide(x)
+    if how.kind == "block" and not wide:
         return block.backward(grad, x, A, B, values, crow, col, row, scale, how.layout.b,
                               saved=saved, lay=how.layout)
-    if _folds(x, A, B, values) if fold is None else fold:
+    if wide or (_folds(x, A, B, values) if fold is None else fold):
         return folded.backward(grad, x, A, B, values, crow, col, row, scale, memo=how.memo)
     return backward(grad, x, A, B, values, crow, col, row, scale, saved=saved)
 
