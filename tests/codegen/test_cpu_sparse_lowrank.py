@@ -232,3 +232,27 @@ def test_train_ops_keep_xa_and_match_the_reference(dtype, kind, monkeypatch):
     for name, a, b in zip(("dx", "dA", "dB", "dvalues"), got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert _rel(a, b) < TOL[dtype], f"{name} (seed {seed}, {kind})"
+
+
+def _strided(t):
+    """The same elements as ``t``, as every other element of a tensor twice as long."""
+    out = torch.empty(2 * t.numel(), dtype=t.dtype)[::2]
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("fold", ["never", "always"])
+def test_strided_values_bias_and_support_are_read_as_their_elements(fold, monkeypatch):
+    """The CSR products are built on the index tensors as stored: strided views of the
+    support (or of values and bias) compute what their elements say."""
+    monkeypatch.setattr(folded, "MODE", fold)
+    seed = random.randrange(2**31)
+    args, g = _problem(torch.float32, 0.1, True, seed)
+    x, A, B, v, crow, col, row, bias, scale = args
+    views = (x, A, B, _strided(v), _strided(crow), _strided(col), _strided(row),
+             _strided(bias), scale)
+    assert not views[5].is_contiguous()
+    assert _rel(cpu.forward(*views), reference(*args)) < 1e-5, seed
+    for a, b in zip(cpu.backward(g, *views[:7], scale), reference_backward(g, *args[:7], scale)):
+        assert _rel(a, b) < 1e-5, seed
+
