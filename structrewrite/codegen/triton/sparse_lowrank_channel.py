@@ -30,6 +30,7 @@ per support, once, with the detection below cached on the support buffers.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -57,15 +58,17 @@ def split_scale(scale: float, dtype: torch.dtype) -> tuple[float, float, float]:
     """Where the scale s goes: (alpha, beta, e) with alpha·beta = s and alpha·e = 1.
 
     ``y = alpha · t W'ᵀ`` with ``W' = [beta·B, V, 0]`` and the one-hot rows of A' equal to
-    ``e``. When 1/s = rank/alpha is exact in ``dtype`` (a power of two, or few enough
-    significant bits: the common ranks and alphas), the rows carry 1/s and s rides on the
-    GEMMs' alpha (``aligned.mm``): no pass scales B. Otherwise B is scaled (one small
-    pass) and the rows carry 1: also in float16, where input channels times 1/s above
-    65504 would overflow t (at rank 1024 and alpha 32, inputs above 2047), and at s = 0."""
+    ``e``. When 1/s = rank/alpha is a power of two (the common ranks and alphas), input
+    channels times 1/s are exact, so the rows carry 1/s and s rides on the GEMMs' alpha
+    (``aligned.mm``): no pass scales B. Otherwise B is scaled (one small pass) and the
+    rows carry 1: where 1/s is not a power of two (x·1/s would be rounded once more in
+    t), in float16 (input channels times 1/s above 65504 would overflow t: at rank 1024
+    and alpha 32, inputs above 2047), and at s = 0. ``dtype`` stays in the key of the
+    cache."""
     if scale == 0.0 or dtype == torch.float16:
         return 1.0, scale, 1.0
     inv = 1.0 / scale
-    if torch.tensor(inv, dtype=torch.float64).to(dtype).item() == inv:
+    if math.isfinite(inv) and math.frexp(inv)[0] == 0.5:
         return scale, 1.0, inv
     return 1.0, scale, 1.0
 
