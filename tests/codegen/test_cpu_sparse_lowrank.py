@@ -256,14 +256,3 @@ def test_strided_values_bias_and_support_are_read_as_their_elements(fold, monkey
     for a, b in zip(cpu.backward(g, *views[:7], scale), reference_backward(g, *args[:7], scale)):
         assert _rel(a, b) < 1e-5, seed
 
-
-def test_channel_scale_split_keeps_input_channels_exact():
-    """The channel-wise GEMMs move the scale s off B only where x·(1/s) is exact and fits:
-    1/s a power of two, not float16 (overflow), not s = 0."""
-    from structrewrite.codegen.triton.sparse_lowrank_channel import split_scale
-
-    assert split_scale(0.5, torch.bfloat16) == (0.5, 1.0, 2.0)
-    assert split_scale(32 / 1024, torch.float32) == (32 / 1024, 1.0, 32.0)
-    for s, dtype in ((1 / 3, torch.bfloat16), (0.001, torch.float32), (0.5, torch.float16),
-                     (0.0, torch.bfloat16)):
-        assert split_scale(s, dtype) == (1.0, s, 1.0), (s, dtype)

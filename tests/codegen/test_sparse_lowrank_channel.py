@@ -1,5 +1,7 @@
 """The channel-structured path of the op's CUDA implementation (dense GEMMs only),
 run on the CPU against the reference op: fp64, fp32 and bf16, fresh random inputs."""
+import math
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("alpha", [32.0, 3.0])   # 1/s exact (s on the GEMMs' alpha), or not (s on B)
+@pytest.mark.parametrize("alpha", [32.0, 3.0])   # 1/s a power of two at ranks 8 and 16 (s on the GEMMs' alpha), or not (s on B)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("M, in_f, out_f, rank, k", [(37, 48, 29, 8, 5), (1, 33, 70, 16, 1), (64, 40, 40, 20, 12)])
@@ -38,7 +40,7 @@ def test_channel_path_matches_the_reference(dtype, bias, M, in_f, out_f, rank, k
     b = torch.randn(out_f, generator=gen).to(dtype) if bias else None
     g = torch.randn(M, out_f, generator=gen).to(dtype)
     scale = alpha / rank
-    assert (ch.split_scale(scale, dtype)[0] == scale) == (alpha == 32.0 or dtype == torch.float64)
+    assert (ch.split_scale(scale, dtype)[0] == scale) == (math.frexp(rank / alpha)[0] == 0.5)
     up = lambda t: None if t is None else t.double()  # noqa: E731
     y_ref = op(up(x), up(A), up(B), up(v), crow, col, row, up(b), scale)
     grads_ref = op_bwd(up(g), up(x), up(A), up(B), up(v), crow, col, row, scale)
@@ -60,11 +62,16 @@ def test_channel_path_matches_the_reference(dtype, bias, M, in_f, out_f, rank, k
         assert rel(got, want) < TOL[dtype]
 
 
-def test_scale_rides_on_the_gemm_alpha_only_where_its_reciprocal_is_exact():
+def test_scale_rides_on_the_gemm_alpha_only_where_input_channels_stay_exact():
+    """s moves off B only where x·(1/s) is exact and fits: 1/s a power of two (1/3 or 257/32
+    would round each input channel once more), not in float16 (large inputs times 1/s
+    overflow), not at s = 0."""
     assert ch.split_scale(1 / 16, torch.bfloat16) == (1 / 16, 1.0, 16.0)
-    assert ch.split_scale(3 / 8, torch.float32) == (1.0, 3 / 8, 1.0)           # 8/3 is inexact
-    assert ch.split_scale(32 / 257, torch.float32) == (32 / 257, 1.0, 257 / 32)
-    assert ch.split_scale(32 / 257, torch.bfloat16) == (1.0, 32 / 257, 1.0)    # 257/32 needs 9 bits
+    assert ch.split_scale(0.5, torch.float64) == (0.5, 1.0, 2.0)
+    assert ch.split_scale(32 / 1024, torch.float32) == (32 / 1024, 1.0, 32.0)
+    for s, dtype in ((3 / 8, torch.float32), (32 / 257, torch.float32), (1 / 3, torch.bfloat16),
+                     (0.001, torch.float64), (0.5, torch.float16), (0.0, torch.bfloat16)):
+        assert ch.split_scale(s, dtype) == (1.0, s, 1.0), (s, dtype)
 
 
 def test_detection_refuses_unstructured_supports_and_follows_updates():

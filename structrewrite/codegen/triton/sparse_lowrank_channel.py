@@ -18,7 +18,8 @@ and the backward, with ``dt = g W'``:
 Where the scale goes: ``differentiable`` (eager mode) scales B inside W' as written. The
 op's implementation (``forward``/``backward``) gives E's rows the value 1/s and applies
 s as the cuBLAS alpha of the second GEMM, of ``g W'`` and of ``gᵀ t`` (``split_scale``;
-B then enters W' unscaled), one pass fewer each way, wherever 1/s is exact in the dtype.
+B then enters W' unscaled), one pass fewer each way, wherever 1/s is a power of two
+(``split_scale``: then e·x is exact; not in float16, where it could overflow).
 
 R = r + k rounded up to a multiple of 64 (zero padding), because cuBLAS is only fast on
 aligned leading dimensions (benchmarks/README.md has the times of each version).
