@@ -21,7 +21,8 @@ declares the name, importing the package registers it (``structrewrite/__init__.
      the node's ``nn_module_stack`` (``L['self'].model.layers[0].mlp.gate_proj`` ->
      ``model.layers.0.mlp.gate_proj``; the same from a module held in a global,
      ``G['net']``, or compiled as a bound ``forward``; where a graph calls modules from
-     several variables, the variable's name comes first: ``enc.0``, ``dec.0``);
+     several variables, the variable's name comes first: ``enc.0``, ``dec.0``, but not for
+     the compiled module's own sites);
    * a stand-in module tree with modules of the original classes at those FQNs, holding the
      real weights (the example inputs dynamo passes are the live parameters), under empty
      parents of their original classes too (so that ``{type: LlamaMLP}`` selects the same
@@ -81,6 +82,11 @@ class BackendError(RuntimeError):
 _ROOT = re.compile(r"^[LG]\[['\"]?([^\]'\"]*)['\"]?\](\[\d+\])*(\.__self__)?")
 
 
+# roots that are the compiled module itself (its ``forward``'s self; the module compiled
+# directly; a bound ``forward``): their sites keep the module's own names
+_SELF_ROOTS = ("L['self']", "L['fn']", "L['fn'].__self__")
+
+
 def root_of(source: str) -> str:
     """The variable part of a module path (``G['net']`` of ``G['net'][0]``), or ''."""
     m = _ROOT.match(source)
@@ -92,10 +98,11 @@ def fqn_from_source(source: str, named_roots: bool = False) -> str:
     or ``getattr(..)`` forms, from a global ``G['net']`` or a bound method's
     ``L['fn'].__self__``) -> the module's FQN in the compiled root (``model.layers.0.mlp``).
     ``named_roots``: keep the variable's name as the first part (``net.0``), for a graph
-    that calls modules from more than one variable, whose names would otherwise clash."""
+    that calls modules from more than one variable, whose names would otherwise clash
+    (not for the compiled module itself, ``_SELF_ROOTS``, whose sites keep its names)."""
     m = _ROOT.match(source)
     s = source[m.end():] if m else source
-    if named_roots and m:
+    if named_roots and m and m.group(0) not in _SELF_ROOTS:
         s = f"{m.group(1)}{m.group(2) or ''}.{s.lstrip('.')}"
     s = re.sub(r"(^|\.)_modules\[['\"]([^'\"]+)['\"]\]", r".\2", s)
     s = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", s)
@@ -128,7 +135,7 @@ class LinearSite:
     weight: torch.Tensor          # as the module stores it (out x in; in x out for Conv1D)
     bias: Optional[torch.Tensor]
     transposed: bool               # Conv1D: y = x W + b
-    calls: list = field(default_factory=list)   # (node, input node)
+    calls: list = field(default_factory=list)   # the F.linear / addmm nodes
     classes: dict = field(default_factory=dict)   # FQN -> class of the site and its parents
     # the other modules that use the weight (tied weights: GPT-2's lm_head and wte):
     # FQN -> (class, FQN -> class of its parents)
@@ -148,6 +155,14 @@ def _tensor_of(gm: torch.fx.GraphModule, node: Any, inputs: dict) -> Optional[to
     return None
 
 
+def _input_of(node: torch.fx.Node):
+    """The input of a linear call: read when the call is replaced, not before, since the
+    replacement of an earlier site (its output is this input) replaces the node."""
+    if node.target in _ADDMM_TARGETS:
+        return node.args[1]
+    return node.kwargs.get("input", node.args[0] if node.args else None)
+
+
 def find_linear_sites(gm: torch.fx.GraphModule, example_inputs) -> dict[str, LinearSite]:
     """Linear layers called in ``gm`` whose weights are graph inputs or attributes."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -165,18 +180,18 @@ def find_linear_sites(gm: torch.fx.GraphModule, example_inputs) -> dict[str, Lin
         fqn, cls = where
         if node.target in _LINEAR_TARGETS:
             args = list(node.args) + [None] * (3 - len(node.args))
-            x = args[0]
             w_node = node.kwargs.get("weight", args[1])
             b_node = node.kwargs.get("bias", args[2])
             transposed = False
         elif node.target in _ADDMM_TARGETS and len(node.args) == 3 and not node.kwargs:
-            b_node, x, w_node = node.args
+            b_node, _, w_node = node.args
             transposed = True
         else:
             continue
         weight = _tensor_of(gm, w_node, inputs)
         bias = _tensor_of(gm, b_node, inputs) if b_node is not None else None
-        if weight is None or weight.dim() != 2 or (b_node is not None and bias is None):
+        if (weight is None or weight.dim() != 2 or (b_node is not None and bias is None)
+                or _input_of(node) is None):
             continue
         site = sites.get(fqn)
         if site is None:
@@ -185,9 +200,9 @@ def find_linear_sites(gm: torch.fx.GraphModule, example_inputs) -> dict[str, Lin
             weight_nodes[fqn] = w_node
         elif site.weight is not weight:
             continue   # another call under the same module with other weights: not this layer
-        site.calls.append((node, x))
+        site.calls.append(node)
     for fqn, site in sites.items():
-        calls = {node for node, _ in site.calls}
+        calls = set(site.calls)
         for user in weight_nodes[fqn].users:
             where = _innermost_module(user, named) if user not in calls else None
             if where is not None and where[0] != fqn:
@@ -309,7 +324,7 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str,
     new = {}
     root_cls = next((s.classes[""] for s in sites.values() if "" in s.classes), None)
     root = _bare(root_cls) if root_cls is not None else nn.Module()
-    stand_ins, params, same = {}, {}, {}
+    stand_ins, params = {}, {}
     for fqn, site in sites.items():
         if not fqn:
             continue
@@ -317,10 +332,7 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str,
         if hit is not None:
             new[fqn] = hit
             continue
-        # one module called under two names (as sr.rewrite sees it: replaced under both)
-        key = (site.cls, id(site.weight), id(site.bias))
-        stand_ins[fqn] = same.setdefault(key, None) or _stand_in(site, params)
-        same[key] = stand_ins[fqn]
+        stand_ins[fqn] = _stand_in(site, params)
         _install(root, fqn, stand_ins[fqn], site.classes)
     modules = dict(root.named_modules())
     for fqn, site in sites.items():   # the modules that share a site's weight, holding it
@@ -344,9 +356,9 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str,
         module.eval()
         name = "structrewrite__" + fqn.replace(".", "__")
         gm.add_submodule(name, module)
-        for node, x in sites[fqn].calls:
+        for node in sites[fqn].calls:
             with gm.graph.inserting_before(node):
-                call = gm.graph.call_module(name, (x,))
+                call = gm.graph.call_module(name, (_input_of(node),))
             call.meta.update({k: v for k, v in node.meta.items() if k != "val"})
             call.meta["from_pass"] = "structrewrite_backend"
             node.replace_all_uses_with(call)

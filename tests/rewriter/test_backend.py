@@ -37,6 +37,7 @@ def test_fqn_from_dynamo_sources():
     assert backend_mod.fqn_from_source("L['fn'].__self__.2.0") == "2.0"
     assert backend_mod.fqn_from_source("G['enc'][0]", named_roots=True) == "enc.0"
     assert backend_mod.fqn_from_source("L['args'][1].up", named_roots=True) == "args.1.up"
+    assert backend_mod.fqn_from_source("L['self'].model.up", named_roots=True) == "model.up"
 
 
 def test_no_policy_training_step_through_opaque_op_equals_eager():
@@ -355,6 +356,24 @@ def test_modules_reached_through_a_global_or_a_bound_method_keep_their_names():
         torch.testing.assert_close(y, DEC(enc(x)), atol=1e-6, rtol=1e-6)
     assert set(installed(graph_modules)) == {"structrewrite__ENC__0"}
 
+    class Head(torch.nn.Module):   # its own linear, then a module held in a global
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return ENC(self.proj(x))
+
+    torch._dynamo.reset()
+    head = Head().eval()
+    compiled, graph_modules = compile_and_collect(head, {"policy": {"version": 1, "rules": [
+        {"match": "proj", "rewrite": "sparse_lowrank", "with": {"rank": 4, "density": 0.1}},
+        {"match": "ENC.0", "rewrite": "sparse_lowrank", "with": {"rank": 4, "density": 0.1}}]},
+        "compiler": "eager"})
+    with torch.no_grad():
+        compiled(x)
+    assert set(installed(graph_modules)) == {"structrewrite__proj", "structrewrite__ENC__0"}
+
 
 def test_a_module_registered_under_two_names_is_one_site():
     """As under ``sr.rewrite``: one module registered twice is replaced by one module, not
@@ -379,3 +398,18 @@ def test_a_module_registered_under_two_names_is_one_site():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), atol=1e-6, rtol=1e-6)
     assert set(installed(graph_modules)) == {"structrewrite__a"}
+
+
+def test_linears_chained_directly_are_both_rewritten():
+    """The second linear's input is the first's output, which the first's replacement
+    replaces: its call is made from its input as it stands then."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Linear(24, 8)).eval()
+    pol = {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                                    "with": {"rank": 4, "density": 0.1}}]}
+    eager = sr.rewrite(model, pol).model
+    compiled, graph_modules = compile_and_collect(model, {"policy": pol, "compiler": "eager"})
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), atol=1e-6, rtol=1e-6)
+    assert set(installed(graph_modules)) == {"structrewrite__0", "structrewrite__1"}
