@@ -131,7 +131,8 @@ def run(args) -> int:
         ref = [x for x in pytree.tree_leaves(outputs) if isinstance(x, torch.Tensor)]
     diffs = [(float(np.abs(g.astype(np.float64) - r.double().numpy()).max()) if r.numel() else 0.0,
               tolerance(r, args.atol)) for g, r in zip(got, ref)]
-    worst, tol = max(diffs, key=lambda d: d[0] / d[1])
+    worst, tol = max(diffs, key=lambda d: d[0] / d[1] if d[1] > 0 else float(d[0] > 0) * 1e300,
+                     default=(0.0, 0.0))
     ok = len(got) == len(ref) and all(d <= t for d, t in diffs)
     print(f"ONNX Runtime vs PyTorch: {len(got)} output(s), max abs difference {worst:.2e} "
           f"(tolerance {tol:.1e}: {'ok' if ok else 'MISMATCH'})")
