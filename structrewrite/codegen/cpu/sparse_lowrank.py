@@ -49,7 +49,7 @@ import torch
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel   # plain torch, no Triton
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded     # plain torch, no Triton
 from structrewrite.codegen.triton.support_cache import cached
-from structrewrite.codegen.triton.support_plan import forward_keeping_xa, plan   # plain torch
+from structrewrite.codegen.triton.support_plan import contiguous, forward_keeping_xa, plan  # plain torch
 from structrewrite.ops import sparse_lowrank_linear as ref
 
 OP = "structrewrite::sparse_lowrank_linear"
@@ -122,13 +122,6 @@ def _tiles_backward(dx, g2, x2, V, lay):
     return dV
 
 
-def _dense(*tensors):
-    """The CSR products and the tile index read values and the support by position, as
-    stored: strided views (a sliced ``sparse_col``) are made contiguous (no copy where
-    they are)."""
-    return [t.contiguous() for t in tensors]
-
-
 def _folds(how, x, A, B, values) -> bool:
     """An element-wise float32/float64 support dense enough for the folded path
     (``sparse_lowrank_folded.pays``, with the CPU's measured rate)."""
@@ -138,8 +131,7 @@ def _folds(how, x, A, B, values) -> bool:
 
 def forward(x, A, B, values, crow, col, row, bias, scale, saved=None):
     """``saved``: a list that receives what the backward can reuse (``support_plan.kept_xa``)."""
-    values, crow, col, row = _dense(values, crow, col, row)
-    bias = bias.contiguous() if bias is not None else None
+    values, crow, col, row, bias = contiguous(values, crow, col, row, bias)
     if not _covered(x, A, B, values, bias):
         return ref.reference(x, A, B, values, crow, col, row, bias, scale)
     in_features, out_features = A.shape[1], B.shape[0]
@@ -170,7 +162,7 @@ def forward(x, A, B, values, crow, col, row, bias, scale, saved=None):
 
 def backward(grad, x, A, B, values, crow, col, row, scale, xa=None):
     """``xa``: x Aᵀ from the forward (``sparse_lowrank_linear_train``), else recomputed."""
-    values, crow, col, row = _dense(values, crow, col, row)
+    values, crow, col, row = contiguous(values, crow, col, row)
     if not _covered(grad, x, A, B, values) or (xa is not None and xa.dtype != x.dtype):
         return ref.reference_backward(grad, x, A, B, values, crow, col, row, scale, xa=xa)
     in_features, out_features = A.shape[1], B.shape[0]

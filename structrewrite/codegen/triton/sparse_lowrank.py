@@ -132,7 +132,7 @@ from structrewrite.codegen.triton import sparse_lowrank_block as block
 from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
-from structrewrite.codegen.triton.support_plan import Plan, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
+from structrewrite.codegen.triton.support_plan import Plan, contiguous, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, lazily, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import autocast_off
 
@@ -552,12 +552,6 @@ def _folds(x, A, B, values) -> bool:
     return folded.folds(x, A, B, values, "cuda" if x.is_cuda else None)
 
 
-def _dense(*tensors):
-    """The kernels index values, bias and the support by position: strided views (a
-    sliced or expanded ``values``) are made contiguous (no copy where they are)."""
-    return [t.contiguous() if t is not None else None for t in tensors]
-
-
 def _wide(x) -> bool:
     """float64: the gather and tile kernels accumulate in float32, so element-wise and tile
     supports take the folded path (float64 GEMMs on cuBLAS), as channel-wise ones take
@@ -567,7 +561,7 @@ def _wide(x) -> bool:
 
 def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=None, fold=None):
     """``fold``: whether an element-wise support takes the folded path (None: ``_folds``)."""
-    values, crow, col, row, bias = _dense(values, crow, col, row, bias)
+    values, crow, col, row, bias = contiguous(values, crow, col, row, bias)
     how = how or plan(crow, col, row, B.shape[0], A.shape[1])
     if how.kind == "channel":     # channel-wise support (LOST): all dense GEMMs
         return channel.forward(x, A, B, values, how.cols, bias, scale, saved=saved)
@@ -584,7 +578,7 @@ def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=N
                    xa=None):
     """``saved``: what the forward kept (``EagerFunction``); ``xa``: x Aᵀ from the
     forward (``sparse_lowrank_linear_train``); without either, x Aᵀ is computed again."""
-    values, crow, col, row = _dense(values, crow, col, row)
+    values, crow, col, row = contiguous(values, crow, col, row)
     how = how or plan(crow, col, row, B.shape[0], A.shape[1])
     if xa is not None:
         xa = xa.reshape(-1, A.shape[0])
@@ -647,7 +641,7 @@ def eager(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
     """``sparse_lowrank_linear`` in eager mode: one plan lookup, then ``EagerFunction``, or
     for a channel-wise support plain differentiable GEMMs (``channel.differentiable``),
     whose backward autograd runs without Python."""
-    crow, col, row = _dense(crow, col, row)
+    crow, col, row = contiguous(crow, col, row)
     how = plan(crow, col, row, B.shape[0], A.shape[1])
     if how.kind == "channel":
         return channel.differentiable(x, A, B, values.contiguous(), how.cols, bias, scale)

@@ -18,6 +18,13 @@ from structrewrite.codegen.triton import sparse_lowrank_channel as channel
 from structrewrite.codegen.triton.support_cache import cached
 
 
+def contiguous(*tensors):
+    """The kernels and the CSR products index values, bias and the support by position,
+    as stored: strided views (a sliced ``values`` or ``sparse_col``, an expanded bias) are
+    made contiguous (no copy where they are; None stays None)."""
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
 class Plan:
     """``kind`` is ``"channel"`` (``cols``: the shared input channels), ``"block"``
     (``layout``: the tile lists of ``block_layout``) or ``"gather"`` (element-wise).
