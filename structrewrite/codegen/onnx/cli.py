@@ -47,6 +47,11 @@ def tolerance(ref, atol=None) -> float:
     return unit * max(1.0, float(ref.abs().max()) if ref.numel() else 0.0)
 
 
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name where it has none)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def _weights(path, model) -> dict:
     """The state dict at ``path``, checked against ``model``'s keys: a user error (a missing
     file, weights of a model rewritten by another policy, or none) is one line."""
@@ -62,8 +67,7 @@ def _weights(path, model) -> dict:
         raise CliError(f"cannot read --weights {path}: not a state dict saved by torch.save "
                        "(`structrewrite rewrite` writes one as model.pt)") from None
     except (OSError, RuntimeError, ValueError, EOFError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CliError(f"cannot read --weights {path}: {first}") from None
+        raise CliError(f"cannot read --weights {path}: {_first_line(e)}") from None
     if not isinstance(state, dict):
         raise CliError(f"--weights {path} holds a {type(state).__name__}, not a state dict")
     want = set(model.state_dict())
@@ -119,12 +123,11 @@ def run(args) -> int:
         sess = ort_session(out)
         got = sess.run(None, ort_inputs(sess, inputs))
     except Exception as e:   # noqa: BLE001 (ONNX Runtime's own error types)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         bf16 = any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *inputs)
                    if isinstance(t, torch.Tensor))
         hint = (" (its CPU kernels have no bfloat16 matrix products: export in float32 or "
                 "float16)" if bf16 else "")
-        raise CliError(f"ONNX Runtime cannot run {out}{hint}: {first[:300]}; the file is "
+        raise CliError(f"ONNX Runtime cannot run {out}{hint}: {_first_line(e)[:300]}; the file is "
                        "written (--no-check skips this check)") from None
     with torch.no_grad():
         outputs = model(*inputs, **export_kwargs(model))
