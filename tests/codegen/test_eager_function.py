@@ -285,3 +285,65 @@ def test_float64_layers_compute_in_float64(init, block, fold, monkeypatch):
     for name, a, b in zip(("y", "dx", "dA", "dB", "dvalues"), got, want):
         assert _rel(a, b) < 1e-12, f"{name} (seed {seed})"
     assert _rel(sl._forward_cuda(*args), want[0]) < 1e-12
+
+
+class _OnDevice:
+    """Stands for a tensor on ``cuda:index`` (only its device is read by the guard)."""
+    def __init__(self, index):
+        self.device = torch.device("cuda", index)
+
+
+def test_cuda_entries_run_on_their_first_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every CUDA entry (the four registered
+    kernels and the eager one) makes its first tensor's device current for the call, and
+    leaves the current device alone where it is that device already. The device calls are
+    recorded here (no GPU needed); tests/flows/test_devices.py runs the real thing on two
+    GPUs."""
+    current, entered = [0], []
+
+    class device:   # torch.cuda.device as a recorder
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+            self.old, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.old
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = []
+
+    def body(*args, **kwargs):
+        seen.append(current[0])
+        return "done"
+
+    registered = {}
+    monkeypatch.setattr(torch.library, "register_kernel",
+                        lambda op, dev, fn: registered.setdefault(op, fn))
+    for name in ("_forward_cuda", "_backward_cuda", "_forward_train_cuda", "_backward_train_cuda"):
+        monkeypatch.setattr(sl, name, body)
+    assert sorted(sl.register()) == sorted(registered)
+    entries = list(registered.values())
+    assert len(entries) == 4
+    for fn in entries:
+        seen.clear(), entered.clear()
+        assert fn(_OnDevice(1), _OnDevice(1)) == "done"
+        assert seen == [1] and entered == [1] and current[0] == 0
+        seen.clear(), entered.clear()
+        assert fn(_OnDevice(0)) == "done"
+        assert seen == [0] and entered == []
+    # the layer's eager entry (``eager``): its first step runs with cuda:1 current
+    class Reached(Exception):
+        pass
+
+    def first_step(*args):
+        seen.append(current[0])
+        raise Reached
+    monkeypatch.setattr(sl, "contiguous", first_step)
+    seen.clear()
+    with pytest.raises(Reached):
+        sl.eager(_OnDevice(1), *[None] * 7, 1.0)
+    assert seen == [1] and current[0] == 0

@@ -121,6 +121,7 @@ result while writing the real output.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -135,6 +136,24 @@ from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, contiguous, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, lazily, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import autocast_off
+
+
+def on_own_device(fn):
+    """``fn(first_tensor, ...)`` run with the first tensor's CUDA device current. Triton
+    launches a kernel on the current device and stream, and the tuning times there;
+    ATen's operators set the device of their operands themselves, Python kernels get no
+    such guard from the dispatcher. Without this, a layer on ``cuda:1`` called while
+    ``cuda:0`` is current (a model spread over GPUs, e.g. an HF ``device_map``) would have
+    its kernels launched on ``cuda:0``. One integer comparison where the device is current
+    already."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        index = args[0].device.index
+        if index is not None and index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
 
 OP = "structrewrite::sparse_lowrank_linear"
 OP_BACKWARD = "structrewrite::sparse_lowrank_linear_backward"
@@ -637,6 +656,7 @@ class EagerFunction(torch.autograd.Function):
         return dx, dA, dB, dv, None, None, None, dbias, None, None
 
 
+@on_own_device
 def eager(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
     """``sparse_lowrank_linear`` in eager mode: one plan lookup, then ``EagerFunction``, or
     for a channel-wise support plain differentiable GEMMs (``channel.differentiable``),
@@ -650,8 +670,7 @@ def eager(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
 
 def register() -> list[str]:
     """Register the kernels as the op's CUDA implementation (called by the package)."""
-    torch.library.register_kernel(OP, "cuda", autocast_off(_forward_cuda))
-    torch.library.register_kernel(OP_BACKWARD, "cuda", autocast_off(_backward_cuda))
-    torch.library.register_kernel(OP_TRAIN, "cuda", autocast_off(_forward_train_cuda))
-    torch.library.register_kernel(OP_BACKWARD_TRAIN, "cuda", autocast_off(_backward_train_cuda))
+    for op, fn in ((OP, _forward_cuda), (OP_BACKWARD, _backward_cuda),
+                   (OP_TRAIN, _forward_train_cuda), (OP_BACKWARD_TRAIN, _backward_train_cuda)):
+        torch.library.register_kernel(op, "cuda", on_own_device(autocast_off(fn)))
     return [OP, OP_BACKWARD, OP_TRAIN, OP_BACKWARD_TRAIN]
