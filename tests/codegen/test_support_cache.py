@@ -30,6 +30,35 @@ def test_built_once_per_support_and_rebuilt_after_a_change():
     assert len(calls) == 4
 
 
+def test_every_live_support_stays_cached_however_many():
+    """One entry per live support: with more supports than any count bound would hold
+    (a large model and an EMA copy run every step), each is built once, and a second
+    pass over them all builds nothing. An in-place change replaces its entry."""
+    supports = [(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([i % 7], dtype=torch.int32))
+                for i in range(5000)]
+    calls = []
+
+    def build():
+        calls.append(1)
+        return len(calls)
+
+    before = len(sc._CACHE)
+    for _ in range(2):
+        for crow, col in supports:
+            sc.cached("test-many", (crow, col), (1,), build)
+    assert len(calls) == 5000
+    assert len(sc._CACHE) == before + 5000
+    crow, col = supports[17]
+    col.add_(1)
+    sc.cached("test-many", (crow, col), (1,), build)
+    assert len(calls) == 5001 and len(sc._CACHE) == before + 5000   # replaced, not added
+    assert sc.cached("test-many", (crow, col), (1,), build) == 5001
+    del supports, crow, col
+    import gc
+    gc.collect()
+    assert len(sc._CACHE) == before
+
+
 def test_helper_thread_returns_the_result_and_raises_the_error():
     here = threading.get_ident()
     assert sc.on_helper_thread(lambda: threading.get_ident()) != here
@@ -48,7 +77,7 @@ def test_cpu_builds_run_in_place():
 
 def test_an_entry_goes_with_its_tensors():
     """What a layer's support left in the cache (layouts, on the device) goes when the
-    layer does, not when 2048 newer entries push it out."""
+    layer does."""
     import gc
     import weakref
 

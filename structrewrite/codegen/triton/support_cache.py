@@ -4,8 +4,11 @@ The support buffers of a layer (``crow``, ``col``, ``row``) do not change while 
 trains; only ``values`` do. Whatever a kernel derives from them (a CSC copy, the channel
 list of a channel-wise support, constant GEMM blocks) is cached here, keyed on the
 buffers' identity (data pointer, held weakly), version (an in-place change rebuilds) and
-the extra key parts the caller gives. An entry goes when one of its tensors dies; and
-the cache is bounded: the oldest entry goes first.
+the extra key parts the caller gives. An entry goes when one of its tensors dies, and an
+in-place change replaces it; so the cache holds one entry per live support and layout
+kind, whatever the number of layers. (It has no count bound: a bound below what the
+models of a process use, say a large model with an EMA or reference copy run every step,
+would have every layer's layouts rebuilt at every call.)
 
 What is cached is allocated outside any CUDA-graph memory pool (``outside_graph_pools``):
 ``torch.compile(mode="reduce-overhead")`` runs its first calls with the calling thread's
@@ -23,7 +26,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 _CACHE: dict = {}
-MAX_ENTRIES = 2048
 _SIDE: dict = {}
 
 
@@ -86,23 +88,25 @@ def version(t: torch.Tensor) -> int:
 
 
 def cached(kind: str, tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], Any]):
-    """``build()`` once per (kind, tensors as they are now, extra); the stored value after."""
-    key = (kind, *(t.data_ptr() for t in tensors), *(version(t) for t in tensors),
-           *(t.numel() for t in tensors), *extra)
+    """``build()`` once per (kind, tensors, extra) as the tensors are now; the stored value
+    after, until one of the tensors dies or changes in place."""
+    key = (kind, *(t.data_ptr() for t in tensors), *(t.numel() for t in tensors), *extra)
+    versions = tuple(version(t) for t in tensors)
     hit = _CACHE.get(key)
-    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
-        return hit[1]
+    if hit is not None:
+        if hit[1] == versions and all(ref() is t for ref, t in zip(hit[0], tensors)):
+            return hit[2]
+        del _CACHE[key]   # written in place, or other tensors at the same address: rebuilt
+
     value = outside_graph_pools(tensors[0].device, build)
-    if len(_CACHE) >= MAX_ENTRIES:
-        _CACHE.pop(next(iter(_CACHE)))
 
     def drop(ref, key=key, cache=_CACHE):
         """The entry goes with the first of its tensors to die: its value (layouts on the
-        device) would otherwise outlive the layer until MAX_ENTRIES newer ones pushed it
-        out, as in a sweep that builds model after model. (``cache`` is bound here: at
-        interpreter exit the module's globals may already be gone when tensors die.)"""
+        device) would otherwise outlive the layer, as in a sweep that builds model after
+        model. (``cache`` is bound here: at interpreter exit the module's globals may
+        already be gone when tensors die.)"""
         hit = cache.get(key)
         if hit is not None and any(r is ref for r in hit[0]):
             del cache[key]
-    _CACHE[key] = (tuple(weakref.ref(t, drop) for t in tensors), value)
+    _CACHE[key] = (tuple(weakref.ref(t, drop) for t in tensors), versions, value)
     return value
