@@ -402,8 +402,9 @@ class SparseLowRankLinear(nn.Module):
         plain = type(x) in _PLAIN          # not a proxy or fake tensor of a tracer
         if plain and _autocast_on(x.device.type):   # AMP: compute in the autocast dtype
             dt = torch.get_autocast_dtype(x.device.type)
-            x, A, B, values = x.to(dt), A.to(dt), B.to(dt), values.to(dt)
-            bias = bias.to(dt) if bias is not None else None
+            # as autocast casts the operands of F.linear: float64 ones stay as they are
+            x, A, B, values, bias = (t if t is None or t.dtype == torch.float64 else t.to(dt)
+                                     for t in (x, A, B, values, bias))
         if plain and not torch.compiler.is_compiling() and self._support_id() != self._support_seen:
             # buffers moved, written or loaded in parts since the support was read
             if self._support_id() != self._support_valid and not self.sparse_col.is_meta:

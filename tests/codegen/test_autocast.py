@@ -55,6 +55,23 @@ def test_layer_under_cpu_autocast_computes_in_bf16(init, block):
 
 
 @pytest.mark.parametrize("init,block", KINDS)
+def test_a_float64_layer_under_autocast_stays_float64(init, block):
+    """Autocast leaves float64 operands alone (as for nn.Linear): a float64 layer keeps
+    computing in float64, and its output feeds a float64 nn.Linear under autocast."""
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    layer = _layer(init, block, seed).double()
+    head = torch.nn.Linear(48, 5).double()
+    x = torch.randn(3, 7, 64, dtype=torch.float64)
+    want = layer(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+        out = head(y)
+    assert y.dtype == out.dtype == torch.float64
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("init,block", KINDS)
 def test_cuda_implementation_ignores_autocast(small_tiles, init, block):
     """The CUDA implementation as registered (under ``autocast_off``) computes float32
     inputs in float32 inside an autocast region."""
