@@ -294,16 +294,19 @@ class SparseLowRankLinear(nn.Module):
     def _check_support(self) -> None:
         """Checks a support that this layer did not build and has not checked since it
         last changed (``check_support``): one the buffers got from ``to_empty`` (never
-        set), from a load in parts, or from a write in place. Raises ValueError rather
-        than let a kernel read past its operands."""
+        set), from a load in parts, or from a write in place (such as an average taken
+        in floating point, which truncates indices). Raises ValueError rather than let a
+        kernel read past its operands."""
         try:
             check_support(self.sparse_crow, self.sparse_col, self.sparse_row,
                           self.out_features, self.in_features)
         except ValueError as exc:
             raise ValueError(
                 f"{self.key or 'SparseLowRankLinear'}: the sparse support is not valid ({exc}). "
-                "After to_empty(), call reset_parameters() or load a state dict that holds "
-                "sparse_crow, sparse_col and sparse_row") from None
+                "Its buffers hold indices: after to_empty(), call reset_parameters() or load "
+                "a state dict that holds sparse_crow, sparse_col and sparse_row; an average "
+                "of the model's buffers (AveragedModel(use_buffers=True), an EMA over the "
+                "whole state dict) must copy them, not average them") from None
         self._support_valid = self._support_id()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

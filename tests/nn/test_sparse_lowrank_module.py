@@ -323,3 +323,23 @@ def test_a_meta_layer_infers_shapes(init, block):
     y = layer(x)
     y.sum().backward()
     assert y.shape == (3, 5, 48) and y.is_meta and layer.values.grad.shape == layer.values.shape
+
+
+def test_an_ema_copy_of_the_parameters_runs_and_one_of_the_buffers_is_refused():
+    """``AveragedModel``'s default (parameters averaged, buffers copied once) gives a
+    working EMA copy; averaging the buffers too (``use_buffers=True``) truncates the
+    averaged int32 indices, and the copy refuses to run, naming the cause."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    layer = SparseLowRankLinear(32, 48, rank=4, density=0.25, init="random", key="l")
+    x = torch.randn(4, 32)
+    ema = AveragedModel(layer, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for _ in range(3):
+        ema.update_parameters(layer)
+    torch.testing.assert_close(ema(x), layer(x))
+    both = AveragedModel(layer, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    both.update_parameters(layer)   # the first call copies
+    both.update_parameters(layer)   # the second averages equal indices: 384 -> 383
+    assert not torch.equal(both.module.sparse_crow, layer.sparse_crow)
+    with pytest.raises(ValueError, match=r"l: the sparse support is not valid .*AveragedModel"):
+        both(x)
