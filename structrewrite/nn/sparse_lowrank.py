@@ -215,6 +215,9 @@ class SparseLowRankLinear(nn.Module):
         # k where the support is channel-wise (every row holds the same k input channels),
         # else 0; set where the support is set or loaded (``_support_changed``)
         self._channel_k, self._support_seen = 0, ()
+        # how many times the support was set, loaded or seen changed (``_support_changed``);
+        # compiled code guards on it (``forward``)
+        self._support_gen = 0
         # the support as last built or checked (``_support_id``), and the support buffers a
         # load in parts has brought so far (``_load_from_state_dict``)
         self._support_valid, self._support_parts = (), frozenset()
@@ -283,9 +286,11 @@ class SparseLowRankLinear(nn.Module):
         channel-wise (``_channel_k``), which decides how ``torch.compile`` sees the layer.
         An eager call also reads it again where the buffers changed since (moved, or
         written in place); a support written in place and then only run compiled is not
-        seen: set supports through ``load_state_dict``."""
+        seen: set supports through ``load_state_dict``. Each time moves the support's
+        generation on, which compiled code guards on."""
         self._channel_k = channel_count(self.sparse_crow, self.sparse_col, self.out_features)
         self._support_seen = self._support_id()
+        self._support_gen += 1
 
     def _support_id(self) -> tuple:
         return tuple((t.data_ptr(), version(t))
@@ -413,6 +418,12 @@ class SparseLowRankLinear(nn.Module):
             if self._support_id() != self._support_valid and not self.sparse_col.is_meta:
                 self._check_support()
             self._support_changed()
+        if torch.compiler.is_compiling() and self._support_gen < 0:
+            # never true: the read makes Dynamo guard on the support's generation, so code
+            # compiled before a support was loaded (or seen written) compiles again. The
+            # kernels' layouts derived from a support are cached outside the graph, and a
+            # CUDA graph (mode="reduce-overhead") replays the ones it was recorded with.
+            raise AssertionError("negative support generation")
         if self._channel_k and torch.compiler.is_compiling() and not _exporting():
             # a channel-wise support is two GEMMs: Inductor compiles them with the code
             # around them, where the op would cost a Python call per layer and pass

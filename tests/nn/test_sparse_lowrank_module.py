@@ -343,3 +343,30 @@ def test_an_ema_copy_of_the_parameters_runs_and_one_of_the_buffers_is_refused():
     assert not torch.equal(both.module.sparse_crow, layer.sparse_crow)
     with pytest.raises(ValueError, match=r"l: the sparse support is not valid .*AveragedModel"):
         both(x)
+
+
+@pytest.mark.parametrize("kind", [{"init": "random"}, {"init": "random", "block": 16},
+                                  {"init": "lost"}])
+def test_compiled_code_compiles_again_after_a_support_is_loaded(kind):
+    """The kernels' layouts are derived from the support and cached outside the graph; a
+    CUDA graph replays the ones it recorded. So code compiled before a load of another
+    support compiles again (a guard on the support's generation), and computes with the
+    loaded support; calls without a load reuse the compiled code."""
+    import torch._dynamo.testing
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = SparseLowRankLinear(64, 48, 8, 0.1, seed=1, **kind)
+    other = SparseLowRankLinear(64, 48, 8, 0.1, seed=2, **kind)
+    for m in (layer, other):
+        with torch.no_grad():
+            m.B.normal_()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    run = torch.compile(layer, backend=counter)
+    x = torch.randn(5, 64)
+    run(x), run(x)
+    assert counter.frame_count == 1
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(run(x), other(x))
+    run(x)
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
