@@ -9,7 +9,8 @@
   (``load_state_dict``), assign the buffers, or ``copy_`` into them under
   ``torch.no_grad()``: the layouts derived from it are cached by the buffers' storage and
   version counter, and a write through ``.data`` moves no version counter, so the layer
-  would go on with the old support's layouts.
+  would go on with the old support's layouts. Buffers made under
+  ``torch.inference_mode`` keep no version counter at all: there, load supports.
 
 The weight is never formed in forward or backward: the layer computes through the op
 ``structrewrite::sparse_lowrank_linear``, except that under ``torch.compile`` a
@@ -49,7 +50,7 @@ import torch.nn as nn
 
 from structrewrite.ops import sparse_lowrank_linear  # noqa: F401  (registers the op)
 from structrewrite.ops.sparse_lowrank_linear import channel_count, channel_decomposition
-from structrewrite.codegen.triton.support_cache import version   # plain torch, no Triton
+from structrewrite.codegen.triton.support_cache import mark_written, version   # plain torch, no Triton
 
 INITS = ("random", "svd", "lost")
 BLOCKS = (1, 16, 32, 64)
@@ -288,6 +289,8 @@ class SparseLowRankLinear(nn.Module):
         written in place); a support written in place and then only run compiled is not
         seen: set supports through ``load_state_dict``. Each time moves the support's
         generation on, which compiled code guards on."""
+        for t in (self.sparse_crow, self.sparse_col, self.sparse_row):
+            mark_written(t)   # an inference tensor keeps no version counter
         self._channel_k = channel_count(self.sparse_crow, self.sparse_col, self.out_features)
         self._support_seen = self._support_id()
         self._support_gen += 1
@@ -340,6 +343,8 @@ class SparseLowRankLinear(nn.Module):
             for n in came:
                 self._buffers[n] = kept[n]
             return
+        for n in came:   # seen by a call also where the buffers keep no version counter
+            mark_written(getattr(self, n))
         parts = self._support_parts | came
         if len(parts) < len(names):   # part of a sharded state dict: checked with the rest
             self._support_parts = parts

@@ -370,3 +370,28 @@ def test_compiled_code_compiles_again_after_a_support_is_loaded(kind):
     run(x)
     assert counter.frame_count == 2
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", [{"init": "random"}, {"init": "random", "block": 16},
+                                  {"init": "lost"}])
+def test_a_support_loaded_under_inference_mode_is_used(kind):
+    """Buffers made under ``torch.inference_mode`` keep no version counter: a load into
+    them is recorded by the layer, so that a server that builds, warms up and then loads
+    a checkpoint computes with the loaded support, and a load in parts is checked."""
+    torch.manual_seed(0)
+    other = SparseLowRankLinear(64, 96, 8, 0.25, seed=2, **kind)
+    with torch.no_grad():
+        other.B.normal_()
+    x = torch.randn(9, 64)
+    with torch.inference_mode():
+        layer = SparseLowRankLinear(64, 96, 8, 0.25, seed=1, **kind)
+        assert layer.sparse_col.is_inference()
+        layer(x)   # warm-up: the first support's layouts are cached
+        layer.load_state_dict(other.state_dict())
+        torch.testing.assert_close(layer(x), other(x))
+        if kind.get("init") == "random" and "block" not in kind:
+            fresh = SparseLowRankLinear(64, 96, 8, 0.25, seed=1, **kind)
+            fresh(x)
+            fresh.load_state_dict({"sparse_col": other.sparse_col}, strict=False)   # one part
+            with pytest.raises(ValueError, match="sparse support is not valid"):
+                fresh(x)

@@ -80,11 +80,23 @@ def outside_graph_pools(device: torch.device, build: Callable[[], Any]):
     return value
 
 
+WRITES = "_structrewrite_writes"
+
+
 def version(t: torch.Tensor) -> int:
-    """``t``'s version counter, which an in-place change moves on; -1 for an inference
-    tensor (made under ``torch.inference_mode``), which keeps none, so that an in-place
-    change to one is not seen."""
-    return -1 if t.is_inference() else t._version
+    """``t``'s version counter, which an in-place change moves on. An inference tensor
+    (made under ``torch.inference_mode``) keeps none: for it, -1 less the writes recorded
+    with ``mark_written`` (a layer records its loads), so that a support loaded into
+    inference-mode buffers is seen; other in-place changes to one are not."""
+    if t.is_inference():
+        return -1 - getattr(t, WRITES, 0)
+    return t._version
+
+
+def mark_written(t: torch.Tensor) -> None:
+    """Records a write into ``t`` where its version counter cannot (inference tensors)."""
+    if t.is_inference():
+        setattr(t, WRITES, getattr(t, WRITES, 0) + 1)
 
 
 def cached(kind: str, tensors: Sequence[torch.Tensor], extra: tuple, build: Callable[[], Any]):
