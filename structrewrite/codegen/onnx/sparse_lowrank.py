@@ -131,7 +131,8 @@ def SparseLowRankLinear(x, A, B, values, crow, col, row, bias: Optional[FLOAT], 
     # tile part: (nt x 16 x 16) · (nt x 16 x M) gathered inputs, added at the tiles' rows
     tl = op.MatMul(tl_val, op.Gather(xt, tl_cols, axis=0))                   # nt x 16 x M
     # summed in float32: ONNX Runtime's ScatterND adds no float16 (nor bfloat16); for a
-    # float64 layer the tiles' sums are rounded to float32 (float64 doubled the op's time)
+    # float64 layer the ELL and tile sums are rounded to float32 (float64 doubled the
+    # op's time)
     sparse = op.ScatterND(op.Cast(ell, to=1), op.Unsqueeze(tl_rows, op.Constant(value_ints=[2])),
                           op.Cast(tl, to=1), reduction="add")
     out = op.Add(y, op.Transpose(op.CastLike(sparse, y), perm=[1, 0]))
