@@ -203,10 +203,13 @@ def test_each_support_gets_its_layout_and_matches(tmp_path, block, in_f, out_f, 
     check_file(path, 1)
     assert settled_layout(path, out_f, tmp_path) == layout
     sess = ort_session(path)
-    x = torch.randn(3, 7, in_f)
-    (y,) = sess.run(None, ort_inputs(sess, (x,)))
-    with torch.no_grad():
-        np.testing.assert_allclose(y, layer(x).numpy(), atol=1e-4, rtol=1e-4)
+    # other shapes than the example's, empty ones too (a 0 in a shape stays a 0)
+    for shape in ((3, 7, in_f), (2, 0, in_f), (0, 4, in_f), (1, 1, in_f)):
+        x = torch.randn(shape)
+        (y,) = sess.run(None, ort_inputs(sess, (x,)))
+        assert y.shape == (*shape[:-1], out_f)
+        with torch.no_grad():
+            np.testing.assert_allclose(y, layer(x).numpy(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.float64, 1e-6)])

@@ -127,7 +127,9 @@ def SparseLowRankLinear(x, A, B, values, crow, col, row, bias: Optional[FLOAT], 
     # ELL part: gather each row's input features (out x kmax x M), one batched MatMul
     ell = op.MatMul(op.Unsqueeze(ell_val, one), op.Gather(xt, ell_col, axis=0))   # out x 1 x M
     tokens = op.Shape(x2, start=0, end=1)
-    ell = op.Reshape(ell, op.Concat(out_features, tokens, axis=0))             # out x M
+    # (allowzero: a 0 in a shape is a 0, not "keep this dimension"; 0 tokens, below an
+    # empty leading dimension, are calls like any other)
+    ell = op.Reshape(ell, op.Concat(out_features, tokens, axis=0), allowzero=1)   # out x M
     # tile part: (nt x 16 x 16) · (nt x 16 x M) gathered inputs, added at the tiles' rows
     tl = op.MatMul(tl_val, op.Gather(xt, tl_cols, axis=0))                   # nt x 16 x M
     # summed in float32: ONNX Runtime's ScatterND adds no float16 (nor bfloat16); for a
@@ -136,7 +138,7 @@ def SparseLowRankLinear(x, A, B, values, crow, col, row, bias: Optional[FLOAT], 
     sparse = op.ScatterND(op.Cast(ell, to=1), op.Unsqueeze(tl_rows, op.Constant(value_ints=[2])),
                           op.Cast(tl, to=1), reduction="add")
     out = op.Add(y, op.Transpose(op.CastLike(sparse, y), perm=[1, 0]))
-    return op.Reshape(out, op.Concat(lead, out_features, axis=0))
+    return op.Reshape(out, op.Concat(lead, out_features, axis=0), allowzero=1)
 
 
 @onnxscript.script(_emit_domain, default_opset=op)
