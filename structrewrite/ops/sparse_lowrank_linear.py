@@ -41,6 +41,26 @@ def autocast_off(fn):
     return run
 
 
+def own(t):
+    """``t``, where it is a view of a tensor made inside an implementation (the final
+    reshape of a 2-D result), as a tensor of its own (``aten._unsafe_view``, as
+    ``F.linear`` hands out its result for a 3-D input). Autograd forbids in-place changes
+    to a view made inside a custom op or Function: ``y = layer(x); y += r`` (Falcon's
+    decoder layer) failed where nn.Linear's output takes it."""
+    if isinstance(t, torch.Tensor) and t._is_view():
+        return torch.ops.aten._unsafe_view.default(t, t.shape)
+    return t
+
+
+def own_outputs(fn):
+    """``fn`` with its outputs passed through ``own``."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        return tuple(own(t) for t in out) if isinstance(out, tuple) else own(out)
+    return run
+
+
 # Upper bound on the elements of one gathered (tokens x chunk) temporary.
 _CHUNK_ELEMS = 1 << 24
 
@@ -104,7 +124,7 @@ def sparse_lowrank_linear(
     scale: float,
 ) -> torch.Tensor:
     """The op; on every device without an implementation of its own, the reference."""
-    return autocast_off(reference)(x, A, B, values, crow, col, row, bias, scale)
+    return own_outputs(autocast_off(reference))(x, A, B, values, crow, col, row, bias, scale)
 
 
 def reference(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
@@ -237,7 +257,7 @@ def sparse_lowrank_linear_train(
     """(y, x Aᵀ): y as ``sparse_lowrank_linear``, x Aᵀ of shape (..., rank) for the
     backward (not differentiable). On every device without an implementation of its own,
     the reference."""
-    return autocast_off(reference_train)(x, A, B, values, crow, col, row, bias, scale)
+    return own_outputs(autocast_off(reference_train))(x, A, B, values, crow, col, row, bias, scale)
 
 
 def reference_train(x, A, B, values, crow, col, row, bias, scale: float):

@@ -64,6 +64,29 @@ def test_eager_function_matches_the_reference(dtype, init, block, fold, monkeypa
         assert _rel(a, b) < TOL[dtype], f"{name} (seed {seed}, {init}, block {block})"
 
 
+@pytest.mark.parametrize("init,block,fold", KINDS)
+def test_eager_output_takes_in_place_changes(init, block, fold, monkeypatch):
+    """``y += r`` on the eager entry's output (Falcon's decoder layer does so): the same
+    gradients as ``y + r``, on every path (EagerFunction, the channel-wise GEMMs)."""
+    monkeypatch.setattr(sl.folded, "MODE", fold)
+    torch.manual_seed(random.randrange(2**31))
+    layer = SparseLowRankLinear(48, 40, rank=8, density=0.12, init=init, block=block, key="k")
+    with torch.no_grad():
+        layer.B.normal_()
+    x, r = torch.randn(2, 5, 48, requires_grad=True), torch.randn(2, 5, 40)
+    params = [x, layer.A, layer.B, layer.values, layer.bias]
+    args = (x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
+            layer.sparse_row, layer.bias, layer.scale)
+    y = sl.eager(*args)
+    want = torch.autograd.grad(((y + r) * 2).square().sum(), params)
+    y = sl.eager(*args)
+    y += r
+    y.mul_(2)
+    got = torch.autograd.grad(y.square().sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_module_keeps_the_op_off_cuda_and_under_tracing():
     """On the CPU (and for fx proxies) the module calls the op, which tracing records."""
     layer = SparseLowRankLinear(32, 32, rank=4, density=0.1, key="t")

@@ -395,3 +395,37 @@ def test_a_support_loaded_under_inference_mode_is_used(kind):
             fresh.load_state_dict({"sparse_col": other.sparse_col}, strict=False)   # one part
             with pytest.raises(ValueError, match="sparse support is not valid"):
                 fresh(x)
+
+
+@pytest.mark.parametrize("kind", [{"init": "random"}, {"init": "random", "block": 16},
+                                  {"init": "lost"}])
+@pytest.mark.parametrize("shape", [(6, 64), (2, 3, 64)])
+def test_the_output_takes_in_place_changes(kind, shape):
+    """``y = layer(x); y += r`` (Falcon's decoder layer; any residual added in place), as
+    nn.Linear's output takes it: the same gradients as ``y + r``. The op's outputs are no
+    views of the tensors its implementations make (autograd refuses in-place changes to
+    those)."""
+    torch.manual_seed(0)
+    layer = SparseLowRankLinear(64, 48, 8, 0.1, **kind)
+    with torch.no_grad():
+        layer.B.normal_()
+    x, r = torch.randn(*shape, requires_grad=True), torch.randn(*shape[:-1], 48)
+    grads = []
+    for in_place in (False, True):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y = layer(x)
+        if in_place:
+            y.add_(r).mul_(2)
+        else:
+            y = (y + r) * 2
+        y.square().sum().backward()
+        grads.append([x.grad, *(p.grad for p in layer.parameters())])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    # the op's body, the reference, which devices without an implementation of their own run
+    from structrewrite.ops.sparse_lowrank_linear import sparse_lowrank_linear
+    args = (x.detach(), layer.A.detach(), layer.B.detach(), layer.values.detach(),
+            layer.sparse_crow, layer.sparse_col, layer.sparse_row, layer.bias.detach(), layer.scale)
+    out = sparse_lowrank_linear._init_fn(*args)
+    assert out.shape == (*shape[:-1], 48) and not out._is_view()

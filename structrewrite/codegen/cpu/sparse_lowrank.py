@@ -205,8 +205,8 @@ def backward_train(grad, x, xa, A, B, values, crow, col, row, scale):
 
 def register() -> list[str]:
     """Register these as the ops' CPU implementations (called by the package)."""
-    torch.library.register_kernel(OP, "cpu", ref.autocast_off(forward))
+    torch.library.register_kernel(OP, "cpu", ref.own_outputs(ref.autocast_off(forward)))
     torch.library.register_kernel(OP_BACKWARD, "cpu", ref.autocast_off(backward))
-    torch.library.register_kernel(OP_TRAIN, "cpu", ref.autocast_off(forward_train))
+    torch.library.register_kernel(OP_TRAIN, "cpu", ref.own_outputs(ref.autocast_off(forward_train)))
     torch.library.register_kernel(OP_BACKWARD_TRAIN, "cpu", ref.autocast_off(backward_train))
     return [OP, OP_BACKWARD, OP_TRAIN, OP_BACKWARD_TRAIN]

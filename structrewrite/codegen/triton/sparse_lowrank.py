@@ -135,7 +135,7 @@ from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, contiguous, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, lazily, pick, sm_count
-from structrewrite.ops.sparse_lowrank_linear import autocast_off
+from structrewrite.ops.sparse_lowrank_linear import autocast_off, own, own_outputs
 
 
 def on_own_device(fn):
@@ -645,7 +645,7 @@ class EagerFunction(torch.autograd.Function):
                           fold=fold)
         ctx.save_for_backward(x, A, B, values, crow, col, row, *saved)
         ctx.scale, ctx.has_bias, ctx.how, ctx.fold = scale, bias is not None, how, fold
-        return y
+        return own(y)   # not a view: in-place changes to y are allowed
 
     @staticmethod
     def backward(ctx, grad):
@@ -670,7 +670,8 @@ def eager(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
 
 def register() -> list[str]:
     """Register the kernels as the op's CUDA implementation (called by the package)."""
-    for op, fn in ((OP, _forward_cuda), (OP_BACKWARD, _backward_cuda),
-                   (OP_TRAIN, _forward_train_cuda), (OP_BACKWARD_TRAIN, _backward_train_cuda)):
+    for op, fn in ((OP, own_outputs(_forward_cuda)), (OP_BACKWARD, _backward_cuda),
+                   (OP_TRAIN, own_outputs(_forward_train_cuda)),
+                   (OP_BACKWARD_TRAIN, _backward_train_cuda)):
         torch.library.register_kernel(op, "cuda", on_own_device(autocast_off(fn)))
     return [OP, OP_BACKWARD, OP_TRAIN, OP_BACKWARD_TRAIN]
