@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -489,14 +490,51 @@ def _tied(named: list[tuple[str, nn.Module]]) -> dict[str, str]:
     return tied
 
 
+_SOURCES: dict[type, str] = {}
+
+
+def _class_source(cls: type) -> str:
+    """The source of ``cls`` and of its bases up to ``nn.Module`` (read once per class;
+    empty where Python has none, as for classes made at run time)."""
+    if cls not in _SOURCES:
+        parts = []
+        for c in cls.__mro__:
+            if c in (nn.Module, object) or c.__module__.startswith("torch.nn.modules"):
+                continue
+            try:
+                parts.append(inspect.getsource(c))
+            except (OSError, TypeError):
+                pass
+        _SOURCES[cls] = "\n".join(parts)
+    return _SOURCES[cls]
+
+
+def _read_by_parent(named: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """FQN -> why, for each module whose parent's code reads its ``weight`` itself
+    (``self.wo.weight.dtype`` in HF's T5) besides calling it: a rewritten layer has no
+    ``weight``, so the parent would fail. Read from the parent class's source."""
+    modules = dict(named)
+    held = {}
+    for fqn, module in named:
+        parent_name, _, child = fqn.rpartition(".")
+        parent = modules.get(parent_name) if fqn else None
+        if parent is None:
+            continue
+        if re.search(rf"self\.{re.escape(child)}\.weight\b", _class_source(type(parent))):
+            held[fqn] = (f"is read by its parent ({type(parent).__name__}'s code reads "
+                         f"self.{child}.weight), not only called: the rewritten layer has no "
+                         f"weight, and the parent would fail")
+    return held
+
+
 def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Module]]]) -> Plan:
     """Resolve ``policy`` against a module tree (or (fqn, module) pairs in pre-order). A
-    module whose weight another module holds too (tied weights) is not rewritten: a rule
-    that names it alone fails with the reason, a broader rule leaves it as it is with a
-    warning."""
+    module whose weight another module holds too (tied weights), or whose parent reads its
+    weight itself (``_read_by_parent``), is not rewritten: a rule that names it alone
+    fails with the reason, a broader rule leaves it as it is with a warning."""
     named = list(modules.named_modules() if isinstance(modules, nn.Module) else modules)
-    tied = _tied(named)
-    left_tied: list[tuple[Rule, str]] = []
+    held = {**_read_by_parent(named), **_tied(named)}
+    left_held: list[tuple[Rule, str]] = []
     claimed: set[str] = set()
     entries: dict[str, PlanEntry] = {}
     kept: list[str] = []
@@ -533,9 +571,9 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
                                              {}, done=True)
                 else:
                     m = p.accepts(module)
-                    if m and fqn in tied:   # a site the pass would rewrite, but tied
-                        m = NoMatch(lambda why=tied[fqn]: why)
-                        left_tied.append((rule, fqn))
+                    if m and fqn in held:   # a site the pass would rewrite, but tied or read
+                        m = NoMatch(lambda why=held[fqn]: why)
+                        left_held.append((rule, fqn))
                     if not m:
                         refused[rule.index].append((fqn, m))
                         continue
@@ -547,9 +585,9 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
             claimed.add(fqn)
             claimed_by[fqn] = rule.index
             break
-    for rule, fqn in left_tied:   # (a required rule that matches nothing else fails below)
+    for rule, fqn in left_held:   # (a required rule that matches nothing else fails below)
         if (hits[rule.index] or rule.optional) and fqn not in claimed:
-            warnings.warn(f"rule {rule.describe()}: {fqn} is left as it is: it {tied[fqn]}",
+            warnings.warn(f"rule {rule.describe()}: {fqn} is left as it is: it {held[fqn]}",
                           UserWarning, stacklevel=3)
     for rule in policy.rules:
         if hits[rule.index] == 0 and not rule.optional:

@@ -156,3 +156,29 @@ def test_save_pretrained_in_shards_reloads_into_a_fresh_rewrite(case, tmp_path):
     ids = batch(3)
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, m(ids).logits)
+
+
+def test_t5_rewrite_leaves_the_ffn_output_its_block_reads():
+    """HF's T5 FFN reads ``self.wo.weight`` (its dtype) besides calling ``wo``: a rule over
+    all the blocks' linears leaves each ``wo`` dense with a warning, rewrites the rest,
+    and the model runs, at full rank as the dense one."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                vocab_size=128, decoder_start_token_id=0, pad_token_id=0,
+                                eos_token_id=1)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids, dec = torch.randint(3, 128, (2, 12)), torch.randint(3, 128, (2, 6))
+    with torch.no_grad():
+        want = model(input_ids=ids, decoder_input_ids=dec).logits
+    policy = {"version": 1, "rules": [{"match": {"name": "re:(encoder|decoder)\\.block\\..*",
+                                                 "type": "Linear"},
+                                       "rewrite": "sparse_lowrank",
+                                       "with": {"rank": 64, "density": 1.0, "init": "svd"}}]}
+    with pytest.warns(UserWarning, match=r"DenseReluDense.wo is left as it is: it is read by its parent"):
+        result = sr.rewrite(model, policy)
+    sites = [e.fqn for e in result.plan]
+    assert sites and not any(s.endswith(".wo") for s in sites)
+    with torch.no_grad():
+        got = result.model(input_ids=ids, decoder_input_ids=dec).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

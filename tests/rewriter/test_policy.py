@@ -3,6 +3,7 @@ import json
 import textwrap
 
 import pytest
+import torch
 import torch.nn as nn
 import yaml
 from hypothesis import given, settings, strategies as st
@@ -392,6 +393,30 @@ def test_tied_weights_are_not_untied():
     assert [e.fqn for e in result.plan] == ["mid"]
     assert result.model.head.weight is result.model.embed.weight
     assert result.report.model_params_after < result.report.model_params_before
+
+
+class ReadsItsChild(nn.Module):
+    """Reads its child's weight besides calling it, as HF's T5 FFN reads ``self.wo.weight``."""
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 32)
+        self.wo = nn.Linear(32, 16)
+
+    def forward(self, x):
+        h = self.up(x).relu()
+        return self.wo(h.to(self.wo.weight.dtype))
+
+
+def test_a_layer_whose_parent_reads_its_weight_is_left_alone():
+    """A rule naming the layer fails with the reason; a broader rule leaves it as it is,
+    says so, and the rewritten model runs."""
+    with pytest.raises(sr.PolicyError, match=r"wo \(is read by its parent \(ReadsItsChild's "
+                       r"code reads self.wo.weight\)"):
+        sr.plan(ReadsItsChild(), _rule("wo"))
+    with pytest.warns(UserWarning, match=r"wo is left as it is: it is read by its parent"):
+        result = sr.rewrite(ReadsItsChild(), _rule({"type": "Linear"}))
+    assert [e.fqn for e in result.plan] == ["up"]
+    assert result.model(torch.randn(3, 16)).shape == (3, 16)
 
 
 def test_a_module_under_two_names_is_rewritten_under_both():
