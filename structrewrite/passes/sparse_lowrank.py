@@ -32,6 +32,34 @@ def _weight_out_in(module: nn.Module) -> torch.Tensor:
     return module.weight if isinstance(module, nn.Linear) else module.weight.t()
 
 
+_PLAIN_FORWARDS = {("torch.nn.modules.linear", "Linear.forward"),
+                   ("transformers.pytorch_utils", "Conv1D.forward")}
+
+
+@torch.no_grad()
+def _computes_linear(module: nn.Module) -> bool:
+    """Whether the module's forward is the linear map of its weight and bias. A subclass
+    with a forward of its own (HF's MoE routers, which return a tuple; Falcon's
+    ``FalconLinear``, which computes ``x @ W.T + b``) is called once, hooks aside, on two
+    random rows and compared with ``F.linear``; on ``meta``, by the output's shape."""
+    fwd = type(module).forward
+    if (getattr(fwd, "__module__", ""), getattr(fwd, "__qualname__", "")) in _PLAIN_FORWARDS:
+        return True
+    w = _weight_out_in(module)
+    x = torch.randn(2, w.shape[1], dtype=w.dtype, device=w.device)
+    try:
+        y = fwd(module, x)
+    except Exception:   # noqa: BLE001 (any failure: not a plain linear map)
+        return False
+    if not isinstance(y, torch.Tensor) or y.shape != (2, w.shape[0]) or y.dtype != w.dtype:
+        return False
+    if w.is_meta:
+        return True
+    want = torch.nn.functional.linear(x, w, module.bias).double()
+    tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
+    return bool((y.double() - want).norm() <= tol * want.norm().clamp_min(1e-30))
+
+
 def _capture(module: nn.Module):
     w = _weight_out_in(module)
     return {"weight": w, "bias": module.bias}
@@ -50,6 +78,9 @@ pattern = ModulePattern(
                    lambda mod: type(mod).__name__ != "NonDynamicallyQuantizableLinear",
                    "a layer that its parent calls (nn.MultiheadAttention reads its "
                    "out_proj's weight directly)"),
+        Constraint("linear_forward", _computes_linear,
+                   "a forward that computes x Wᵀ + b (a subclass with a forward of its own, "
+                   "such as a MoE router returning a tuple, is not a linear layer)"),
     ),
 )
 

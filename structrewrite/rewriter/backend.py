@@ -310,16 +310,49 @@ def _warn_unsupported(policy, fingerprint: str) -> None:
         "result to get them.", UserWarning, stacklevel=3)
 
 
+def _warn_unseen(gm: torch.fx.GraphModule, sites: dict, policy, fingerprint: str) -> None:
+    """Names the linear layers (``nn.Linear`` and ``Conv1D`` classes) that ran in the graph
+    and that a rule selects, but whose forward made no linear call to replace (Falcon's
+    ``FalconLinear`` computes ``x @ W.T + b``): ``sr.rewrite`` rewrites them, the backend
+    cannot."""
+    from structrewrite.rewriter.passbase import type_names
+    roots = {root_of(stack[0][0]) for node in gm.graph.nodes if (stack := _stack(node))}
+    named = len(roots) > 1
+    ran: dict[str, type] = {}
+    for node in gm.graph.nodes:
+        ran.update(_module_classes(node, named))
+    unseen = []
+    for fqn, cls in ran.items():
+        if not fqn or fqn in sites or not isinstance(cls, type):
+            continue
+        bare = _bare(cls)
+        if not type_names(bare).intersection(_LINEAR_TYPE_NAMES):
+            continue
+        if any(r.rewrite is not None and r.selector.matches(fqn, bare) for r in policy.rules):
+            unseen.append(f"{fqn} ({cls.__name__})")
+    key = (fingerprint, tuple(unseen))
+    if not unseen or key in _WARNED_RULES:
+        return
+    _WARNED_RULES.add(key)
+    warnings.warn(
+        f"structrewrite backend: {len(unseen)} linear layer(s) that the policy selects made no "
+        f"linear call in the captured graph ({', '.join(unseen[:3])}"
+        f"{', ...' if len(unseen) > 3 else ''}: their forward computes the product itself), so "
+        "they stay as they are. Rewrite the model eagerly with sr.rewrite(model, policy) and "
+        "compile the result to get them.", UserWarning, stacklevel=3)
+
+
 def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str, nn.Module]:
     """Apply ``policy`` to the linear sites of ``gm`` in place; returns FQN -> new module."""
     from structrewrite.rewriter.api import rewrite
     from structrewrite.rewriter.policy import Policy
 
     sites = find_linear_sites(gm, example_inputs)
-    if not sites:
-        return {}
     pol = Policy.coerce(policy)
     fingerprint = json.dumps(pol.to_dict(), sort_keys=True, default=str)
+    _warn_unseen(gm, sites, pol, fingerprint)
+    if not sites:
+        return {}
     _warn_unsupported(pol, fingerprint)
     new = {}
     root_cls = next((s.classes[""] for s in sites.values() if "" in s.classes), None)

@@ -288,6 +288,49 @@ def test_torch_transformer_layers_that_read_weights_directly():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+class Router(nn.Linear):
+    """An nn.Linear subclass with a forward of its own (HF's MoE routers): not a linear map."""
+    def forward(self, x):
+        logits = F.linear(x, self.weight)
+        return logits.softmax(-1), logits.argmax(-1)
+
+
+class MatmulLinear(nn.Linear):
+    """A forward of its own that computes the linear map (Falcon's ``FalconLinear``)."""
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class Experts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.router = Router(16, 4, bias=False)
+        self.up = MatmulLinear(16, 32)
+
+    def forward(self, x):
+        probs, _ = self.router(x)
+        return self.up(x) * probs.sum(-1, keepdim=True)
+
+
+def test_linear_subclasses_are_sites_only_where_they_compute_the_linear_map():
+    """A subclass whose forward is not x Wᵀ + b is refused (named alone: an error with the
+    reason; under a type rule: left as it is); one whose forward computes it is a site."""
+    torch.manual_seed(0)
+    with pytest.raises(sr.PolicyError, match=r"router .*fails constraint 'linear_forward'"):
+        sr.plan(Experts(), {"version": 1, "rules": [{"match": "router", "rewrite": "sparse_lowrank",
+                                                     "with": {"rank": 2}}]})
+    policy = {"version": 1, "rules": [{"match": {"type": "Linear"}, "rewrite": "sparse_lowrank",
+                                       "with": {"rank": 16, "density": 1.0, "init": "svd"}}]}
+    model = Experts()
+    x = torch.randn(5, 16)
+    result = sr.rewrite(model, policy, example_inputs=(x,))
+    assert [e.fqn for e in result.plan] == ["up"]
+    assert type(result.model.router) is Router
+    torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+    with torch.device("meta"):   # on meta, by the output's shape
+        assert [e.fqn for e in sr.plan(Experts(), policy)] == ["up"]
+
+
 def test_sites_the_example_inputs_never_call_are_named():
     model = MLP()
     model.spare = nn.Linear(24, 24)      # never called by forward

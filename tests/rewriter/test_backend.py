@@ -413,3 +413,31 @@ def test_linears_chained_directly_are_both_rewritten():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), eager(x), atol=1e-6, rtol=1e-6)
     assert set(installed(graph_modules)) == {"structrewrite__0", "structrewrite__1"}
+
+
+class _MatmulLinear(torch.nn.Linear):
+    """A linear layer whose forward computes the product itself (Falcon's FalconLinear)."""
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_selected_layers_without_a_linear_call_are_named():
+    """sr.rewrite rewrites a layer whose forward computes x @ W.T + b; the backend sees no
+    linear call to replace: it leaves the layer and says which, instead of nothing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_MatmulLinear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    pol = {"version": 1, "rules": [{"match": {"type": "Linear"}, "rewrite": "sparse_lowrank",
+                                    "with": {"rank": 4, "density": 0.1}}]}
+    assert [e.fqn for e in sr.plan(model, pol)] == ["0", "2"]
+    x = torch.randn(3, 16)
+    compiled = torch.compile(model, backend="structrewrite", options={"policy": pol, "compiler": "eager"})
+    with pytest.warns(UserWarning, match=r"1 linear layer\(s\) that the policy selects made no "
+                      r"linear call in the captured graph \(0 \(_MatmulLinear\)"):
+        with torch.no_grad():
+            y = compiled(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y, sr.rewrite(model, _only("2", pol)).model(x))
+
+
+def _only(name, pol):
+    return {"version": 1, "rules": [{**pol["rules"][0], "match": name}]}
