@@ -182,3 +182,32 @@ def test_t5_rewrite_leaves_the_ffn_output_its_block_reads():
     with torch.no_grad():
         got = result.model(input_ids=ids, decoder_input_ids=dec).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_save_pretrained_of_a_model_that_transformers_renames_reloads(tmp_path):
+    """transformers 5's ``save_pretrained`` writes some architectures under their legacy
+    checkpoint names (GPT-NeoX's ``lm_head`` as ``embed_out``), which only its own
+    ``from_pretrained`` maps back. With ``save_original_format=False`` (transformers 5;
+    transformers 4 saves the names as they are) the file loads strictly into a fresh
+    rewrite, as the README says."""
+    import inspect
+
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    def neox(seed):
+        cfg = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=128,
+                                         max_position_embeddings=64, use_cache=False)
+        torch.manual_seed(seed)
+        return transformers.GPTNeoXForCausalLM(cfg).eval()
+    policy = {"version": 1, "rules": [{"match": "gpt_neox.layers.*.*.*", "rewrite": "sparse_lowrank",
+                                       "with": {"rank": 8, "density": 0.05}}]}
+    m = sr.rewrite(neox(0), policy).model
+    keep = "save_original_format" in inspect.signature(m.save_pretrained).parameters
+    m.save_pretrained(tmp_path, **({"save_original_format": False} if keep else {}))
+    fresh = sr.rewrite(neox(1), policy).model
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, m(ids).logits)
