@@ -5,7 +5,8 @@
     structrewrite rewrite MODEL --policy POLICY --out DIR
 
 MODEL is ``package.module:callable``; the callable returns a model, or a tuple of a model
-and its example inputs (a tensor or a tuple of positional arguments). Policy problems
+and its example inputs (a tensor, a tuple or list of positional arguments, or a dict of
+keyword arguments). Policy problems
 print one line and exit with code 2.
 """
 from __future__ import annotations
@@ -58,6 +59,23 @@ def load_model_spec(spec: str):
     return model, inputs
 
 
+def example_call(spec: str, inputs) -> tuple[tuple, dict]:
+    """A MODEL's example inputs as (positional, keyword) arguments: a tensor, a tuple or
+    list of positional arguments, or a dict of keyword arguments."""
+    if inputs is None:
+        return (), {}
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    import torch
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    raise CliError(f"{spec} returned example inputs of type {type(inputs).__name__}; give a "
+                   "tensor, a tuple or list of positional arguments, or a dict of keyword "
+                   "arguments")
+
+
 def cmd_passes(args) -> int:
     import structrewrite as sr
     passes = sr.available_passes()
@@ -92,6 +110,7 @@ def cmd_rewrite(args) -> int:
     import torch
     import structrewrite as sr
     model, inputs = load_model_spec(args.model)
+    call_args, call_kwargs = example_call(args.model, inputs)
     policy = sr.Policy.coerce(args.policy)
     plan = sr.plan(model, policy)
     out = Path(args.out)
@@ -103,7 +122,8 @@ def cmd_rewrite(args) -> int:
 
         def step(fqn):
             bar.update(task, advance=1, description=fqn)
-        result = sr.rewrite(model, policy, example_inputs=inputs, inplace=True, progress=step)
+        result = sr.rewrite(model, policy, example_inputs=call_args if inputs is not None else None,
+                            example_kwargs=call_kwargs or None, inplace=True, progress=step)
     torch.save(result.model.state_dict(), out / "model.pt")
     policy.dump(out / "policy.yaml")
     (out / "report.json").write_text(result.report.to_json())

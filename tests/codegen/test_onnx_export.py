@@ -305,6 +305,53 @@ def test_cli_export_onnx_weights_that_do_not_fit_are_one_line(tmp_path, capsys):
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
+def mlp_list_inputs():
+    model, inputs = _mlp(torch.float32)
+    return model, list(inputs)
+
+
+def mlp_dict_inputs():
+    model, (x,) = _mlp(torch.float32)
+    return model, {"input": x}
+
+
+def mlp_set_inputs():
+    model, (x,) = _mlp(torch.float32)
+    return model, {x}
+
+
+def test_cli_export_onnx_takes_list_and_dict_inputs_and_refuses_bad_options(tmp_path, capsys):
+    """Example inputs as a list (positional) or a dict (keywords) export and check like a
+    tuple; other types, an opset older than the structured ops' bodies, a negative
+    tolerance and an --out that cannot be opened are one line each, exit 2, before the
+    export."""
+    from structrewrite.cli import main
+
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text('{"version": 1, "rules": [{"match": "0", "rewrite": "sparse_lowrank", '
+                           '"with": {"rank": 8, "density": 0.05}}]}')
+    here = "tests.codegen.test_onnx_export"
+    for spec in ("mlp_list_inputs", "mlp_dict_inputs"):
+        out = tmp_path / f"{spec}.onnx"
+        code = main(["export-onnx", f"{here}:{spec}", "--policy", str(policy_file), "--out", str(out)])
+        printed = capsys.readouterr().out
+        assert code == 0 and "(1 structured op nodes)" in printed and "ok" in printed, printed
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for argv, message in [([f"{here}:mlp_set_inputs"], "example inputs of type set"),
+                          ([f"{here}:mlp_list_inputs", "--opset", "7"], "--opset must be 18"),
+                          ([f"{here}:mlp_list_inputs", "--atol", "-1"], "--atol must be 0"),
+                          ([f"{here}:mlp_list_inputs", "--out", str(blocker / "x.onnx")],
+                           "cannot write --out")]:
+        code = main(["export-onnx", *argv, *([] if "--out" in argv else
+                                            ["--out", str(tmp_path / "bad.onnx")])])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+        assert not (tmp_path / "bad.onnx").exists()
+    with pytest.raises(ValueError, match="opset_version must be 18 or later"):
+        export_onnx(torch.nn.Linear(4, 4), (torch.randn(2, 4),), tmp_path / "x.onnx", opset_version=17)
+
+
 def _mlp(dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))

@@ -34,6 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+MIN_OPSET = 18   # the opset the structured ops' bodies are written in (onnxscript's opset18)
+
 # the default tolerance's unit, by output dtype: float32's 1e-4; for 16-bit types about
 # four units in the last place (ORT and PyTorch sum in other orders and round once more)
 TOLERANCE = {"float16": 4e-3, "bfloat16": 3e-2}
@@ -81,7 +83,6 @@ def _weights(path, model) -> dict:
 
 
 def run(args) -> int:
-    import os
     from pathlib import Path
 
     import numpy as np
@@ -89,16 +90,22 @@ def run(args) -> int:
     from torch.utils import _pytree as pytree
 
     import structrewrite as sr
-    from structrewrite.cli import CliError, load_model_spec
+    from structrewrite.cli import CliError, example_call, load_model_spec
     from structrewrite.codegen.onnx import (custom_node_count, export_kwargs, export_onnx,
                                             ort_inputs, ort_session)
 
-    model, inputs = load_model_spec(args.model)
-    if inputs is None:
+    if args.atol is not None and not args.atol >= 0:
+        raise CliError(f"--atol must be 0 or more, got {args.atol}")
+    if args.opset is not None and args.opset < MIN_OPSET:
+        raise CliError(f"--opset must be {MIN_OPSET} or later (the structured ops' bodies use "
+                       f"opset {MIN_OPSET}), got {args.opset}")
+    model, raw = load_model_spec(args.model)
+    if raw is None:
         raise CliError(f"{args.model} returned no example inputs; export needs (model, inputs)")
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    inputs, kwargs = example_call(args.model, raw)
     if args.policy:
-        model = sr.rewrite(model, args.policy, example_inputs=inputs, inplace=True).model
+        model = sr.rewrite(model, args.policy, example_inputs=inputs,
+                           example_kwargs=kwargs or None, inplace=True).model
     if args.weights:
         try:
             model.load_state_dict(_weights(args.weights, model))
@@ -112,25 +119,33 @@ def run(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CliError(f"cannot write --out {out}: {e.strerror or e}") from None
-    if out.is_dir() or not os.access(out if out.exists() else out.parent, os.W_OK):
-        raise CliError(f"cannot write --out {out}: "
-                       f"{'a folder' if out.is_dir() else 'permission denied'}")
-    export_onnx(model, inputs, out, opset_version=args.opset)
+    if out.is_dir():
+        raise CliError(f"cannot write --out {out}: a folder")
+    existed = out.exists()
+    try:   # opened once before the export (permissions alone do not tell, e.g. for root)
+        with open(out, "ab"):
+            pass
+    except OSError as e:
+        raise CliError(f"cannot write --out {out}: {e.strerror or e}") from None
+    if not existed:
+        out.unlink()
+    export_onnx(model, inputs, out, kwargs=kwargs, opset_version=args.opset)
     print(f"wrote {out} ({custom_node_count(out)} structured op nodes)")
     if args.no_check:
         return 0
     try:
         sess = ort_session(out)
-        got = sess.run(None, ort_inputs(sess, inputs))
+        got = sess.run(None, ort_inputs(sess, inputs, kwargs))
     except Exception as e:   # noqa: BLE001 (ONNX Runtime's own error types)
-        bf16 = any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *inputs)
+        bf16 = any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *inputs,
+                                                        *kwargs.values())
                    if isinstance(t, torch.Tensor))
         hint = (" (its CPU kernels have no bfloat16 matrix products: export in float32 or "
                 "float16)" if bf16 else "")
         raise CliError(f"ONNX Runtime cannot run {out}{hint}: {_first_line(e)[:300]}; the file is "
                        "written (--no-check skips this check)") from None
     with torch.no_grad():
-        outputs = model(*inputs, **export_kwargs(model))
+        outputs = model(*inputs, **export_kwargs(model, kwargs))
         ref = [x for x in pytree.tree_leaves(outputs) if isinstance(x, torch.Tensor)]
     diffs = [(float(np.abs(g.astype(np.float64) - r.double().numpy()).max()) if r.numel() else 0.0,
               tolerance(r, args.atol)) for g, r in zip(got, ref)]

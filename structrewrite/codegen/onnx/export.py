@@ -219,6 +219,10 @@ def export_onnx(model: torch.nn.Module, args: Any, path: str | os.PathLike,
     A model whose config enables a KV cache is exported with ``use_cache=False`` (see
     ``export_kwargs``).
     """
+    if opset_version is not None and opset_version < 18:
+        # the exporter would fall back to its own opset for some models and report nothing
+        raise ValueError(f"opset_version must be 18 or later (the structured ops' bodies use "
+                         f"opset 18), got {opset_version}")
     args = args if isinstance(args, tuple) else (args,)
     kwargs = export_kwargs(model, kwargs)
     # views (e.g. slices) as example inputs trip torch.export's input guards
