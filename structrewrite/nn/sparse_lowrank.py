@@ -314,7 +314,9 @@ class SparseLowRankLinear(nn.Module):
                 "Its buffers hold indices: after to_empty(), call reset_parameters() or load "
                 "a state dict that holds sparse_crow, sparse_col and sparse_row; an average "
                 "of the model's buffers (AveragedModel(use_buffers=True), an EMA over the "
-                "whole state dict) must copy them, not average them") from None
+                "whole state dict) must copy them, not average them; and a load while other "
+                "threads call the layer reads them half written (load into a second model "
+                "and swap the two instead)") from None
         self._support_valid = self._support_id()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
