@@ -27,7 +27,11 @@ def rel(a, b):
 @pytest.mark.parametrize("alpha", [32.0, 3.0])   # 1/s a power of two at ranks 8 and 16 (s on the GEMMs' alpha), or not (s on B)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("M, in_f, out_f, rank, k", [(37, 48, 29, 8, 5), (1, 33, 70, 16, 1), (64, 40, 40, 20, 12)])
+# M = 1 and 16: the direct products (ch.DIRECT_TOKENS) where no ``saved`` list is given;
+# 17 and more: the widened GEMMs
+@pytest.mark.parametrize("M, in_f, out_f, rank, k", [(37, 48, 29, 8, 5), (1, 33, 70, 16, 1),
+                                                     (64, 40, 40, 20, 12), (16, 40, 40, 20, 12),
+                                                     (17, 40, 40, 20, 12)])
 def test_channel_path_matches_the_reference(dtype, bias, M, in_f, out_f, rank, k, alpha):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     crow, col, row = channel_support(out_f, in_f, k, gen)
@@ -47,8 +51,10 @@ def test_channel_path_matches_the_reference(dtype, bias, M, in_f, out_f, rank, k
     y = ch.forward(x, A, B, v, cols, b, scale)
     assert y.dtype == dtype and y.shape == (M, out_f)
     assert rel(y, y_ref) < TOL[dtype]
+    assert ch.takes_direct(x, in_f) == (M <= ch.DIRECT_TOKENS)
     saved: list = []
     ch.forward(x, A, B, v, cols, b, scale, saved=saved)
+    assert len(saved) == 4   # what the backward takes: the widened path, at any M
     for grads in (ch.backward(g, x, A, B, v, cols, scale),                 # recomputed
                   ch.backward(g, x, A, B, v, cols, scale, saved=saved)):   # from the forward
         for got, want in zip(grads, grads_ref):

@@ -103,6 +103,33 @@ def _widened(A, B, values, cols, split, in_p, out_p):
     return Aw, aligned.pad_rows(Ww, out_p)
 
 
+# Up to this many tokens a call computes the three products directly (``direct``)
+# instead of building A' and W': at 1 token, 1024 -> 2752, rank 256, 31 channels, the
+# build alone took longer than the dense layer's whole product on the CPU.
+DIRECT_TOKENS = 16
+
+
+def takes_direct(x, in_features: int) -> bool:
+    """Whether a call of ``x`` takes ``direct`` (few tokens)."""
+    return x.numel() <= DIRECT_TOKENS * in_features
+
+
+def direct(x, A, B, values, cols, bias, scale):
+    """``y = s·(x Aᵀ) Bᵀ + x[:, cols] Vᵀ + bias`` as three products on the layer's own
+    operands, differentiable: no A' or W' is built, which costs more than the products
+    themselves for a few tokens (decoding). In bf16 and fp16 y is rounded twice, once
+    after the low-rank product and once after the channel one (the widened GEMM rounds
+    once)."""
+    in_features, out_features = A.shape[1], B.shape[0]
+    x2 = x.reshape(-1, in_features)
+    t = x2 @ A.t()
+    bias = bias.to(t.dtype) if bias is not None else None
+    y = torch.addmm(bias, t, B.t(), alpha=scale) if bias is not None else (t @ B.t()) * scale
+    V = values.view(out_features, -1).to(t.dtype)
+    y = torch.addmm(y, x2.index_select(1, cols), V.t())
+    return y.reshape(*x.shape[:-1], out_features)
+
+
 def differentiable(x, A, B, values, cols, bias, scale):
     """The same computation as plain differentiable torch ops, for eager mode:
     ``y = F.linear(F.linear(x, A'), W', bias)`` with ``W' = [s·B, V, 0]`` (autograd has no
@@ -116,7 +143,9 @@ def differentiable(x, A, B, values, cols, bias, scale):
     (R x in) gradient of A' (the rows of E and the padding too, 64 of 576 rows at
     2048x2048) where ``backward`` computes only A's r rows. Misaligned widths: x and the
     bias are padded here, and the output's slice pads the incoming gradient in the
-    backward."""
+    backward. A call of few tokens takes ``direct``."""
+    if takes_direct(x, A.shape[1]):
+        return direct(x, A, B, values, cols, bias, scale)
     in_p, out_p = aligned.widths(A, B, x.dtype)
     Aw, Ww = _widened(A, B, values, cols, (1.0, scale, 1.0), in_p, out_p)
     # values and bias may come in another dtype than x (the op's), as in forward()
@@ -127,7 +156,12 @@ def differentiable(x, A, B, values, cols, bias, scale):
 
 def forward(x, A, B, values, cols, bias, scale, saved=None):
     """``saved``: a list that receives (x, t, A', W') for ``backward``; ``x`` there is the
-    input as the GEMMs read it (2-D, padded where misaligned)."""
+    input as the GEMMs read it (2-D, padded where misaligned). Without ``saved`` (the
+    op's forward, whose backward is an op of its own), a call of few tokens takes
+    ``direct``."""
+    if saved is None and takes_direct(x, A.shape[1]):
+        with torch.no_grad():
+            return direct(x, A, B, values, cols, bias, scale)
     in_features, out_features = A.shape[1], B.shape[0]
     in_p, out_p = aligned.widths(A, B, x.dtype)
     split = split_scale(scale, A.dtype)
