@@ -46,7 +46,9 @@ def _computes_linear(module: nn.Module) -> bool:
     if (getattr(fwd, "__module__", ""), getattr(fwd, "__qualname__", "")) in _PLAIN_FORWARDS:
         return True
     w = _weight_out_in(module)
-    x = torch.randn(2, w.shape[1], dtype=w.dtype, device=w.device)
+    # (a generator of its own: planning leaves the caller's random stream as it was)
+    x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
+    x = x.to(device=w.device, dtype=w.dtype)
     try:
         y = fwd(module, x)
     except Exception:   # noqa: BLE001 (any failure: not a plain linear map)

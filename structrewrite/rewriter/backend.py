@@ -321,6 +321,8 @@ def _warn_unseen(gm: torch.fx.GraphModule, sites: dict, policy, fingerprint: str
     ran: dict[str, type] = {}
     for node in gm.graph.nodes:
         ran.update(_module_classes(node, named))
+    skipped = {r.index for r in unsupported_rules(policy)}   # block-level: warned of apart
+    rules = [r for r in policy.rules if r.rewrite is not None and r.index not in skipped]
     unseen = []
     for fqn, cls in ran.items():
         if not fqn or fqn in sites or not isinstance(cls, type):
@@ -328,7 +330,7 @@ def _warn_unseen(gm: torch.fx.GraphModule, sites: dict, policy, fingerprint: str
         bare = _bare(cls)
         if not type_names(bare).intersection(_LINEAR_TYPE_NAMES):
             continue
-        if any(r.rewrite is not None and r.selector.matches(fqn, bare) for r in policy.rules):
+        if any(r.selector.matches(fqn, bare) for r in rules):
             unseen.append(f"{fqn} ({cls.__name__})")
     key = (fingerprint, tuple(unseen))
     if not unseen or key in _WARNED_RULES:

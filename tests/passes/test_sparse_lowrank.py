@@ -343,3 +343,14 @@ def test_a_block_support_too_coarse_for_the_layer_is_named():
     with pytest.warns(UserWarning, match="at density 0.03 a layer holds no whole 16x16 tile"):
         result = sr.rewrite(MLP(), policy("*", density=0.03, init="random", block=16))
     assert all(m.nnz == 0 for m in result.model.modules() if isinstance(m, SparseLowRankLinear))
+
+
+def test_planning_a_linear_subclass_leaves_the_random_stream_alone():
+    """The check of a subclass's own forward draws its input from a generator of its own."""
+    model = Experts()
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    sr.plan(model, {"version": 1, "rules": [{"match": {"type": "Linear"},
+                                             "rewrite": "sparse_lowrank", "with": {"rank": 2}}]})
+    assert torch.equal(torch.rand(4), want)
