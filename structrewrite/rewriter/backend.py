@@ -114,6 +114,12 @@ def _stack(node: torch.fx.Node) -> list:
     return list((node.meta.get("nn_module_stack") or {}).values())
 
 
+def _named_roots(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` calls modules held in more than one variable, whose site names then
+    keep the variable's name apart (``fqn_from_source``'s ``named_roots``)."""
+    return len({root_of(stack[0][0]) for node in gm.graph.nodes if (stack := _stack(node))}) > 1
+
+
 def _innermost_module(node: torch.fx.Node, named_roots: bool = False) -> Optional[tuple[str, type]]:
     where = innermost_module(node)
     return (fqn_from_source(where[0], named_roots), where[1]) if where else None
@@ -167,8 +173,7 @@ def find_linear_sites(gm: torch.fx.GraphModule, example_inputs) -> dict[str, Lin
     """Linear layers called in ``gm`` whose weights are graph inputs or attributes."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(placeholders, example_inputs))
-    roots = {root_of(stack[0][0]) for node in gm.graph.nodes if (stack := _stack(node))}
-    named = len(roots) > 1   # modules from several variables: keep their names apart
+    named = _named_roots(gm)
     sites: dict[str, LinearSite] = {}
     weight_nodes: dict[str, torch.fx.Node] = {}
     for node in gm.graph.nodes:
@@ -316,8 +321,7 @@ def _warn_unseen(gm: torch.fx.GraphModule, sites: dict, policy, fingerprint: str
     ``FalconLinear`` computes ``x @ W.T + b``): ``sr.rewrite`` rewrites them, the backend
     cannot."""
     from structrewrite.rewriter.passbase import type_names
-    roots = {root_of(stack[0][0]) for node in gm.graph.nodes if (stack := _stack(node))}
-    named = len(roots) > 1
+    named = _named_roots(gm)
     ran: dict[str, type] = {}
     for node in gm.graph.nodes:
         ran.update(_module_classes(node, named))
