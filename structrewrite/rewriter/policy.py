@@ -509,22 +509,17 @@ def _class_source(cls: type) -> str:
     return _SOURCES[cls]
 
 
-def _read_by_parent(named: list[tuple[str, nn.Module]]) -> dict[str, str]:
-    """FQN -> why, for each module whose parent's code reads its ``weight`` itself
+def _read_by_parent(fqn: str, modules: Mapping[str, nn.Module]) -> Optional[str]:
+    """Why ``fqn`` is held, where its parent's code reads its ``weight`` itself
     (``self.wo.weight.dtype`` in HF's T5) besides calling it: a rewritten layer has no
     ``weight``, so the parent would fail. Read from the parent class's source."""
-    modules = dict(named)
-    held = {}
-    for fqn, module in named:
-        parent_name, _, child = fqn.rpartition(".")
-        parent = modules.get(parent_name) if fqn else None
-        if parent is None:
-            continue
-        if re.search(rf"self\.{re.escape(child)}\.weight\b", _class_source(type(parent))):
-            held[fqn] = (f"is read by its parent ({type(parent).__name__}'s code reads "
-                         f"self.{child}.weight), not only called: the rewritten layer has no "
-                         f"weight, and the parent would fail")
-    return held
+    parent_name, _, child = fqn.rpartition(".")
+    parent = modules.get(parent_name)
+    if parent is None or not re.search(rf"self\.{re.escape(child)}\.weight\b",
+                                       _class_source(type(parent))):
+        return None
+    return (f"is read by its parent ({type(parent).__name__}'s code reads self.{child}.weight), "
+            f"not only called: the rewritten layer has no weight, and the parent would fail")
 
 
 def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Module]]]) -> Plan:
@@ -533,7 +528,8 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
     weight itself (``_read_by_parent``), is not rewritten: a rule that names it alone
     fails with the reason, a broader rule leaves it as it is with a warning."""
     named = list(modules.named_modules() if isinstance(modules, nn.Module) else modules)
-    held = {**_read_by_parent(named), **_tied(named)}
+    by_name = dict(named)
+    held = _tied(named)   # FQN -> why; the parents' reads are added as sites come up
     left_held: list[tuple[Rule, str]] = []
     claimed: set[str] = set()
     entries: dict[str, PlanEntry] = {}
@@ -571,6 +567,8 @@ def resolve(policy: Policy, modules: Union[nn.Module, Iterable[tuple[str, nn.Mod
                                              {}, done=True)
                 else:
                     m = p.accepts(module)
+                    if m and fqn not in held and (why := _read_by_parent(fqn, by_name)):
+                        held[fqn] = why
                     if m and fqn in held:   # a site the pass would rewrite, but tied or read
                         m = NoMatch(lambda why=held[fqn]: why)
                         left_held.append((rule, fqn))
