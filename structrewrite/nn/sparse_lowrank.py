@@ -279,6 +279,8 @@ class SparseLowRankLinear(nn.Module):
         self.sparse_crow.copy_(crow)
         self.sparse_col.copy_(col)
         self.sparse_row.copy_(row)
+        for t in (self.sparse_crow, self.sparse_col, self.sparse_row):
+            mark_written(t)   # an inference tensor keeps no version counter
         self._support_changed()
         self._support_valid = self._support_id()
 
@@ -289,8 +291,6 @@ class SparseLowRankLinear(nn.Module):
         written in place); a support written in place and then only run compiled is not
         seen: set supports through ``load_state_dict``. Each time moves the support's
         generation on, which compiled code guards on."""
-        for t in (self.sparse_crow, self.sparse_col, self.sparse_row):
-            mark_written(t)   # an inference tensor keeps no version counter
         self._channel_k = channel_count(self.sparse_crow, self.sparse_col, self.out_features)
         self._support_seen = self._support_id()
         self._support_gen += 1
