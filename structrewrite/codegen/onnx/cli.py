@@ -115,14 +115,11 @@ def run(args) -> int:
                            f"{' '.join(line.strip() for line in first[:2])}") from None
     model.eval()
     out = Path(args.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CliError(f"cannot write --out {out}: {e.strerror or e}") from None
     if out.is_dir():
         raise CliError(f"cannot write --out {out}: a folder")
     existed = out.exists()
     try:   # opened once before the export (permissions alone do not tell, e.g. for root)
+        out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "ab"):
             pass
     except OSError as e:
