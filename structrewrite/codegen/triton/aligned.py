@@ -42,11 +42,16 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from structrewrite.codegen.triton.support_cache import outside_graph_pools
-from structrewrite.codegen.triton.tuning import cdiv, interpreting, next_power_of_2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # Triton is optional: the CPU implementation reads this module too
+    triton = None
+else:
+    from structrewrite.codegen.triton.tuning import cdiv, interpreting, next_power_of_2
 
 ALIGN_BYTES = 16
 # matrices with fewer elements are copied by ATen (no Triton launch: host time matters more)
@@ -110,22 +115,23 @@ def lowrank_grads(ga: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.
     return gBs, Ap, dA, dB
 
 
-@triton.jit
-def _copy_cols_kernel(src_ptr, dst_ptr, R, K, N, stride_s, stride_d,
-                      K_MULT: tl.constexpr, N_MULT: tl.constexpr, SS_MULT: tl.constexpr,
-                      SD_MULT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """dst[r, c] = src[r, c] for c < K, 0 for K <= c < N (r < R, c < N). Each of K, N and
-    the two row strides arrives divided by its ``*_MULT`` (16 bytes in elements where it
-    is a multiple, else 1), so that the compiler knows the aligned side's rows and
-    masks come in whole 16-byte vectors."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    offs = tl.program_id(1) * BC + tl.arange(0, BC)
-    live = (rows < R)[:, None]
-    r64 = rows.to(tl.int64)[:, None]
-    v = tl.load(src_ptr + r64 * (stride_s * SS_MULT) + offs[None, :],
-                mask=live & (offs < K * K_MULT)[None, :], other=0.0)
-    tl.store(dst_ptr + r64 * (stride_d * SD_MULT) + offs[None, :], v,
-             mask=live & (offs < N * N_MULT)[None, :])
+if triton is not None:
+    @triton.jit
+    def _copy_cols_kernel(src_ptr, dst_ptr, R, K, N, stride_s, stride_d,
+                          K_MULT: tl.constexpr, N_MULT: tl.constexpr, SS_MULT: tl.constexpr,
+                          SD_MULT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        """dst[r, c] = src[r, c] for c < K, 0 for K <= c < N (r < R, c < N). Each of K, N and
+        the two row strides arrives divided by its ``*_MULT`` (16 bytes in elements where it
+        is a multiple, else 1), so that the compiler knows the aligned side's rows and
+        masks come in whole 16-byte vectors."""
+        rows = tl.program_id(0) * BR + tl.arange(0, BR)
+        offs = tl.program_id(1) * BC + tl.arange(0, BC)
+        live = (rows < R)[:, None]
+        r64 = rows.to(tl.int64)[:, None]
+        v = tl.load(src_ptr + r64 * (stride_s * SS_MULT) + offs[None, :],
+                    mask=live & (offs < K * K_MULT)[None, :], other=0.0)
+        tl.store(dst_ptr + r64 * (stride_d * SD_MULT) + offs[None, :], v,
+                 mask=live & (offs < N * N_MULT)[None, :])
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -174,11 +180,11 @@ class _CopyCols(torch.autograd.Function):
 
 
 def _kernel_copies(t: torch.Tensor) -> bool:
-    """Whether ``copy_cols`` does this copy: unless switched off (``KERNEL_COPIES``),
-    plain tensors (not traced) with unit stride
+    """Whether ``copy_cols`` does this copy: where Triton is installed, unless switched
+    off (``KERNEL_COPIES``), plain tensors (not traced) with unit stride
     along the row, CUDA tensors of at least ``KERNEL_MIN_ELEMENTS`` elements, or any
     size under Triton's CPU interpreter (where the tests run the kernel)."""
-    if not KERNEL_COPIES or type(t) not in (torch.Tensor, torch.nn.Parameter) \
+    if not KERNEL_COPIES or triton is None or type(t) not in (torch.Tensor, torch.nn.Parameter) \
             or torch.compiler.is_compiling():
         return False
     if t.dim() < 1 or t.stride(-1) != 1 or t.numel() == 0:
