@@ -34,7 +34,12 @@ def normalize_inputs(example_inputs) -> tuple:
 
 def record_inputs(model: nn.Module, fqns: Iterable[str], example_inputs=None,
                   example_kwargs: Optional[Mapping[str, Any]] = None) -> dict[str, tuple]:
-    """Run ``model`` once and return {fqn: (args, kwargs)} of the first call of each site."""
+    """Run ``model`` once and return {fqn: (args, kwargs)} of the first call of each site.
+
+    The run leaves no trace in the model or the random streams: a model in train mode
+    updates buffers as it runs (BatchNorm's running statistics and batch count), so every
+    buffer the run changed gets its value back, and the random number generators
+    (CPU, and the CUDA devices the model is on) their states (train-mode dropout)."""
     fqns = list(fqns)
     if not fqns or (example_inputs is None and not example_kwargs):
         return {}
@@ -47,12 +52,23 @@ def record_inputs(model: nn.Module, fqns: Iterable[str], example_inputs=None,
             if fqn not in seen:
                 seen[fqn] = (_detach(args), _detach(kwargs))
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    # (inference tensors take no in-place write outside inference mode)
+    buffers = [b for b in model.buffers() if not b.is_meta and not b.is_inference()]
+    kept = [(b, b.clone()) for b in buffers]
+    cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *buffers) if t.is_cuda})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
             model(*normalize_inputs(example_inputs), **dict(example_kwargs or {}))
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for b, value in kept:
+                # compared, not told by the version counter: batch_norm's in-place update of
+                # its running statistics leaves the counter as it was; and copying only what
+                # changed leaves other buffers' versions (support caches key on them) alone
+                if not torch.equal(b, value):
+                    b.copy_(value)
     return seen
 
 

@@ -67,3 +67,26 @@ def test_eager_softmax_attention_in_a_traceable_block_is_found():
 def test_untraceable_block_without_inputs_says_how_to_fix(llama):
     with pytest.raises(CaptureError, match="pass example_inputs"):
         capture_block(llama.model.layers[0].self_attn, "model.layers.0.self_attn")
+
+
+def test_the_recording_run_leaves_buffers_and_random_streams_alone():
+    """``sr.rewrite`` with example inputs runs the model once; in train mode that run would
+    update BatchNorm's statistics and draw dropout masks. The rewritten model and, with
+    ``inplace=True``, the user's own keep their buffers, and the random stream goes on
+    as if the rewrite had not run."""
+    import structrewrite as sr
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 4)).train()
+    policy = {"version": 1, "rules": [{"match": "5", "rewrite": "sparse_lowrank",
+                                       "with": {"rank": 2, "density": 0.1}}]}
+    x = torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(3)
+    expected = torch.rand(5)
+    torch.manual_seed(3)
+    res = sr.rewrite(net, policy, example_inputs=(x,), inplace=True)
+    assert torch.equal(torch.rand(5), expected)
+    for k, v in res.model.state_dict().items():
+        if k in before:
+            assert torch.equal(v, before[k]), k
+    assert int(net[1].num_batches_tracked) == 0
