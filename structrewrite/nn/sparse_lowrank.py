@@ -50,7 +50,7 @@ import torch.nn as nn
 
 from structrewrite.ops import sparse_lowrank_linear  # noqa: F401  (registers the op)
 from structrewrite.ops.sparse_lowrank_linear import channel_count, channel_decomposition
-from structrewrite.codegen.triton.support_cache import mark_written, version   # plain torch, no Triton
+from structrewrite.codegen.triton.support_cache import forget, mark_written, version   # plain torch, no Triton
 
 INITS = ("random", "svd", "lost")
 BLOCKS = (1, 16, 32, 64)
@@ -136,6 +136,11 @@ def check_support(crow: torch.Tensor, col: torch.Tensor, row: torch.Tensor, out_
     ``row`` the row of each entry. A support loaded from elsewhere is checked here, since a
     kernel would read past its operands on an index out of range."""
     nnz = col.numel()
+    dtypes = {t.dtype for t in (crow, col, row)}
+    if dtypes != {torch.int32}:
+        raise ValueError(f"support buffers must be int32, got {sorted(map(str, dtypes))} (a "
+                         "Module.type() call casts every buffer; .to(dtype), .half() and the "
+                         "like leave them alone)")
     if crow.shape != (out_features + 1,) or row.shape != (nnz,) or col.dim() != 1:
         raise ValueError(f"support shapes: crow {tuple(crow.shape)}, col {tuple(col.shape)}, "
                          f"row {tuple(row.shape)}; expected ({out_features + 1},), (nnz,), (nnz,)")
@@ -233,6 +238,24 @@ class SparseLowRankLinear(nn.Module):
     def nnz(self) -> int:
         return self.values.numel()
 
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        """As nn.Module's, except that the layer takes no ``weight``: it has no dense weight
+        matrix, and one set from outside would be a parameter that nothing reads (HF's
+        ``tie_weights`` onto a rewritten head: the logits would not follow the tied
+        embedding)."""
+        if name == "weight":
+            raise AttributeError(
+                f"{self.key or 'SparseLowRankLinear'} has no dense weight to set or tie (it "
+                "holds A, B and a sparse part; dense_weight() builds the matrix): leave a "
+                "layer whose weight is tied or set from outside dense (a policy rule with "
+                "rewrite: null)")
+        super().register_parameter(name, param)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "SparseLowRankLinear cannot be compiled by torch.jit.script: use torch.jit.trace, "
+            "torch.export, structrewrite.export_onnx or torch.compile")
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, density={self.density}, nnz={self.nnz}, "
@@ -272,7 +295,7 @@ class SparseLowRankLinear(nn.Module):
         self.B.zero_()
         self.values.copy_(vals)
         if self.bias is not None:
-            self.bias.copy_(torch.rand(m, generator=g) * (2 * bound) - bound)
+            self.bias.copy_(torch.rand(m, generator=g, dtype=torch.float32) * (2 * bound) - bound)
 
     def _set_support(self, flat: torch.Tensor) -> None:
         crow, col, row = csr_from_flat(flat.to(torch.int64).cpu(), self.out_features, self.in_features)
@@ -294,6 +317,23 @@ class SparseLowRankLinear(nn.Module):
         self._channel_k = channel_count(self.sparse_crow, self.sparse_col, self.out_features)
         self._support_seen = self._support_id()
         self._support_gen += 1
+
+    def _support_seen_id(self) -> tuple:
+        """``_support_id`` for ``forward``, which names the cause where the buffers have no
+        storage of their own: ``torch.func.vmap`` over buffers stacked by
+        ``stack_module_state``."""
+        try:
+            return self._support_id()
+        except RuntimeError as exc:
+            if any(torch._C._functorch.is_functorch_wrapped_tensor(t)
+                   for t in (self.sparse_crow, self.sparse_col, self.sparse_row)):
+                raise RuntimeError(
+                    "SparseLowRankLinear: torch.func.vmap over the support buffers "
+                    "(sparse_crow, sparse_col, sparse_row) is not supported. For an ensemble "
+                    "of layers that share a support (the same seed and key), stack only the "
+                    "parameters and pass them to functional_call on a real (not meta) "
+                    "member, whose own buffers then serve every member") from exc
+            raise
 
     def _support_id(self) -> tuple:
         return tuple((t.data_ptr(), version(t))
@@ -336,6 +376,7 @@ class SparseLowRankLinear(nn.Module):
         names = ("sparse_crow", "sparse_col", "sparse_row")
         came = frozenset(n for n in names if prefix + n in state_dict)
         kept = {n: getattr(self, n).clone() for n in came}
+        forget([getattr(self, n) for n in came])   # under swap_tensors, no weak references
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -420,7 +461,13 @@ class SparseLowRankLinear(nn.Module):
             # as autocast casts the operands of F.linear: float64 ones stay as they are
             x, A, B, values, bias = (t if t is None or t.dtype == torch.float64 else t.to(dt)
                                      for t in (x, A, B, values, bias))
-        if plain and not torch.compiler.is_compiling() and self._support_id() != self._support_seen:
+        if plain and not torch.jit.is_tracing() and (x.dim() == 0
+                                                     or x.shape[-1] != self.in_features):
+            raise RuntimeError(f"{self.key or 'SparseLowRankLinear'}: an input of shape "
+                               f"{tuple(x.shape)} for a layer of {self.in_features} -> "
+                               f"{self.out_features} features")
+        if plain and not torch.compiler.is_compiling() \
+                and self._support_seen_id() != self._support_seen:
             # buffers moved, written or loaded in parts since the support was read
             if self._support_id() != self._support_valid and not self.sparse_col.is_meta:
                 self._check_support()

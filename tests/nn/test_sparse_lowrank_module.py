@@ -429,3 +429,90 @@ def test_the_output_takes_in_place_changes(kind, shape):
             layer.sparse_crow, layer.sparse_col, layer.sparse_row, layer.bias.detach(), layer.scale)
     out = sparse_lowrank_linear._init_fn(*args)
     assert out.shape == (*shape[:-1], 48) and not out._is_view()
+
+
+KINDS = [{"init": "random"}, {"init": "random", "block": 16}, {"init": "lost"}]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_load_under_swap_tensors_works_after_calls(kind):
+    """``load_state_dict`` with ``set_swap_module_params_on_conversion(True)`` swaps the
+    buffers, which PyTorch refuses for weakly referenced tensors: the layouts cached from
+    the first call must let go of them."""
+    src = SparseLowRankLinear(48, 40, 6, 0.1, seed=0, **kind)
+    m = SparseLowRankLinear(48, 40, 6, 0.1, seed=1, **kind)
+    x = torch.randn(4, 48)
+    m(x)
+    old = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m.load_state_dict(src.state_dict())
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(old)
+    assert torch.equal(m(x), src(x))
+
+
+def test_an_input_of_another_width_is_refused_with_the_shapes():
+    layer = SparseLowRankLinear(48, 40, 6, 0.1, key="mlp.up")
+    with pytest.raises(RuntimeError, match=r"mlp.up: an input of shape \(3, 47\) for a layer of 48 -> 40"):
+        layer(torch.randn(3, 47))
+
+
+def test_vmap_over_stacked_buffers_is_refused_and_stacked_parameters_work():
+    """An ensemble (``stack_module_state``) over layers with one support: vmapping the
+    buffers too is refused with the way that works, stacking the parameters only and
+    calling a real member, which matches every member."""
+    import copy
+    from torch.func import functional_call, stack_module_state, vmap
+    members = [SparseLowRankLinear(48, 40, 6, 0.1, seed=0, key="fc") for _ in range(3)]
+    for i, m in enumerate(members):
+        with torch.no_grad():
+            m.B.normal_(generator=torch.Generator().manual_seed(i))
+            m.values.mul_(i + 1)
+    params, buffers = stack_module_state(members)
+    x = torch.randn(5, 48)
+    meta = copy.deepcopy(members[0]).to("meta")
+    with pytest.raises(RuntimeError, match="vmap over the support buffers"):
+        vmap(lambda p, b, x: functional_call(meta, (p, b), (x,)), in_dims=(0, 0, None))(params, buffers, x)
+    base = copy.deepcopy(members[0])
+    out = vmap(lambda p, x: functional_call(base, p, (x,)), in_dims=(0, None))(params, x)
+    for i, m in enumerate(members):
+        torch.testing.assert_close(out[i], x @ m.dense_weight().t() + m.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_script_is_refused_and_trace_works():
+    layer = SparseLowRankLinear(48, 40, 6, 0.1)
+    for obj in (layer, nn.Sequential(layer, nn.ReLU())):
+        with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script"):
+            torch.jit.script(obj)
+    traced = torch.jit.trace(layer, torch.randn(3, 48))
+    x = torch.randn(7, 48)
+    torch.testing.assert_close(traced(x), layer(x))
+
+
+def test_a_weight_cannot_be_set_or_tied():
+    """A ``weight`` set from outside (HF's ``tie_weights`` onto a rewritten head) would be a
+    parameter that nothing reads: refused."""
+    layer = SparseLowRankLinear(48, 40, 6, 0.1)
+    with pytest.raises(AttributeError, match="no dense weight to set or tie"):
+        layer.weight = nn.Parameter(torch.randn(40, 48))
+    assert not hasattr(layer, "weight") and "weight" not in dict(layer.named_parameters())
+
+
+def test_support_buffers_cast_by_module_type_are_refused():
+    layer = SparseLowRankLinear(48, 40, 6, 0.1, init="lost")
+    layer.type(torch.float64)
+    with pytest.raises(ValueError, match="support buffers must be int32"):
+        layer(torch.randn(3, 48, dtype=torch.float64))
+
+
+def test_initial_values_do_not_depend_on_the_default_dtype():
+    a = SparseLowRankLinear(48, 40, 6, 0.1, seed=5)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        b = SparseLowRankLinear(48, 40, 6, 0.1, seed=5)
+    finally:
+        torch.set_default_dtype(old)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v.to(b.state_dict()[k].dtype), b.state_dict()[k]), k

@@ -122,3 +122,14 @@ def cached(kind: str, tensors: Sequence[torch.Tensor], extra: tuple, build: Call
             del cache[key]
     _CACHE[key] = (tuple(weakref.ref(t, drop) for t in tensors), versions, value)
     return value
+
+
+def forget(tensors: Sequence[torch.Tensor]) -> None:
+    """Drops every entry built from any of ``tensors``, and with it the weak references to
+    them: ``torch.utils.swap_tensors`` (``load_state_dict`` under
+    ``torch.__future__.set_swap_module_params_on_conversion(True)``) refuses a tensor
+    that is weakly referenced."""
+    ids = {id(t) for t in tensors}
+    for key, (refs, _, _) in list(_CACHE.items()):
+        if any(id(r()) in ids for r in refs):
+            _CACHE.pop(key, None)
