@@ -24,7 +24,7 @@ PyTorch's CPU CSR products, which have no bf16 kernel).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,12 @@ import torch.nn.functional as F
 def autocast_off(fn):
     """``fn(first_tensor, ...)`` run with autocast disabled on the first tensor's device."""
     @functools.wraps(fn)
-    def run(*args):
+    def run(*args, **kwargs):
         device = args[0].device.type
         if torch.is_autocast_enabled(device):
             with torch.autocast(device, enabled=False):
-                return fn(*args)
-        return fn(*args)
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
     return run
 
 
@@ -58,6 +58,29 @@ def own_outputs(fn):
     def run(*args, **kwargs):
         out = fn(*args, **kwargs)
         return tuple(own(t) for t in out) if isinstance(out, tuple) else own(out)
+    return run
+
+
+# (dx, dA, dB, dvalues): which gradients a backward computes; all of them by default
+ALL = (True, True, True, True)
+
+
+def wanted(needs) -> tuple:
+    """The ``need`` of an implementation from a backward op's ``needs`` (None: all)."""
+    return ALL if needs is None else tuple(bool(n) for n in needs)
+
+
+def backward_op(fn, nargs: int):
+    """A backward op's implementation from ``fn(*args, need=...)``, which returns None for
+    a gradient it was not asked for. The op takes ``needs`` after its ``nargs`` other
+    arguments (positionally, by name, or not at all: None), and returns an empty tensor
+    in a skipped gradient's place (an op returns tensors only; autograd hands None on)."""
+    @functools.wraps(fn)
+    def run(*args, needs=None):
+        if len(args) > nargs:
+            args, needs = args[:nargs], args[nargs]
+        grads = fn(*args, need=wanted(needs))
+        return tuple(args[1].new_empty(0) if g is None else g for g in grads)   # args[1]: x
     return run
 
 
@@ -163,6 +186,7 @@ def sparse_lowrank_linear_backward(
     col: torch.Tensor,
     row: torch.Tensor,
     scale: float,
+    needs: Optional[Sequence[bool]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, dA, dB, dvalues) of the op; the bias gradient is a plain sum.
 
@@ -171,38 +195,54 @@ def sparse_lowrank_linear_backward(
     dB      = scale * gᵀ (x Aᵀ)
     dvalues = (gᵀ x) sampled at the support  (never formed densely)
 
+    ``needs``: which of the four to compute (None: all); the others are not computed and
+    come back as empty tensors. The op's autograd asks for those its inputs need: a
+    frozen layer (only dx), a layer whose input needs no gradient (no dx), a part frozen
+    (A, B or the values) each skip their GEMMs or sparse products.
+
     On every device without an implementation of its own, the reference.
     """
-    return autocast_off(reference_backward)(grad, x, A, B, values, crow, col, row, scale)
+    return backward_op(autocast_off(reference_backward), 9)(grad, x, A, B, values, crow, col,
+                                                            row, scale, needs)
 
 
-def reference_backward(grad, x, A, B, values, crow, col, row, scale: float, xa=None):
+def reference_backward(grad, x, A, B, values, crow, col, row, scale: float, xa=None,
+                       need=ALL):
     """Reference implementation of the backward (the specification of the op).
-    ``xa``: x Aᵀ from the forward (``sparse_lowrank_linear_train``), else computed here."""
+    ``xa``: x Aᵀ from the forward (``sparse_lowrank_linear_train``), else computed here.
+    ``need``: (dx, dA, dB, dvalues) to compute; None in the others' places."""
     in_features = A.shape[1]
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, in_features)
-    gB = g2 @ B                      # M x r
-    xA = x2 @ A.t() if xa is None else xa.reshape(-1, A.shape[0])   # M x r
     acc = _acc(g2)
-    dx = (gB @ A).to(acc) * scale + sparse_t_matmul(g2, values, row, col, in_features)
-    dA = (gB.t() @ x2).to(acc) * scale
-    dB = (g2.t() @ xA).to(acc) * scale
-    dv = sampled_grad(g2, x2, row, col)
-    return (dx.to(x.dtype).reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype),
-            dv.to(values.dtype))
+    dx = dA = dB = dv = None
+    if need[0] or need[1]:
+        gB = g2 @ B                      # M x r
+    if need[0]:
+        dx = (gB @ A).to(acc) * scale + sparse_t_matmul(g2, values, row, col, in_features)
+        dx = dx.to(x.dtype).reshape(x.shape)
+    if need[1]:
+        dA = ((gB.t() @ x2).to(acc) * scale).to(A.dtype)
+    if need[2]:
+        xA = x2 @ A.t() if xa is None else xa.reshape(-1, A.shape[0])   # M x r
+        dB = ((g2.t() @ xA).to(acc) * scale).to(B.dtype)
+    if need[3]:
+        dv = sampled_grad(g2, x2, row, col).to(values.dtype)
+    return dx, dA, dB, dv
 
 
-def _grads_like(x, A, B, values):
+def _grads_like(x, A, B, values, needs=None):
     """Fake outputs of a backward op: (dx, dA, dB, dvalues), contiguous as every
     implementation returns them (``empty_like`` would copy the strides of a transposed or
-    permuted x, and Inductor checks the real outputs' strides against these)."""
-    return tuple(t.new_empty(t.shape) for t in (x, A, B, values))
+    permuted x, and Inductor checks the real outputs' strides against these); empty
+    where ``needs`` leaves one out."""
+    return tuple(t.new_empty(t.shape if n else (0,))
+                 for t, n in zip((x, A, B, values), wanted(needs)))
 
 
 @sparse_lowrank_linear_backward.register_fake
-def _(grad, x, A, B, values, crow, col, row, scale):
-    return _grads_like(x, A, B, values)
+def _(grad, x, A, B, values, crow, col, row, scale, needs=None):
+    return _grads_like(x, A, B, values, needs)
 
 
 def _keep(ctx, inputs, *kept):
@@ -217,16 +257,24 @@ def _setup_context(ctx, inputs, output):
     _keep(ctx, inputs)
 
 
+def _needs(ctx) -> Optional[list]:
+    """The backward op's ``needs`` for what the inputs x, A, B and values need (None:
+    all four, the op's default)."""
+    needs = list(ctx.needs_input_grad[:4])
+    return None if all(needs) else needs
+
+
 def _input_grads(ctx, grad, grads):
     """The gradients of the op's nine inputs, from a backward op's (dx, dA, dB, dvalues)."""
-    dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[7] else None
+    grads = tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad[:4]))
     return (*grads, None, None, None, dbias, None)
 
 
 def _backward(ctx, grad):
     x, A, B, values, crow, col, row = ctx.saved_tensors
     return _input_grads(ctx, grad, torch.ops.structrewrite.sparse_lowrank_linear_backward(
-        grad, x, A, B, values, crow, col, row, ctx.scale))
+        grad, x, A, B, values, crow, col, row, ctx.scale, _needs(ctx)))
 
 
 sparse_lowrank_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -285,18 +333,20 @@ def sparse_lowrank_linear_backward_train(
     col: torch.Tensor,
     row: torch.Tensor,
     scale: float,
+    needs: Optional[Sequence[bool]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sparse_lowrank_linear_backward`` given ``xa`` = x Aᵀ from the forward."""
-    return autocast_off(reference_backward_train)(grad, x, xa, A, B, values, crow, col, row, scale)
+    return backward_op(autocast_off(reference_backward_train), 10)(grad, x, xa, A, B, values,
+                                                                   crow, col, row, scale, needs)
 
 
-def reference_backward_train(grad, x, xa, A, B, values, crow, col, row, scale: float):
-    return reference_backward(grad, x, A, B, values, crow, col, row, scale, xa=xa)
+def reference_backward_train(grad, x, xa, A, B, values, crow, col, row, scale: float, need=ALL):
+    return reference_backward(grad, x, A, B, values, crow, col, row, scale, xa=xa, need=need)
 
 
 @sparse_lowrank_linear_backward_train.register_fake
-def _(grad, x, xa, A, B, values, crow, col, row, scale):
-    return _grads_like(x, A, B, values)
+def _(grad, x, xa, A, B, values, crow, col, row, scale, needs=None):
+    return _grads_like(x, A, B, values, needs)
 
 
 def _setup_context_train(ctx, inputs, output):
@@ -308,7 +358,7 @@ def _setup_context_train(ctx, inputs, output):
 def _backward_train(ctx, grad, _grad_xa):
     x, xa, A, B, values, crow, col, row = ctx.saved_tensors
     return _input_grads(ctx, grad, torch.ops.structrewrite.sparse_lowrank_linear_backward_train(
-        grad, x, xa, A, B, values, crow, col, row, ctx.scale))
+        grad, x, xa, A, B, values, crow, col, row, ctx.scale, _needs(ctx)))
 
 
 sparse_lowrank_linear_train.register_autograd(_backward_train, setup_context=_setup_context_train)

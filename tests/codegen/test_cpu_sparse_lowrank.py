@@ -256,3 +256,55 @@ def test_strided_values_bias_and_support_are_read_as_their_elements(fold, monkey
     for a, b in zip(cpu.backward(g, *views[:7], scale), reference_backward(g, *args[:7], scale)):
         assert _rel(a, b) < 1e-5, seed
 
+
+
+FROZEN_KINDS = [("random", 1, "never"), ("random", 1, "always"), ("lost", 1, "never"),
+                ("random", 16, "never")]
+
+
+def _count_gemms(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::sampled_addmm")
+    return sum(e.count for e in prof.key_averages() if e.key in names)
+
+
+@pytest.mark.parametrize("init,block,fold", FROZEN_KINDS)
+def test_frozen_inputs_get_no_gradient_and_their_products_are_skipped(init, block, fold, monkeypatch):
+    """Every subset of x, A, B and values needing a gradient (the rest frozen), on the CPU
+    implementation's paths (CSR products, folded, channel-wise GEMMs, tiles) in float64:
+    the gradients asked for match the reference, the frozen inputs get none, and a
+    frozen layer's backward (dx only) runs fewer products than a training one's."""
+    from structrewrite.nn import SparseLowRankLinear
+    monkeypatch.setattr(folded, "MODE", fold)
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    layer = SparseLowRankLinear(48, 40, rank=6, density=0.15, init=init, block=block,
+                                key=f"c{seed}").double()
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(2, 9, 48, dtype=torch.float64)
+    g = torch.randn(2, 9, 40, dtype=torch.float64)
+    args = (x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
+            layer.sparse_row)
+    want = reference_backward(g, *(t.detach() for t in args), layer.scale)
+    inputs = [x, layer.A, layer.B, layer.values]
+    for mask in range(1, 16):
+        needs = [bool(mask >> i & 1) for i in range(4)]
+        for t, n in zip(inputs, needs):
+            t.requires_grad_(n)
+            t.grad = None
+        layer(x).backward(g)
+        for t, n, w, name in zip(inputs, needs, want, ("dx", "dA", "dB", "dvalues")):
+            if n:
+                assert _rel(t.grad, w) < TOL[torch.float64], f"{name} {needs} (seed {seed})"
+            else:
+                assert t.grad is None, f"{name} {needs}"
+    counts = []
+    for needs in ([True] * 4, [True, False, False, False]):
+        for t, n in zip(inputs, needs):
+            t.requires_grad_(n)
+        y = layer(x)
+        counts.append(_count_gemms(lambda: y.backward(g)))
+    assert counts[1] < counts[0], counts

@@ -341,22 +341,22 @@ def test_cuda_entries_run_on_their_first_tensors_device(monkeypatch):
 
     def body(*args, **kwargs):
         seen.append(current[0])
-        return "done"
+        return ("done",) * 4
 
     registered = {}
     monkeypatch.setattr(torch.library, "register_kernel",
                         lambda op, dev, fn: registered.setdefault(op, fn))
-    for name in ("_forward_cuda", "_backward_cuda", "_forward_train_cuda", "_backward_train_cuda"):
+    for name in ("_forward_cuda", "_backward_op_cuda", "_forward_train_cuda", "_backward_train_cuda"):
         monkeypatch.setattr(sl, name, body)
     assert sorted(sl.register()) == sorted(registered)
     entries = list(registered.values())
     assert len(entries) == 4
     for fn in entries:
         seen.clear(), entered.clear()
-        assert fn(_OnDevice(1), _OnDevice(1)) == "done"
+        assert fn(_OnDevice(1), _OnDevice(1)) == ("done",) * 4
         assert seen == [1] and entered == [1] and current[0] == 0
         seen.clear(), entered.clear()
-        assert fn(_OnDevice(0)) == "done"
+        assert fn(_OnDevice(0)) == ("done",) * 4
         assert seen == [0] and entered == []
     # the layer's eager entry (``eager``): its first step runs with cuda:1 current
     class Reached(Exception):
@@ -370,3 +370,59 @@ def test_cuda_entries_run_on_their_first_tensors_device(monkeypatch):
     with pytest.raises(Reached):
         sl.eager(_OnDevice(1), *[None] * 7, 1.0)
     assert seen == [1] and current[0] == 0
+
+
+# (x, A, B, values): which need gradients; the others frozen (requires_grad False)
+SUBSETS = [(True, False, False, False), (False, True, True, True), (False, False, False, True),
+           (True, False, False, True), (False, True, False, False), (False, False, True, False)]
+
+
+@pytest.mark.parametrize("needs", SUBSETS, ids=lambda n: "".join("xABv"[i] for i in range(4) if n[i]))
+@pytest.mark.parametrize("init,block,fold", KINDS)
+def test_frozen_inputs_get_no_gradient_and_the_rest_are_right(init, block, fold, needs, monkeypatch):
+    """A layer with some of x, A, B and values frozen: the eager entry and the op's CUDA
+    implementation compute the gradients asked for (against the reference, float32) and
+    nothing for the others (None); the sparse d values kernels do not run where the
+    values are frozen."""
+    monkeypatch.setattr(sl.folded, "MODE", fold)
+    from structrewrite.codegen.triton import sparse_lowrank_block as blk
+    if not needs[3]:
+        def no_dv(*a, **k):
+            raise AssertionError("d values computed for frozen values")
+        monkeypatch.setattr(sl, "sddmm", no_dv)
+        monkeypatch.setattr(blk, "bsr_sddmm", no_dv)
+        spmm = blk.bsr_spmm
+
+        def spmm_no_dv(*a, **k):
+            assert k.get("dv") is None, "d values fused into dx for frozen values"
+            return spmm(*a, **k)
+        monkeypatch.setattr(blk, "bsr_spmm", spmm_no_dv)
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    layer = SparseLowRankLinear(45, 60, rank=8, density=0.12, init=init, block=block,
+                                key=f"f{seed}")
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(3, 7, 45)
+    g = torch.randn(3, 7, 60)
+    args = _args(layer, x)
+    want = reference_backward(g, *args[:7], layer.scale)
+    inputs = [x, layer.A, layer.B, layer.values]
+    for t, n in zip(inputs, needs):
+        t.requires_grad_(n)
+    layer.bias.requires_grad_(False)
+    asked = [t for t, n in zip(inputs, needs) if n]
+    got = dict(zip([i for i in range(4) if needs[i]], torch.autograd.grad(sl.eager(*args), asked, g)))
+    for i, name in enumerate(("dx", "dA", "dB", "dvalues")):
+        if needs[i]:
+            assert _rel(got[i], want[i]) < 1e-5, f"eager {name} (seed {seed})"
+    grads = sl._backward_cuda(g, *(t.detach() for t in args[:7]), layer.scale, need=needs)
+    for i, name in enumerate(("dx", "dA", "dB", "dvalues")):
+        if needs[i]:
+            assert _rel(grads[i], want[i]) < 1e-5, f"op {name} (seed {seed})"
+        else:
+            assert grads[i] is None, name
+    y = sl.eager(*args)
+    y.backward(g)
+    assert all(t.grad is None for t, n in zip(inputs, needs) if not n)
+    assert layer.bias.grad is None

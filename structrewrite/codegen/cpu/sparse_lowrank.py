@@ -107,18 +107,21 @@ def _tiles_forward(y, x2, V, lay):
         yout[m:m + step].index_add_(1, ti, torch.bmm(xg, V.transpose(1, 2)).transpose(0, 1))
 
 
-def _tiles_backward(dx, g2, x2, V, lay):
-    """``dx += g S`` and the tiles' gradients ``g[:, I]ᵀ x[:, J]`` (nt x b x b), sharing
-    the gathered blocks of g."""
-    gin, xin, dxout = _tile_view(g2, lay.b), _tile_view(x2, lay.b), _tile_view(dx, lay.b)
+def _tiles_backward(dx, g2, x2, V, lay, want_dv=True):
+    """``dx += g S`` (where ``dx`` is given) and the tiles' gradients
+    ``g[:, I]ᵀ x[:, J]`` (nt x b x b; where ``want_dv``), sharing the gathered blocks of g."""
+    gin, xin = _tile_view(g2, lay.b), _tile_view(x2, lay.b)
+    dxout = _tile_view(dx, lay.b) if dx is not None else None
     ti, tj = lay.ti.long(), lay.tj.long()
-    dV = torch.zeros_like(V)
+    dV = torch.zeros_like(V) if want_dv else None
     step = _token_step(x2.shape[0], lay)
     for m in range(0, x2.shape[0], step):
         gg = gin[m:m + step].index_select(1, ti).transpose(0, 1)       # nt x tokens x b
-        dxout[m:m + step].index_add_(1, tj, torch.bmm(gg, V).transpose(0, 1))
-        xg = xin[m:m + step].index_select(1, tj).transpose(0, 1)
-        dV.baddbmm_(gg.transpose(1, 2), xg)
+        if dxout is not None:
+            dxout[m:m + step].index_add_(1, tj, torch.bmm(gg, V).transpose(0, 1))
+        if want_dv:
+            xg = xin[m:m + step].index_select(1, tj).transpose(0, 1)
+            dV.baddbmm_(gg.transpose(1, 2), xg)
     return dV
 
 
@@ -160,38 +163,52 @@ def forward(x, A, B, values, crow, col, row, bias, scale, saved=None):
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
-def backward(grad, x, A, B, values, crow, col, row, scale, xa=None):
-    """``xa``: x Aᵀ from the forward (``sparse_lowrank_linear_train``), else recomputed."""
+def backward(grad, x, A, B, values, crow, col, row, scale, xa=None, need=ref.ALL):
+    """``xa``: x Aᵀ from the forward (``sparse_lowrank_linear_train``), else recomputed.
+    ``need``: which of (dx, dA, dB, dvalues) to compute (None in the others' places)."""
     values, crow, col, row = contiguous(values, crow, col, row)
     if not _covered(grad, x, A, B, values) or (xa is not None and xa.dtype != x.dtype):
-        return ref.reference_backward(grad, x, A, B, values, crow, col, row, scale, xa=xa)
+        return ref.reference_backward(grad, x, A, B, values, crow, col, row, scale, xa=xa,
+                                      need=need)
     in_features, out_features = A.shape[1], B.shape[0]
     xa = None if xa is None else xa.reshape(-1, A.shape[0])
     how = plan(crow, col, row, out_features, in_features)
     if how.kind == "channel":
-        return channel.backward(grad, x, A, B, values, how.cols, scale, xa=xa)
+        return channel.backward(grad, x, A, B, values, how.cols, scale, xa=xa, need=need)
     if _folds(how, x, A, B, values):
-        return folded.backward(grad, x, A, B, values, crow, col, row, scale, memo=how.memo)
+        return folded.backward(grad, x, A, B, values, crow, col, row, scale, memo=how.memo,
+                               need=need)
     acc = ref._acc(x)
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
-    gB = g2 @ B
-    dx = (gB @ A).to(acc).mul_(scale)
-    dA = (gB.t() @ x2).to(acc).mul_(scale)
-    dB = (g2.t() @ (x2 @ A.t() if xa is None else xa)).to(acc).mul_(scale)
-    if values.numel() and x2.shape[0] and how.kind == "block":
+    dx = dA = dB = dv = None
+    if need[0] or need[1]:
+        gB = g2 @ B
+    if need[0]:
+        dx = (gB @ A).to(acc).mul_(scale)
+    if need[1]:
+        dA = (gB.t() @ x2).to(acc).mul_(scale).to(A.dtype)
+    if need[2]:
+        dB = (g2.t() @ (x2 @ A.t() if xa is None else xa)).to(acc).mul_(scale).to(B.dtype)
+    sparse = values.numel() and x2.shape[0]
+    if sparse and how.kind == "block" and (need[0] or need[3]):
         index = _tile_index(how.layout)
-        dV = _tiles_backward(dx, g2.to(acc), x2.to(acc), values.to(acc)[index], how.layout)
-        dv = values.new_empty(values.shape, dtype=acc)
-        dv[index.flatten()] = dV.flatten()
-    elif values.numel() and x2.shape[0]:
+        dV = _tiles_backward(dx, g2.to(acc), x2.to(acc), values.to(acc)[index], how.layout,
+                             want_dv=need[3])
+        if need[3]:
+            dv = values.new_empty(values.shape, dtype=acc)
+            dv[index.flatten()] = dV.flatten()
+    elif sparse and (need[0] or need[3]):
         S = _csr(values.to(acc), crow, col, out_features, in_features)
-        ga, xa = g2.to(acc), x2.to(acc)
-        dx += ga @ S
-        dv = torch.sparse.sampled_addmm(S, ga.t(), xa, beta=0.0).values()
-    else:
+        ga = g2.to(acc)
+        if need[0]:
+            dx += ga @ S
+        if need[3]:
+            dv = torch.sparse.sampled_addmm(S, ga.t(), x2.to(acc), beta=0.0).values()
+    elif need[3]:
         dv = torch.zeros_like(values)
-    return dx.to(x.dtype).reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv.to(values.dtype)
+    return (None if dx is None else dx.to(x.dtype).reshape(x.shape), dA, dB,
+            None if dv is None else dv.to(values.dtype))
 
 
 def forward_train(x, A, B, values, crow, col, row, bias, scale):
@@ -199,14 +216,15 @@ def forward_train(x, A, B, values, crow, col, row, bias, scale):
     return forward_keeping_xa(forward, x, A, B, values, crow, col, row, bias, scale)
 
 
-def backward_train(grad, x, xa, A, B, values, crow, col, row, scale):
-    return backward(grad, x, A, B, values, crow, col, row, scale, xa=xa)
+def backward_train(grad, x, xa, A, B, values, crow, col, row, scale, need=ref.ALL):
+    return backward(grad, x, A, B, values, crow, col, row, scale, xa=xa, need=need)
 
 
 def register() -> list[str]:
     """Register these as the ops' CPU implementations (called by the package)."""
     torch.library.register_kernel(OP, "cpu", ref.own_outputs(ref.autocast_off(forward)))
-    torch.library.register_kernel(OP_BACKWARD, "cpu", ref.autocast_off(backward))
+    torch.library.register_kernel(OP_BACKWARD, "cpu", ref.backward_op(ref.autocast_off(backward), 9))
     torch.library.register_kernel(OP_TRAIN, "cpu", ref.own_outputs(ref.autocast_off(forward_train)))
-    torch.library.register_kernel(OP_BACKWARD_TRAIN, "cpu", ref.autocast_off(backward_train))
+    torch.library.register_kernel(OP_BACKWARD_TRAIN, "cpu",
+                                  ref.backward_op(ref.autocast_off(backward_train), 10))
     return [OP, OP_BACKWARD, OP_TRAIN, OP_BACKWARD_TRAIN]

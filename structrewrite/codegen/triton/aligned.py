@@ -98,20 +98,24 @@ def lowrank(A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> tuple[torch
 
 
 def lowrank_grads(ga: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                  scale: float, xA: "torch.Tensor | None" = None):
+                  scale: float, xA: "torch.Tensor | None" = None, need=(True,) * 4):
     """The low-rank part of the backward on padded operands: (g B'·s, A', dA, dB).
 
     ``ga``, ``xa``: the incoming gradient and the input, 2-D, with widths padded as by
     ``widths``; ``xA``: x Aᵀ kept from the forward, at the rank's width or padded (else
     computed from ``xa``). ``g B'·s`` (M x r', scale folded in) and A' are what the sparse
     dx kernels take as their dense part (``dx = (g B'·s) A' + g S``). dA (r x in) and dB
-    (out x r) come back at the real sizes, contiguous."""
+    (out x r) come back at the real sizes, contiguous. ``need``: the backward's (dx, dA,
+    dB, dvalues); g B'·s is formed for dx or dA, each of dA and dB where needed (None
+    otherwise)."""
     (r, in_features), out_features = A.shape, B.shape[0]
     Ap, Bp = lowrank(A, B, xa.dtype)
-    gBs = mm(ga, Bp, scale)                               # M x r'
-    dA = cols((gBs.t() @ xa)[:r], in_features)
-    xA = xa @ Ap.t() if xA is None else pad_cols(xA, Ap.shape[0])
-    dB = cols(mm(ga.t(), xA, scale)[:out_features], r)
+    gBs = mm(ga, Bp, scale) if need[0] or need[1] else None   # M x r'
+    dA = cols((gBs.t() @ xa)[:r], in_features) if need[1] else None
+    dB = None
+    if need[2]:
+        xA = xa @ Ap.t() if xA is None else pad_cols(xA, Ap.shape[0])
+        dB = cols(mm(ga.t(), xA, scale)[:out_features], r)
     return gBs, Ap, dA, dB
 
 

@@ -135,7 +135,7 @@ from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, contiguous, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, lazily, pick, sm_count
-from structrewrite.ops.sparse_lowrank_linear import autocast_off, own, own_outputs
+from structrewrite.ops.sparse_lowrank_linear import ALL, autocast_off, backward_op, own, own_outputs
 
 
 def on_own_device(fn):
@@ -518,36 +518,47 @@ def forward(x, A, B, values, crow, col, row, bias, scale, config=None, saved=Non
 
 
 def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sddmm_config=None,
-             saved=()):
+             saved=(), need=(True,) * 4):
     """The backward op: (dx, dA, dB, dvalues); dA and dB are plain cuBLAS GEMMs.
-    ``saved``: what ``forward`` put in its ``saved`` list (else ``x Aᵀ`` is recomputed)."""
+    ``saved``: what ``forward`` put in its ``saved`` list (else ``x Aᵀ`` is recomputed).
+    ``need``: which of the four to compute (None in the others' places)."""
     in_features, out_features = A.shape[1], B.shape[0]
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
     M = x2.shape[0]
     if M == 0:
-        return (_empty(x.shape, x.dtype, x.device).zero_(), torch.zeros_like(A),
-                torch.zeros_like(B), torch.zeros_like(values))
+        zeros = (_empty(x.shape, x.dtype, x.device).zero_(), torch.zeros_like(A),
+                 torch.zeros_like(B), torch.zeros_like(values))
+        return tuple(z if n else None for z, n in zip(zeros, need))
     # the cuBLAS GEMMs take copies with aligned rows where a width is misaligned (``aligned``)
     in_p, out_p = aligned.widths(A, B, x.dtype)
     # the padded copies of a misaligned x and g are read there only, and go with the call
     gBs, Ap, dA, dB = aligned.lowrank_grads(aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p),
-                                            A, B, scale, saved[0] if saved else None)
-    dx = _empty(x2.shape, x.dtype, x.device)
+                                            A, B, scale, saved[0] if saved else None, need=need)
+    dA = None if dA is None else dA.to(A.dtype)
+    dB = None if dB is None else dB.to(B.dtype)
+    dx = dv = None
     nnz = values.numel()
-    base = gBs @ Ap                                   # M x in_p
+    if not (need[0] or need[3]):
+        return dx, dA, dB, dv
     gt = transpose(g2)
-    cptr, cidx, cperm, cowner = csc_of(col, row, in_features)
-    values_csc = values[cperm]                        # nnz elements: cheaper than a perm load per step
+    if need[0]:
+        dx = _empty(x2.shape, x.dtype, x.device)
+        base = gBs @ Ap                               # M x in_p
+        cptr, cidx, cperm, cowner = csc_of(col, row, in_features)
+        values_csc = values[cperm]                    # nnz elements: cheaper than a perm load per step
 
-    def run_dx(c):
-        return gather_spmm(gt, cptr, cidx, values_csc, in_features, dx, base=base,
-                           config=c, owner=cowner)
+        def run_dx(c):
+            return gather_spmm(gt, cptr, cidx, values_csc, in_features, dx, base=base,
+                               config=c, owner=cowner)
 
-    if spmm_config is None:
-        spmm_config = pick("spmm_t", (bucket(M), in_features, out_features, nnz, x.dtype),
-                           SPMM_CANDIDATES, run_dx, SPMM_DEFAULT)
-    run_dx(spmm_config)
+        if spmm_config is None:
+            spmm_config = pick("spmm_t", (bucket(M), in_features, out_features, nnz, x.dtype),
+                               SPMM_CANDIDATES, run_dx, SPMM_DEFAULT)
+        run_dx(spmm_config)
+        dx = dx.reshape(x.shape)
+    if not need[3]:
+        return dx, dA, dB, dv
     if nnz:
         xt = lazily(lambda: transpose(x2))           # made once, only for "gather" configs
 
@@ -561,7 +572,7 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
         dv = run_dv(sddmm_config).to(values.dtype)
     else:
         dv = torch.zeros_like(values)
-    return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
+    return dx, dA, dB, dv
 
 
 def _folds(x, A, B, values) -> bool:
@@ -594,24 +605,32 @@ def _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=None, how=
 
 
 def _backward_cuda(grad, x, A, B, values, crow, col, row, scale, saved=(), how=None, fold=None,
-                   xa=None):
+                   xa=None, need=ALL):
     """``saved``: what the forward kept (``EagerFunction``); ``xa``: x Aᵀ from the
-    forward (``sparse_lowrank_linear_train``); without either, x Aᵀ is computed again."""
+    forward (``sparse_lowrank_linear_train``); without either, x Aᵀ is computed again.
+    ``need``: which of (dx, dA, dB, dvalues) to compute (None in the others' places)."""
     values, crow, col, row = contiguous(values, crow, col, row)
     how = how or plan(crow, col, row, B.shape[0], A.shape[1])
     if xa is not None:
         xa = xa.reshape(-1, A.shape[0])
     if how.kind == "channel":
-        return channel.backward(grad, x, A, B, values, how.cols, scale, saved=saved, xa=xa)
+        return channel.backward(grad, x, A, B, values, how.cols, scale, saved=saved, xa=xa,
+                                need=need)
     if not saved and xa is not None:   # what the gather and tile backward passes take
         saved = [xa]
     wide = _wide(x)
     if how.kind == "block" and not wide:
         return block.backward(grad, x, A, B, values, crow, col, row, scale, how.layout.b,
-                              saved=saved, lay=how.layout)
+                              saved=saved, lay=how.layout, need=need)
     if wide or (_folds(x, A, B, values) if fold is None else fold):
-        return folded.backward(grad, x, A, B, values, crow, col, row, scale, memo=how.memo)
-    return backward(grad, x, A, B, values, crow, col, row, scale, saved=saved)
+        return folded.backward(grad, x, A, B, values, crow, col, row, scale, memo=how.memo,
+                               need=need)
+    return backward(grad, x, A, B, values, crow, col, row, scale, saved=saved, need=need)
+
+
+def _backward_op_cuda(grad, x, A, B, values, crow, col, row, scale, need=ALL):
+    """``sparse_lowrank_linear_backward``."""
+    return _backward_cuda(grad, x, A, B, values, crow, col, row, scale, need=need)
 
 
 def _forward_train_cuda(x, A, B, values, crow, col, row, bias, scale):
@@ -620,9 +639,9 @@ def _forward_train_cuda(x, A, B, values, crow, col, row, bias, scale):
     return forward_keeping_xa(_forward_cuda, x, A, B, values, crow, col, row, bias, scale)
 
 
-def _backward_train_cuda(grad, x, xa, A, B, values, crow, col, row, scale):
+def _backward_train_cuda(grad, x, xa, A, B, values, crow, col, row, scale, need=ALL):
     """``sparse_lowrank_linear_backward_train``: the backward with x Aᵀ given."""
-    return _backward_cuda(grad, x, A, B, values, crow, col, row, scale, xa=xa)
+    return _backward_cuda(grad, x, A, B, values, crow, col, row, scale, xa=xa, need=need)
 
 
 class EagerFunction(torch.autograd.Function):
@@ -650,9 +669,11 @@ class EagerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, A, B, values, crow, col, row, *saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad
         dx, dA, dB, dv = _backward_cuda(grad.contiguous(), x, A, B, values, crow, col, row,
-                                        ctx.scale, saved=saved, how=ctx.how, fold=ctx.fold)
-        dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+                                        ctx.scale, saved=saved, how=ctx.how, fold=ctx.fold,
+                                        need=needs[:4])
+        dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and needs[7] else None
         return dx, dA, dB, dv, None, None, None, dbias, None, None
 
 
@@ -670,8 +691,8 @@ def eager(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
 
 def register() -> list[str]:
     """Register the kernels as the op's CUDA implementation (called by the package)."""
-    for op, fn in ((OP, own_outputs(_forward_cuda)), (OP_BACKWARD, _backward_cuda),
+    for op, fn in ((OP, own_outputs(_forward_cuda)), (OP_BACKWARD, backward_op(_backward_op_cuda, 9)),
                    (OP_TRAIN, own_outputs(_forward_train_cuda)),
-                   (OP_BACKWARD_TRAIN, _backward_train_cuda)):
+                   (OP_BACKWARD_TRAIN, backward_op(_backward_train_cuda, 10))):
         torch.library.register_kernel(op, "cuda", on_own_device(autocast_off(fn)))
     return [OP, OP_BACKWARD, OP_TRAIN, OP_BACKWARD_TRAIN]

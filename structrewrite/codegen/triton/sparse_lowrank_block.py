@@ -494,11 +494,13 @@ def _dv_path(key, g2, x2, xk, lay, vals, in_features, cfg_td, cfg_t, cfg_d, scra
 
 
 def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=None,
-             sddmm_config=None, saved=(), lay: Optional[Layout] = None):
+             sddmm_config=None, saved=(), lay: Optional[Layout] = None, need=(True,) * 4):
     """``saved``: what ``forward`` put in its list (else ``x Aᵀ`` is recomputed).
     ``spmm_config``: tiles of the dx kernel (with or without d values); ``sddmm_config``:
     those of the separate d values kernel. Given tiles skip the timing: d values are then
-    fused wherever ``fuses_dv``."""
+    fused wherever ``fuses_dv``. ``need``: which of (dx, dA, dB, dvalues) to compute (None
+    in the others' places): without dx, d values come from ``bsr_sddmm`` alone; without d
+    values, the dx kernel runs unfused."""
     in_features, out_features = A.shape[1], B.shape[0]
     in_p, out_p = aligned.widths(A, B, x.dtype)
     lay = lay or layout(crow, col, row, b, out_features, in_features)
@@ -506,15 +508,36 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
     x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p).contiguous()        # M x in_p
     M = x2.shape[0]
     if M == 0:
-        return (torch.zeros_like(x), torch.zeros_like(A), torch.zeros_like(B),
-                torch.zeros_like(values))
-    gBs, Ap, dA, dB = aligned.lowrank_grads(g2, x2, A, B, scale, saved[0] if saved else None)
+        zeros = (torch.zeros_like(x), torch.zeros_like(A), torch.zeros_like(B),
+                 torch.zeros_like(values))
+        return tuple(z if n else None for z, n in zip(zeros, need))
+    gBs, Ap, dA, dB = aligned.lowrank_grads(g2, x2, A, B, scale, saved[0] if saved else None,
+                                            need=need)
+    dA = None if dA is None else dA.to(A.dtype)
+    dB = None if dB is None else dB.to(B.dtype)
+    if not need[0]:   # d values alone, or nothing of the sparse part
+        dv = bsr_sddmm(g2, x2, lay, config=sddmm_config or _sddmm_tiles(
+            (bucket(M), in_features, out_features, lay.nt, b, x.dtype), g2, x2, lay)
+        ).to(values.dtype) if need[3] else None
+        return None, dA, dB, dv
     vals = values.to(x.dtype)
     # the fused kernel reads x's real columns only: it needs no padded copy
     xk = x2 if in_p == in_features else x.reshape(-1, in_features)
     xk = xk if xk.stride(-1) == 1 else xk.contiguous()
     key = (bucket(M), in_features, out_features, lay.nt, b, x.dtype)
-    fuse = fuses_dv()
+    fuse = fuses_dv() and need[3]
+    if not need[3]:   # dx alone: the unfused kernel, no d values
+        if spmm_config is None:
+            scratch = _trial_buffers(g2, in_features, vals)
+            spmm_config = pick("bsr_spmm_t", key, spmm_candidates(g2.device),
+                               lambda c: bsr_spmm(g2, lay, vals, in_features, scratch()[0],
+                                                  True, config=c),
+                               SPMM_DEFAULT)
+        del x2
+        base = gBs @ Ap
+        dx = base if in_p == in_features else _empty((M, in_features), x.dtype, x.device)
+        bsr_spmm(g2, lay, vals, in_features, dx, True, base=base, config=spmm_config)
+        return dx.reshape(x.shape), dA, dB, None
     if spmm_config is None or (not fuse and sddmm_config is None):
         scratch = _trial_buffers(g2, in_features, vals)
         cfg_t, cfg_td, cfg_d = _tiles(key, g2, x2, xk, lay, vals, in_features, fuse, scratch)
@@ -535,7 +558,13 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
         dv = dv32.to(values.dtype)
     else:
         bsr_spmm(g2, lay, vals, in_features, dx, True, base=base, config=spmm_config)
-    return dx.reshape(x.shape), dA.to(A.dtype), dB.to(B.dtype), dv
+    return dx.reshape(x.shape), dA, dB, dv
+
+
+def _sddmm_tiles(key, g2, x2, lay):
+    """The tiles of ``bsr_sddmm`` for this problem, as ``_tiles`` picks them."""
+    return pick("bsr_sddmm", key, SDDMM_CANDIDATES, lambda c: bsr_sddmm(g2, x2, lay, config=c),
+                SDDMM_DEFAULT)
 
 
 def _tiles(key, g2, x2, xk, lay, vals, in_features, fuse, out):
@@ -549,6 +578,4 @@ def _tiles(key, g2, x2, xk, lay, vals, in_features, fuse, out):
                   lambda c: bsr_spmm(g2, lay, vals, in_features, out()[0], True, config=c, x=xk,
                                      dv=out()[1]),
                   SPMM_DEFAULT) if fuse else None
-    cfg_d = pick("bsr_sddmm", key, SDDMM_CANDIDATES, lambda c: bsr_sddmm(g2, x2, lay, config=c),
-                 SDDMM_DEFAULT)
-    return cfg_t, cfg_td, cfg_d
+    return cfg_t, cfg_td, _sddmm_tiles(key, g2, x2, lay)

@@ -189,33 +189,43 @@ def _widened_input(x2, xa, cols, e: float, R: int):
     return torch.cat(parts, dim=1)
 
 
-def backward(grad, x, A, B, values, cols, scale, saved=(), xa=None):
+def backward(grad, x, A, B, values, cols, scale, saved=(), xa=None, need=(True,) * 4):
     """``saved``: what ``forward`` put in its list; else ``xa`` = x Aᵀ (M x r) from the
     forward (``sparse_lowrank_linear_train``), from which t is put together without a
     GEMM; else t is recomputed (``x`` is then only read through it). With
     ``y = alpha · t W'ᵀ``: ``dt = alpha · g W'``, ``dx = dt A'``, ``dA = dt[:, :r]ᵀ x`` and
-    ``alpha · gᵀ t`` holds dB (times beta) and d values (alpha·e = 1)."""
+    ``alpha · gᵀ t`` holds dB (times beta) and d values (alpha·e = 1). ``need``: which of
+    (dx, dA, dB, dvalues) to compute (None in the others' places): dt is formed for dx
+    or dA, and ``gᵀ t`` (and t) for dB or d values only."""
     in_features, out_features = A.shape[1], B.shape[0]
     in_p, out_p = aligned.widths(A, B, x.dtype)
     r, k = A.shape[0], cols.numel()
     split = split_scale(scale, A.dtype)
     alpha, beta, _ = split
+    dx = dA = dB = dv = None
     if saved:
         x2, t, Aw, Ww = saved
     else:
         Aw, Ww = _widened(A, B, values, cols, split, in_p, out_p)
         x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p)
-        if xa is None:
+        if not (need[2] or need[3]):
+            t = None
+        elif xa is None:
             t = x2 @ Aw.t()
         else:
             t = _widened_input(x2, xa, cols, split[2], Aw.shape[0])
     g2 = aligned.pad_cols(grad.reshape(-1, out_features), out_p)
-    dt = aligned.mm(g2, Ww, alpha)                       # M x R
-    dx = aligned.cols(dt @ Aw, in_features)              # the rows of E add dt's channel columns at cols
-    dA = aligned.cols(dt[:, :r].t() @ x2, in_features)
-    dw = aligned.mm(g2.t(), t, alpha)[:out_features]     # out x R
-    dB = aligned.cols(dw, r) if beta == 1.0 else dw[:, :r] * beta
-    dv = dw[:, r:r + k].reshape(-1).contiguous()   # a strided view when k == 1
-    dx = dx.reshape(*grad.shape[:-1], in_features)
-    return dx, dA.to(A.dtype), dB.to(B.dtype), dv.to(values.dtype)
+    if need[0] or need[1]:
+        dt = aligned.mm(g2, Ww, alpha)                   # M x R
+    if need[0]:   # the rows of E add dt's channel columns at cols
+        dx = aligned.cols(dt @ Aw, in_features).reshape(*grad.shape[:-1], in_features)
+    if need[1]:
+        dA = aligned.cols(dt[:, :r].t() @ x2, in_features).to(A.dtype)
+    if need[2] or need[3]:
+        dw = aligned.mm(g2.t(), t, alpha)[:out_features]     # out x R
+        if need[2]:
+            dB = (aligned.cols(dw, r) if beta == 1.0 else dw[:, :r] * beta).to(B.dtype)
+        if need[3]:
+            dv = dw[:, r:r + k].reshape(-1).contiguous().to(values.dtype)   # strided when k == 1
+    return dx, dA, dB, dv
 

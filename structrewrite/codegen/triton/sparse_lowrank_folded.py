@@ -214,39 +214,53 @@ def forward(x, A, B, values, crow, col, row, bias, scale, memo: Optional[dict] =
 
 
 @torch.no_grad()
-def backward(grad, x, A, B, values, crow, col, row, scale, memo: Optional[dict] = None):
-    """``memo``: the support ``Plan``'s dict (``layout``)."""
+def backward(grad, x, A, B, values, crow, col, row, scale, memo: Optional[dict] = None,
+             need=(True,) * 4):
+    """``memo``: the support ``Plan``'s dict (``layout``). ``need``: which of (dx, dA, dB,
+    dvalues) to compute (None in the others' places): the row chunks' ``dW`` are formed
+    for dA, dB or d values, the column chunks of W for dx."""
     in_features, out_features = A.shape[1], B.shape[0]
     g2 = grad.reshape(-1, out_features)
     x2 = x.reshape(-1, in_features)
     M = x2.shape[0]
     in_p, out_p = aligned.widths(A, B, x.dtype)
-    ga, xa = aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p)
+    ga = aligned.pad_cols(g2, out_p)
     Ap, Bp = aligned.lowrank(A, B, x.dtype)
     r = A.shape[0]
     v = values.to(x.dtype)
     same = values.dtype == x.dtype
-    dv = _empty(values.shape, values.dtype, values.device)
-    dB = _empty((out_p, Bp.shape[1]), B.dtype, B.device)
+    dv = _empty(values.shape, values.dtype, values.device) if need[3] else None
+    dB = _empty((out_p, Bp.shape[1]), B.dtype, B.device) if need[2] else None
     dA = None
     lay = layout(crow, col, row, out_features, in_features, in_p, out_p, memo)
-    for r0, r1, e0, e1, flat in lay.rows:
-        dW = ga[:, r0:r1].t() @ xa                               # (r1 - r0) x in_p
-        if same:
-            torch.index_select(dW.view(-1), 0, flat, out=dv[e0:e1])
-        else:
-            dv[e0:e1] = dW.view(-1).index_select(0, flat)
-        aligned.mm(dW, Ap.t(), scale, out=dB[r0:r1])
-        part = aligned.mm(Bp[r0:r1].t(), dW, scale)              # r' x in_p
-        del dW
-        if len(lay.rows) == 1:
-            dA = part
-        elif dA is None:   # several chunks: summed in float32 (or wider), rounded once
-            dA = part.to(torch.promote_types(part.dtype, torch.float32))
-        else:
-            dA += part
-    dA = aligned.cols(dA[:r].to(A.dtype), in_features)
-    del xa   # where x is misaligned, its padded copy goes before dx and its unpadded copy exist
+    if need[1] or need[2] or need[3]:
+        xa = aligned.pad_cols(x2, in_p)
+        for r0, r1, e0, e1, flat in lay.rows:
+            dW = ga[:, r0:r1].t() @ xa                           # (r1 - r0) x in_p
+            if need[3] and same:
+                torch.index_select(dW.view(-1), 0, flat, out=dv[e0:e1])
+            elif need[3]:
+                dv[e0:e1] = dW.view(-1).index_select(0, flat)
+            if need[2]:
+                aligned.mm(dW, Ap.t(), scale, out=dB[r0:r1])
+            part = aligned.mm(Bp[r0:r1].t(), dW, scale) if need[1] else None   # r' x in_p
+            del dW
+            if part is None:
+                continue
+            if len(lay.rows) == 1:
+                dA = part
+            elif dA is None:   # several chunks: summed in float32 (or wider), rounded once
+                dA = part.to(torch.promote_types(part.dtype, torch.float32))
+            else:
+                dA += part
+        # where x is misaligned, its padded copy goes before dx and its unpadded copy exist
+        del xa
+    if need[1]:
+        dA = aligned.cols(dA[:r].to(A.dtype), in_features)
+    if need[2]:
+        dB = aligned.cols(dB[:out_features], r)
+    if not need[0]:
+        return None, dA, dB, dv
     dx = _empty((M, in_p), x.dtype, x.device)
     if lay.cols is None:   # W is one chunk: built again as in the forward, dx = g W
         (r0, r1, e0, e1, flat), = lay.rows
@@ -258,5 +272,4 @@ def backward(grad, x, A, B, values, crow, col, row, scale, memo: Optional[dict] 
             Wt = aligned.mm(Ap[:, j0:j1].t(), Bp.t(), scale)      # (j1 - j0) x out_p
             Wt.view(-1).index_add_(0, flat, vc[p0:p1])
             torch.mm(ga, Wt.t(), out=dx[:, j0:j1])
-    dB = aligned.cols(dB[:out_features], r)
     return aligned.cols(dx, in_features).reshape(x.shape), dA, dB, dv
