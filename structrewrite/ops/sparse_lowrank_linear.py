@@ -365,6 +365,34 @@ sparse_lowrank_linear_train.register_autograd(_backward_train, setup_context=_se
 
 
 # ----------------------------------------------------------------------------------
+# autocast
+# ----------------------------------------------------------------------------------
+# ``SparseLowRankLinear`` casts its operands itself where it runs eagerly. Where it is
+# traced (the compile backend's graphs, torch.export), or where an exported program runs
+# under autocast, the op meets autocast on its own: these kernels cast its floating
+# inputs to the autocast dtype as autocast casts those of F.linear (float64 ones are left
+# alone), then call the op with autocast off. Without them a traced layer computed in
+# float32 beside bf16 layers, or failed on mixed dtypes.
+_AUTOCAST_LIB = torch.library.Library("structrewrite", "IMPL")
+
+
+def _autocast_kernel(op, device_type: str):
+    def run(*args):
+        dt = torch.get_autocast_dtype(device_type)
+        args = [a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                and a.dtype != torch.float64 else a for a in args]
+        with torch.autocast(device_type, enabled=False):
+            return op(*args)
+    return run
+
+
+for _name, _op in (("sparse_lowrank_linear", sparse_lowrank_linear),
+                   ("sparse_lowrank_linear_train", sparse_lowrank_linear_train)):
+    for _key, _device in (("AutocastCPU", "cpu"), ("AutocastCUDA", "cuda")):
+        _AUTOCAST_LIB.impl(_name, _autocast_kernel(_op, _device), _key)
+
+
+# ----------------------------------------------------------------------------------
 # channel-wise supports under torch.compile
 # ----------------------------------------------------------------------------------
 def channel_count(crow: torch.Tensor, col: torch.Tensor, out_features: int) -> int:

@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
+import torch
 import torch.nn as nn
 
 from structrewrite.rewriter.capture import record_inputs
@@ -34,7 +35,16 @@ def rewrite(model: nn.Module, policy, example_inputs=None,
     ``example_inputs`` (a tensor or a tuple of positional arguments) and ``example_kwargs``
     are run through the model once to record each site's inputs: exact rewrites are checked
     on them and block-level sites are traced with them.
+
+    Runs with autocast off (a call inside ``torch.autocast``, the compile backend's under
+    an autocast region): factorizations, checks and recorded inputs in the model's own
+    dtypes.
     """
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        return _rewrite(model, policy, example_inputs, example_kwargs, inplace, progress)
+
+
+def _rewrite(model, policy, example_inputs, example_kwargs, inplace, progress) -> RewriteResult:
     pol = Policy.coerce(policy)
     the_plan = resolve(pol, model)
     target = model if inplace else copy.deepcopy(model)

@@ -89,3 +89,27 @@ def test_cuda_implementation_ignores_autocast(small_tiles, init, block):
     assert y.dtype == torch.float32 and _rel(y, reference(*args)) < 1e-5
     for a, b in zip(grads, reference_backward(g, *args[:7], layer.scale)):
         assert a.dtype == torch.float32 and _rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("init,block", KINDS)
+def test_the_op_casts_for_autocast_where_the_layer_is_traced(init, block):
+    """An exported program (the layer traced on fake tensors, in float32) run under
+    autocast: the op's own autocast kernel casts its operands as the layer does eagerly,
+    so the result is the eager layer's, in bf16, beside a dense layer that autocast
+    turned bf16 too (which failed on mixed dtypes before)."""
+    seed = random.randrange(2**31)
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), _layer(init, block, seed)).eval()
+    x = torch.randn(3, 5, 64)
+    ep = torch.export.export(net, (x,))
+    with torch.autocast("cpu", torch.bfloat16):
+        want = net(x)
+        got = ep.module()(x)
+        alone = torch.export.export(net[1], (x,)).module()(x)
+    assert want.dtype == got.dtype == alone.dtype == torch.bfloat16
+    assert _rel(got, want) < 1e-2, f"seed {seed}"
+    with torch.autocast("cpu", torch.bfloat16):
+        assert _rel(alone, net[1](x)) < 1e-2, f"seed {seed}"
+    x64 = x.double()
+    with torch.autocast("cpu", torch.bfloat16):   # float64 operands are left alone
+        assert torch.export.export(net[1].double(), (x64,)).module()(x64).dtype == torch.float64

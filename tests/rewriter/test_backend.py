@@ -441,3 +441,23 @@ def test_selected_layers_without_a_linear_call_are_named():
 
 def _only(name, pol):
     return {"version": 1, "rules": [{**pol["rules"][0], "match": name}]}
+
+
+@pytest.mark.parametrize("init", ["random", "svd", "lost"])
+def test_policy_under_autocast_equals_sr_rewrite(init):
+    """Under ``torch.autocast``: the backend rewrites with autocast off (the SVD and the
+    checks in float32, as ``sr.rewrite`` inside autocast does) and the rewritten layers,
+    traced into the graph, compute in bf16 as eager ones do; a dense layer kept beside
+    them (bf16 under autocast) no longer meets float32 operands."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    pol = {"version": 1, "rules": [{"match": "0", "rewrite": None},
+                                   {"match": "2", "rewrite": "sparse_lowrank",
+                                    "with": {"rank": 8, "density": 0.1, "init": init}}]}
+    x = torch.randn(4, 64)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        want = sr.rewrite(net, pol).model(x)
+        got = torch.compile(net, backend="structrewrite", options={"policy": pol})(x)
+    assert want.dtype == got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
