@@ -274,14 +274,33 @@ def _linear_only(policy):
 
 # Rewritten modules by weight tensor, so that a recompile of the same model (a new input
 # shape, a guard failure) reuses them instead of recomputing the SVDs. Keyed weakly by the
-# parameter object; the entry also records the policy, the site and the weight's version,
-# so an in-place update of the weight or another policy rewrites again.
+# parameter object; the entry also records the policy, the site, and the weight's and
+# bias's storage, dtype, device and version, so that an in-place update, ``Module.to``
+# or another policy rewrites again. Inference tensors keep no version: sites whose
+# weight or bias is one are rewritten at every compile. Writes through ``.data`` move no
+# version either; ``forget_rewrites()`` drops what is kept.
 _REWRITTEN = WeakIdKeyDictionary()
 
 
+def _tensor_key(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    if t is None:
+        return None
+    return (t.data_ptr(), t.dtype, t.device, version(t))
+
+
 def _cache_key(fingerprint: str, site: LinearSite) -> tuple:
-    bias_version = version(site.bias) if site.bias is not None else None
-    return (fingerprint, site.fqn, version(site.weight), bias_version)
+    return (fingerprint, site.fqn, _tensor_key(site.weight), _tensor_key(site.bias))
+
+
+def _cacheable(site: LinearSite) -> bool:
+    return not any(t is not None and t.is_inference() for t in (site.weight, site.bias))
+
+
+def forget_rewrites() -> None:
+    """Drops the modules kept for recompiles: the next compile rewrites every site from the
+    weights as they are then (needed after writes the version counter does not see, such
+    as ``p.data.copy_(...)``)."""
+    _REWRITTEN.clear()
 
 
 _LINEAR_TYPE_NAMES = ("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D")
@@ -367,7 +386,8 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str,
     for fqn, site in sites.items():
         if not fqn:
             continue
-        hit = _REWRITTEN.get(site.weight, {}).get(_cache_key(fingerprint, site))
+        hit = _REWRITTEN.get(site.weight, {}).get(_cache_key(fingerprint, site)) \
+            if _cacheable(site) else None
         if hit is not None:
             new[fqn] = hit
             continue
@@ -388,8 +408,9 @@ def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, policy) -> dict[str,
         for fqn, old in stand_ins.items():
             if modules.get(fqn) is not old:
                 new[fqn] = modules[fqn]
-                _REWRITTEN.setdefault(sites[fqn].weight, {})[
-                    _cache_key(fingerprint, sites[fqn])] = modules[fqn]
+                if _cacheable(sites[fqn]):
+                    _REWRITTEN.setdefault(sites[fqn].weight, {})[
+                        _cache_key(fingerprint, sites[fqn])] = modules[fqn]
     for fqn, module in new.items():
         module.requires_grad_(False)
         module.eval()

@@ -461,3 +461,39 @@ def test_policy_under_autocast_equals_sr_rewrite(init):
         got = torch.compile(net, backend="structrewrite", options={"policy": pol})(x)
     assert want.dtype == got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_fresh_compile_sees_new_weights_however_they_were_written():
+    """The modules kept for recompiles are for the same weights only: after a load into an
+    inference-mode model (no version counter), ``Module.to(float64)``, or a write through
+    ``.data`` followed by ``forget_rewrites()``, a fresh compile rewrites from the weights
+    as they are (it reused the first compile's modules: off by about 1e2, or a dtype
+    error)."""
+    pol = {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                                    "with": {"rank": 8, "density": 0.1, "init": "svd"}}]}
+    x = torch.randn(4, 64)
+
+    def twice(net, update, x=x):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(net, backend="structrewrite", options={"policy": pol})(x)
+            changed = update(net)
+            x = x if changed is None else changed
+            torch._dynamo.reset()
+            got = torch.compile(net, backend="structrewrite", options={"policy": pol})(x)
+            torch.testing.assert_close(got, sr.rewrite(net, pol).model(x), rtol=1e-5, atol=1e-5)
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                   torch.nn.Linear(64, 32)).eval()
+    with torch.inference_mode():
+        net = make()
+        new = {k: torch.randn_like(v) for k, v in net.state_dict().items()}
+        twice(net, lambda n: None if n.load_state_dict(new) else None)
+    twice(make(), lambda n: (n.to(torch.float64), x.double())[1])
+
+    def data_write(n):
+        for p in n.parameters():
+            p.data.copy_(torch.randn_like(p))
+        backend_mod.forget_rewrites()
+    twice(make(), data_write)
