@@ -516,3 +516,25 @@ def test_initial_values_do_not_depend_on_the_default_dtype():
         torch.set_default_dtype(old)
     for k, v in a.state_dict().items():
         assert torch.equal(v.to(b.state_dict()[k].dtype), b.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("way", ["compile", "export"])
+def test_an_unset_support_is_refused_by_compiled_and_exported_code(way):
+    """After ``to_empty()`` and a load of the parameters alone, the support buffers hold
+    whatever was in memory: the eager layer refuses them, and so does the op where the
+    layer is compiled or exported (they computed with it, 0.54 off, or read out of range)."""
+    good = SparseLowRankLinear(64, 32, rank=8, density=0.1, key="l")
+    params = {k: v for k, v in good.state_dict().items() if not k.startswith("sparse_")}
+    with torch.device("meta"):
+        layer = SparseLowRankLinear(64, 32, rank=8, density=0.1, key="l")
+    layer = layer.to_empty(device="cpu")
+    layer.sparse_crow.zero_()
+    layer.load_state_dict(params, strict=False)
+    x = torch.randn(4, 64)
+    if way == "compile":
+        torch._dynamo.reset()
+        run = torch.compile(layer, backend="structrewrite", options={"compiler": "eager"})
+    else:
+        run = torch.export.export(layer, (x,)).module()
+    with pytest.raises(ValueError, match="sparse support is not valid"):
+        run(x)

@@ -38,8 +38,19 @@ class Plan:
 
 
 def plan(crow, col, row, out_features: int, in_features: int) -> Plan:
-    """The support's ``Plan`` (cached on the buffers: one lookup per call)."""
+    """The support's ``Plan`` (cached on the buffers: one lookup per call). A support is
+    checked (``check_support``) before its first plan is made: an eager layer checks the
+    supports it did not build itself, but compiled and exported code calls the op with
+    whatever the buffers hold, and a kernel would read past its operands on a bad index."""
     def build():
+        from structrewrite.nn.sparse_lowrank import check_support
+        try:
+            check_support(crow, col, row, out_features, in_features)
+        except ValueError as exc:
+            raise ValueError(
+                f"structrewrite::sparse_lowrank_linear: the sparse support is not valid "
+                f"({exc}); a layer's support buffers are set by reset_parameters() or loaded "
+                "whole from a state dict (to_empty() leaves them unset)") from None
         cols = channel.channel_columns(crow, col, out_features)
         if cols is not None:
             return Plan("channel", cols=cols)
