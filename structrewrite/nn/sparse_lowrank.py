@@ -161,6 +161,15 @@ def check_support(crow: torch.Tensor, col: torch.Tensor, row: torch.Tensor, out_
                          "repeats")
 
 
+def _same(buffer: torch.Tensor, value) -> bool:
+    """Whether a state dict's ``value`` holds what ``buffer`` holds already."""
+    if not isinstance(value, torch.Tensor) or buffer.is_meta or value.is_meta:
+        return False
+    if value.shape != buffer.shape or value.dtype != buffer.dtype:
+        return False
+    return bool(torch.equal(value.to(buffer.device), buffer))
+
+
 def _exporting() -> bool:
     """Whether ``torch.export`` is tracing. Reads the flag that ``torch.compiler.is_exporting``
     returns: while tracing for ``torch.compile``, Dynamo in torch 2.11 folds that call to
@@ -372,21 +381,33 @@ class SparseLowRankLinear(nn.Module):
         ``strict=False``) may hold some of the three buffers: the support is checked when
         the last of them comes. A call in between checks the support as it stands (old
         and new buffers mixed) and refuses it unless it is valid. A layer built on
-        ``meta`` and loaded with ``assign=True`` is checked like any other."""
+        ``meta`` and loaded with ``assign=True`` is checked like any other. A buffer whose
+        incoming value equals what it holds is not written (``_same``): a reload of the
+        whole support as it was changes nothing, and compiled code keeps running."""
         names = ("sparse_crow", "sparse_col", "sparse_row")
         came = frozenset(n for n in names if prefix + n in state_dict)
-        kept = {n: getattr(self, n).clone() for n in came}
-        forget([getattr(self, n) for n in came])   # under swap_tensors, no weak references
+        # a buffer loaded with what it holds already is left as it is: its layouts stay
+        # cached and compiled code keeps running (a reload of the same checkpoint, EMA
+        # weights swapped in for evaluation, compiled again at every load before)
+        same = frozenset(n for n in came if _same(getattr(self, n), state_dict[prefix + n]))
+        if same:
+            state_dict = {k: v for k, v in state_dict.items()
+                          if k not in {prefix + n for n in same}}
+        kept = {n: getattr(self, n).clone() for n in came - same}
+        forget([getattr(self, n) for n in came - same])   # under swap_tensors, no weak references
         errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if not came:
-            return
+        for n in same:
+            if prefix + n in missing_keys:
+                missing_keys.remove(prefix + n)
+        if not came or (same == frozenset(names) and not self._support_parts):
+            return   # nothing, or the whole support as it was: nothing changed
         if len(error_msgs) > errors:   # copied in place or assigned (assign=True): undo
-            for n in came:
+            for n in came - same:
                 self._buffers[n] = kept[n]
             return
-        for n in came:   # seen by a call also where the buffers keep no version counter
+        for n in came - same:   # seen by a call also where the buffers keep no version counter
             mark_written(getattr(self, n))
         parts = self._support_parts | came
         if len(parts) < len(names):   # part of a sharded state dict: checked with the rest
@@ -404,7 +425,7 @@ class SparseLowRankLinear(nn.Module):
                 if came != frozenset(names):   # the earlier parts are gone: calls refuse it
                     self._channel_k, self._support_seen = 0, ()
                     return
-                for n in names:   # all three came in this load: keep the layer's own
+                for n in came - same:   # all three came in this load: keep the layer's own
                     self._buffers[n] = kept[n]
                 real = False
         self._support_changed()

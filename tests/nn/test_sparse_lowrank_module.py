@@ -538,3 +538,31 @@ def test_an_unset_support_is_refused_by_compiled_and_exported_code(way):
         run = torch.export.export(layer, (x,)).module()
     with pytest.raises(ValueError, match="sparse support is not valid"):
         run(x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reloading_the_same_support_leaves_compiled_code_alone(kind):
+    """A state dict whose support the layer holds already (a checkpoint reloaded, EMA
+    weights swapped in) leaves the support buffers untouched, so compiled code does not
+    compile again (it did at every load, and ran eagerly after eight); another support
+    is loaded and seen as before. Strict loads report nothing missing."""
+    from torch._dynamo.utils import counters
+    layer = SparseLowRankLinear(48, 40, 6, 0.1, seed=0, **kind)
+    other = SparseLowRankLinear(48, 40, 6, 0.1, seed=1, **kind)
+    x = torch.randn(4, 48)
+    torch._dynamo.reset()
+    counters.clear()
+    run = torch.compile(layer, backend="structrewrite", options={"compiler": "eager"})
+    run(x)
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    versions = [t._version for t in (layer.sparse_crow, layer.sparse_col, layer.sparse_row)]
+    gen = layer._support_gen
+    for _ in range(3):
+        assert not layer.load_state_dict(saved).missing_keys
+        torch.testing.assert_close(run(x), layer(x))
+    assert layer._support_gen == gen
+    assert versions == [t._version for t in (layer.sparse_crow, layer.sparse_col, layer.sparse_row)]
+    assert counters["stats"]["unique_graphs"] == 1
+    layer.load_state_dict(other.state_dict())
+    assert layer._support_gen > gen
+    assert torch.equal(run(x), other(x))
