@@ -101,6 +101,7 @@ def _rewrite_site(model, p, entry: PlanEntry, recorded, names: dict) -> SiteRepo
         raise RewriteError(f"pass {p.name} failed on site {entry.fqn} "
                            f"({type(original).__name__}): {type(e).__name__}: {e}") from e
     new._structrewrite_from_pass = p.name
+    _carry_hooks(original, new)
     exact = p.is_exact(entry.options, entry.dims)
     verified = _check_exact(p, entry, original, new, recorded) if exact else None
     error = p.error(entry.options, original, new)
@@ -113,6 +114,20 @@ def _rewrite_site(model, p, entry: PlanEntry, recorded, names: dict) -> SiteRepo
                       after=after.evaluate(values), formulas_before=before.formulas(),
                       formulas_after=after.formulas(), dims=dict(entry.dims), error=error,
                       exact=exact, verified=verified, seconds=time.perf_counter() - t0)
+
+
+_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+          "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+          "_backward_pre_hooks", "_is_full_backward_hook")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """The forward and backward hooks registered on the replaced module go on with the new
+    one: the new module takes the very dicts, so the handles the user holds still remove
+    them. (State-dict hooks stay behind: they name the old module's tensors.)"""
+    for name in _HOOKS:
+        if hasattr(old, name):
+            setattr(new, name, getattr(old, name))
 
 
 def _unchanged_site(p, entry: PlanEntry, module) -> SiteReport:

@@ -354,3 +354,36 @@ def test_planning_a_linear_subclass_leaves_the_random_stream_alone():
     sr.plan(model, {"version": 1, "rules": [{"match": {"type": "Linear"},
                                              "rewrite": "sparse_lowrank", "with": {"rank": 2}}]})
     assert torch.equal(torch.rand(4), want)
+
+
+def test_hooks_on_a_rewritten_layer_go_on_with_the_new_one():
+    """Forward hooks and pre-hooks registered on a site keep running on its replacement
+    (they were dropped without a word), the handles still remove them, and an exact
+    rewrite of a hooked layer verifies (it compared the hooked original with the bare
+    replacement). The compile backend, which keeps them too, agrees."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    handle = net[0].register_forward_hook(lambda mod, args, out: out * 0.5)
+    pre = net[2].register_forward_pre_hook(lambda mod, args: (args[0] + 1.0,))
+    full = {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                                     "with": {"rank": 8, "density": 1.0, "init": "svd"}}]}
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = net(x)
+        res = sr.rewrite(net, full, example_inputs=(x,), inplace=True)
+        assert all(s.verified is not None and s.verified < 1e-5 for s in res.report.sites)
+        assert isinstance(net[0], SparseLowRankLinear)
+        torch.testing.assert_close(net(x), want, rtol=1e-5, atol=1e-5)
+        handle.remove()
+        pre.remove()
+        assert not net[0]._forward_hooks and not net[2]._forward_pre_hooks
+        net2 = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+        net2[0].register_forward_hook(lambda mod, args, out: out * 0.0)
+        lossy = {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                                          "with": {"rank": 4, "density": 0.1, "init": "svd"}}]}
+        eager = sr.rewrite(net2, lossy).model
+        assert eager[0]._forward_hooks
+        torch._dynamo.reset()
+        compiled = torch.compile(net2, backend="structrewrite",
+                                 options={"policy": lossy, "compiler": "eager"})
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
