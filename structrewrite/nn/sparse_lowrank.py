@@ -474,7 +474,8 @@ class SparseLowRankLinear(nn.Module):
         return mod
 
     # -- compute --------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:   # noqa: A002 (nn.Linear's name)
+        x = input
         A, B, values, bias = self.A, self.B, self.values, self.bias
         plain = type(x) in _PLAIN          # not a proxy or fake tensor of a tracer
         if plain and _autocast_on(x.device.type):   # AMP: compute in the autocast dtype

@@ -24,6 +24,7 @@ class RewriteResult:
 
 def plan(model: nn.Module, policy) -> Plan:
     """Resolve ``policy`` (path, dict or Policy) against ``model`` without rewriting."""
+    _not_compiled(model)
     return resolve(Policy.coerce(policy), model)
 
 
@@ -40,8 +41,20 @@ def rewrite(model: nn.Module, policy, example_inputs=None,
     an autocast region): factorizations, checks and recorded inputs in the model's own
     dtypes.
     """
+    _not_compiled(model)
     with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
         return _rewrite(model, policy, example_inputs, example_kwargs, inplace, progress)
+
+
+def _not_compiled(model) -> None:
+    """``torch.compile(model)`` returns a wrapper whose module names all start with
+    ``_orig_mod.``: a policy's names would match nothing, and a rewrite of it would save
+    checkpoints under those names."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            "this is torch.compile's wrapper of a model (its names start with '_orig_mod.'): "
+            "rewrite the model itself (wrapper._orig_mod, or before compiling), then compile "
+            "the result; or compile with backend='structrewrite' and the policy as an option")
 
 
 def _rewrite(model, policy, example_inputs, example_kwargs, inplace, progress) -> RewriteResult:

@@ -566,3 +566,10 @@ def test_reloading_the_same_support_leaves_compiled_code_alone(kind):
     layer.load_state_dict(other.state_dict())
     assert layer._support_gen > gen
     assert torch.equal(run(x), other(x))
+
+
+def test_the_input_can_be_passed_by_nn_linears_name():
+    """``nn.Linear.forward(input)``: a model calling ``self.proj(input=x)`` keeps working."""
+    layer = SparseLowRankLinear(16, 8, 4, 0.2)
+    x = torch.randn(2, 16)
+    assert torch.equal(layer(input=x), layer(x))

@@ -497,3 +497,21 @@ def test_a_fresh_compile_sees_new_weights_however_they_were_written():
             p.data.copy_(torch.randn_like(p))
         backend_mod.forget_rewrites()
     twice(make(), data_write)
+
+
+def test_a_misspelt_option_names_the_backends_own():
+    torch._dynamo.reset()
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    with torch.no_grad(), pytest.raises(Exception, match="own options are 'policy' and 'compiler'"):
+        torch.compile(net, backend="structrewrite", options={"polcy": {}})(torch.randn(2, 16))
+
+
+def test_sr_rewrite_of_a_compiled_wrapper_says_what_to_rewrite():
+    """``torch.compile(model)``'s wrapper names every module ``_orig_mod.*``: a policy's
+    names matched nothing, and a rewrite with globs saved checkpoints under those names."""
+    wrapper = torch.compile(torch.nn.Sequential(torch.nn.Linear(16, 8)))
+    pol = {"version": 1, "rules": [{"match": "0", "rewrite": "sparse_lowrank",
+                                    "with": {"rank": 4, "density": 0.1}}]}
+    for fn in (sr.rewrite, sr.plan):
+        with pytest.raises(TypeError, match="rewrite the model itself"):
+            fn(wrapper, pol)
