@@ -364,6 +364,24 @@ def _backward_train(ctx, grad, _grad_xa):
 sparse_lowrank_linear_train.register_autograd(_backward_train, setup_context=_setup_context_train)
 
 
+def _no_second_derivative(ctx, *grads):
+    raise NotImplementedError(
+        "structrewrite::sparse_lowrank_linear has no second derivative: a backward through "
+        "a backward of SparseLowRankLinear (create_graph=True, then a gradient of the "
+        "gradients) is not supported")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+# The backward ops are differentiable only in name: a first backward with create_graph=True
+# works (as for parts of a model that need second derivatives elsewhere), and a second
+# one that reaches them says why it fails instead of "no autograd formula registered".
+for _op in (sparse_lowrank_linear_backward, sparse_lowrank_linear_backward_train):
+    _op.register_autograd(_no_second_derivative, setup_context=_setup_nothing)
+
+
 # ----------------------------------------------------------------------------------
 # autocast
 # ----------------------------------------------------------------------------------

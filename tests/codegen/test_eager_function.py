@@ -426,3 +426,33 @@ def test_frozen_inputs_get_no_gradient_and_the_rest_are_right(init, block, fold,
     y.backward(g)
     assert all(t.grad is None for t, n in zip(inputs, needs) if not n)
     assert layer.bias.grad is None
+
+
+@pytest.mark.parametrize("init,block,fold", KINDS)
+def test_second_derivatives_are_refused_or_right(init, block, fold, monkeypatch):
+    """create_graph=True, then a gradient of the gradient: the kernels' outputs carry no
+    autograd history, so the eager entry refuses the second backward (it would miss terms
+    silently); channel-wise supports run as plain differentiable GEMMs (pads included,
+    ``aligned._CopyCols``) and give the second derivative of the dense formula."""
+    monkeypatch.setattr(sl.folded, "MODE", fold)
+    torch.manual_seed(random.randrange(2**31))
+    layer = SparseLowRankLinear(45, 60, rank=8, density=0.12, init=init, block=block, key="d")
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(5, 45, requires_grad=True)
+    args = _args(layer, x)
+    (gx,) = torch.autograd.grad(sl.eager(*args).square().sum(), x, create_graph=True)
+    W = layer.dense_weight()
+    x2 = x.detach().clone().requires_grad_(True)
+    (gref,) = torch.autograd.grad((x2 @ W.t() + layer.bias).square().sum(), x2, create_graph=True)
+    assert _rel(gx, gref) < 1e-5
+    if init != "lost":
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            gx.square().sum().backward()
+        return
+    (ggA,) = torch.autograd.grad(gx.square().sum(), layer.A)
+    A = layer.A.detach().clone().requires_grad_(True)
+    Wd = layer.scale * layer.B.detach() @ A + (W - layer.scale * layer.B.detach() @ layer.A.detach())
+    (g2,) = torch.autograd.grad((x2 @ Wd.t() + layer.bias).square().sum(), x2, create_graph=True)
+    (want,) = torch.autograd.grad(g2.square().sum(), A)
+    assert _rel(ggA, want) < 1e-4

@@ -573,3 +573,17 @@ def test_the_input_can_be_passed_by_nn_linears_name():
     layer = SparseLowRankLinear(16, 8, 4, 0.2)
     x = torch.randn(2, 16)
     assert torch.equal(layer(input=x), layer(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_second_derivative_is_refused_with_a_reason(kind):
+    """A first backward with create_graph=True gives the right gradient (a model may need
+    second derivatives elsewhere); a second backward through the layer says the op has
+    none, instead of PyTorch's "no autograd formula was registered"."""
+    layer = SparseLowRankLinear(32, 32, 4, 0.3, **kind).double()
+    x = torch.randn(3, 32, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    ref = torch.autograd.grad((x @ layer.dense_weight().t() + layer.bias).square().sum(), x)[0]
+    torch.testing.assert_close(gx, ref)
+    with pytest.raises(NotImplementedError, match="has no second derivative"):
+        gx.square().sum().backward()

@@ -179,8 +179,8 @@ class _CopyCols(torch.autograd.Function):
         return copy_cols(t, n)
 
     @staticmethod
-    def backward(ctx, grad):
-        return copy_cols(grad.contiguous(), ctx.k), None
+    def backward(ctx, grad):   # through the Function again: differentiable twice
+        return _copy(grad.contiguous(), ctx.k), None
 
 
 def _kernel_copies(t: torch.Tensor) -> bool:

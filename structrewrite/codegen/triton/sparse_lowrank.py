@@ -667,7 +667,11 @@ class EagerFunction(torch.autograd.Function):
         return own(y)   # not a view: in-place changes to y are allowed
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        # once_differentiable: the kernels' outputs carry no autograd history, so a second
+        # derivative taken through them (create_graph=True) would silently miss terms;
+        # it is refused instead
         x, A, B, values, crow, col, row, *saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dx, dA, dB, dv = _backward_cuda(grad.contiguous(), x, A, B, values, crow, col, row,
