@@ -162,12 +162,24 @@ def check_support(crow: torch.Tensor, col: torch.Tensor, row: torch.Tensor, out_
 
 
 def _same(buffer: torch.Tensor, value) -> bool:
-    """Whether a state dict's ``value`` holds what ``buffer`` holds already."""
+    """Whether a state dict's ``value`` holds what ``buffer`` holds already, on its device."""
     if not isinstance(value, torch.Tensor) or buffer.is_meta or value.is_meta:
         return False
-    if value.shape != buffer.shape or value.dtype != buffer.dtype:
+    if value.shape != buffer.shape or value.dtype != buffer.dtype or value.device != buffer.device:
         return False
-    return bool(torch.equal(value.to(buffer.device), buffer))
+    return bool(torch.equal(value, buffer))
+
+
+def _int32_support(state_dict, keys):
+    """``state_dict`` with the support tensors at ``keys`` that hold other integer dtypes
+    in int32 range as int32 (a copy of the dict where any changes)."""
+    wide = [k for k in keys if isinstance(state_dict[k], torch.Tensor)
+            and not state_dict[k].is_meta and state_dict[k].dtype in (torch.int64, torch.int16, torch.int8, torch.uint8)
+            and (state_dict[k].numel() == 0
+                 or int(state_dict[k].abs().max()) < 2**31)]
+    if not wide:
+        return state_dict
+    return {**state_dict, **{k: state_dict[k].to(torch.int32) for k in wide}}
 
 
 def _exporting() -> bool:
@@ -236,6 +248,7 @@ class SparseLowRankLinear(nn.Module):
         # the support as last built or checked (``_support_id``), and the support buffers a
         # load in parts has brought so far (``_load_from_state_dict``)
         self._support_valid, self._support_parts = (), frozenset()
+        self._parts_changed = False   # whether a part of a support loaded in parts changed it
         if self.A.device.type != "meta":
             self.reset_parameters()
 
@@ -246,6 +259,21 @@ class SparseLowRankLinear(nn.Module):
     @property
     def nnz(self) -> int:
         return self.values.numel()
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's. A channel-wise layer then checks its support once more: under
+        ``torch.compile`` it runs as two GEMMs from ``_channel_k`` without the op (which
+        checks supports), and after ``to_empty()`` the buffers hold whatever memory held.
+        An invalid support clears ``_channel_k``, so compiled code reaches the op, which
+        refuses it, as an eager call does."""
+        out = super()._apply(fn, recurse)
+        if self._channel_k and not self.sparse_col.is_meta and not torch.compiler.is_compiling():
+            try:
+                check_support(self.sparse_crow, self.sparse_col, self.sparse_row,
+                              self.out_features, self.in_features)
+            except ValueError:
+                self._channel_k, self._support_seen = 0, ()
+        return out
 
     def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
         """As nn.Module's, except that the layer takes no ``weight``: it has no dense weight
@@ -386,10 +414,16 @@ class SparseLowRankLinear(nn.Module):
         whole support as it was changes nothing, and compiled code keeps running."""
         names = ("sparse_crow", "sparse_col", "sparse_row")
         came = frozenset(n for n in names if prefix + n in state_dict)
+        # other integer index dtypes (int64 from elsewhere) come in as the int32 the kernels
+        # read, with assign=True too
+        state_dict = _int32_support(state_dict, [prefix + n for n in came])
         # a buffer loaded with what it holds already is left as it is: its layouts stay
         # cached and compiled code keeps running (a reload of the same checkpoint, EMA
-        # weights swapped in for evaluation, compiled again at every load before)
-        same = frozenset(n for n in came if _same(getattr(self, n), state_dict[prefix + n]))
+        # weights swapped in for evaluation, compiled again at every load before). Not
+        # under assign=True, which hands the state dict's own tensors over.
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        same = frozenset() if assign else frozenset(
+            n for n in came if _same(getattr(self, n), state_dict[prefix + n]))
         if same:
             state_dict = {k: v for k, v in state_dict.items()
                           if k not in {prefix + n for n in same}}
@@ -401,7 +435,8 @@ class SparseLowRankLinear(nn.Module):
         for n in same:
             if prefix + n in missing_keys:
                 missing_keys.remove(prefix + n)
-        if not came or (same == frozenset(names) and not self._support_parts):
+        pending = self._support_parts
+        if not came or (same == frozenset(names) and not pending):
             return   # nothing, or the whole support as it was: nothing changed
         if len(error_msgs) > errors:   # copied in place or assigned (assign=True): undo
             for n in came - same:
@@ -409,12 +444,16 @@ class SparseLowRankLinear(nn.Module):
             return
         for n in came - same:   # seen by a call also where the buffers keep no version counter
             mark_written(getattr(self, n))
-        parts = self._support_parts | came
+        changed = getattr(self, "_parts_changed", False) or bool(came - same)
+        parts = pending | came
         if len(parts) < len(names):   # part of a sharded state dict: checked with the rest
-            self._support_parts = parts
-            self._channel_k, self._support_seen = 0, ()
+            self._support_parts, self._parts_changed = parts, changed
+            if changed:
+                self._channel_k, self._support_seen = 0, ()
             return
-        self._support_parts = frozenset()
+        self._support_parts, self._parts_changed = frozenset(), False
+        if not changed:   # every part as it was
+            return
         real = not any(getattr(self, n).is_meta for n in names)
         if real:
             try:

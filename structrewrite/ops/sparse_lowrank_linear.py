@@ -67,21 +67,32 @@ ALL = (True, True, True, True)
 
 def wanted(needs) -> tuple:
     """The ``need`` of an implementation from a backward op's ``needs`` (None: all)."""
-    return ALL if needs is None else tuple(bool(n) for n in needs)
+    if needs is None:
+        return ALL
+    if len(needs) != 4:
+        raise ValueError(f"needs takes four booleans (dx, dA, dB, dvalues), got {list(needs)}")
+    return tuple(bool(n) for n in needs)
 
 
-def backward_op(fn, nargs: int):
+def backward_op(fn, nargs: int, like: tuple):
     """A backward op's implementation from ``fn(*args, need=...)``, which returns None for
     a gradient it was not asked for. The op takes ``needs`` after its ``nargs`` other
     arguments (positionally, by name, or not at all: None), and returns an empty tensor
-    in a skipped gradient's place (an op returns tensors only; autograd hands None on)."""
+    in a skipped gradient's place (an op returns tensors only; autograd hands None on),
+    of the dtype of the input it stands for (``like``: the positions of x, A, B and
+    values among the arguments), as the fake implementation gives it."""
     @functools.wraps(fn)
     def run(*args, needs=None):
         if len(args) > nargs:
             args, needs = args[:nargs], args[nargs]
         grads = fn(*args, need=wanted(needs))
-        return tuple(args[1].new_empty(0) if g is None else g for g in grads)   # args[1]: x
+        return tuple(args[i].new_empty(0) if g is None else g for g, i in zip(grads, like))
     return run
+
+
+# where x, A, B and values sit among a backward op's arguments
+LIKE = (1, 2, 3, 4)
+LIKE_TRAIN = (1, 3, 4, 5)
 
 
 # Upper bound on the elements of one gathered (tokens x chunk) temporary.
@@ -202,8 +213,8 @@ def sparse_lowrank_linear_backward(
 
     On every device without an implementation of its own, the reference.
     """
-    return backward_op(autocast_off(reference_backward), 9)(grad, x, A, B, values, crow, col,
-                                                            row, scale, needs)
+    impl = backward_op(autocast_off(reference_backward), 9, LIKE)
+    return impl(grad, x, A, B, values, crow, col, row, scale, needs)
 
 
 def reference_backward(grad, x, A, B, values, crow, col, row, scale: float, xa=None,
@@ -336,8 +347,8 @@ def sparse_lowrank_linear_backward_train(
     needs: Optional[Sequence[bool]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sparse_lowrank_linear_backward`` given ``xa`` = x Aᵀ from the forward."""
-    return backward_op(autocast_off(reference_backward_train), 10)(grad, x, xa, A, B, values,
-                                                                   crow, col, row, scale, needs)
+    impl = backward_op(autocast_off(reference_backward_train), 10, LIKE_TRAIN)
+    return impl(grad, x, xa, A, B, values, crow, col, row, scale, needs)
 
 
 def reference_backward_train(grad, x, xa, A, B, values, crow, col, row, scale: float, need=ALL):

@@ -469,6 +469,13 @@ def structrewrite_backend(gm: torch.fx.GraphModule, example_inputs, options: Opt
     compiler = options.pop("compiler", "inductor")
     if compiler not in ("inductor", "eager"):
         raise BackendError(f"option 'compiler' must be 'inductor' or 'eager', not {compiler!r}")
+    if options:   # what is left goes to Inductor as config patches
+        from torch._inductor import config as inductor_config
+        unknown = sorted(set(options) - set(inductor_config.get_config_copy()))
+        if unknown:
+            raise BackendError(
+                f"unknown option(s) {unknown}: the backend's own options are 'policy' and "
+                "'compiler'; any other option must be an Inductor config key")
 
     if policy is not None:
         if _needs_grad(example_inputs):
@@ -491,13 +498,6 @@ def structrewrite_backend(gm: torch.fx.GraphModule, example_inputs, options: Opt
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(options)
-    if patches:
-        from torch._inductor import config as inductor_config
-        unknown = sorted(set(patches) - set(inductor_config.get_config_copy()))
-        if unknown:
-            raise BackendError(
-                f"unknown option(s) {unknown}: the backend's own options are 'policy' and "
-                "'compiler'; any other option must be an Inductor config key")
     if mode and mode != "default":
         from torch._inductor import list_mode_options
         patches = {**list_mode_options(mode), **patches}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -101,7 +102,7 @@ def _rewrite_site(model, p, entry: PlanEntry, recorded, names: dict) -> SiteRepo
         raise RewriteError(f"pass {p.name} failed on site {entry.fqn} "
                            f"({type(original).__name__}): {type(e).__name__}: {e}") from e
     new._structrewrite_from_pass = p.name
-    _carry_hooks(original, new)
+    _carry_hooks(original, new, entry.fqn)
     exact = p.is_exact(entry.options, entry.dims)
     verified = _check_exact(p, entry, original, new, recorded) if exact else None
     error = p.error(entry.options, original, new)
@@ -121,13 +122,35 @@ _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always
           "_backward_pre_hooks", "_is_full_backward_hook")
 
 
-def _carry_hooks(old: nn.Module, new: nn.Module) -> None:
+def _reparametrizations() -> tuple:
+    """The classes of PyTorch's weight reparametrization pre-hooks (weight_norm,
+    spectral_norm, pruning): they read attributes only the replaced module has."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return (WeightNorm, SpectralNorm, prune.BasePruningMethod)
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module, fqn: str) -> None:
     """The forward and backward hooks registered on the replaced module go on with the new
     one: the new module takes the very dicts, so the handles the user holds still remove
-    them. (State-dict hooks stay behind: they name the old module's tensors.)"""
+    them (the model's own handles: ``sr.rewrite`` without ``inplace`` works on a copy).
+    Weight reparametrizations (``weight_norm``, ``spectral_norm``, pruning) stay behind:
+    they compute ``weight`` from tensors of the old module; the new one was made from the
+    effective weight of the last call. State-dict hooks stay behind too (they name the
+    old module's tensors)."""
+    kinds = _reparametrizations()
+    left = [type(h).__name__ for h in old._forward_pre_hooks.values() if isinstance(h, kinds)]
+    if left:
+        warnings.warn(f"{fqn}: {', '.join(left)} is not carried to the rewritten layer, which "
+                      "holds the effective weight of the last call and trains its own "
+                      "factors", UserWarning, stacklevel=4)
     for name in _HOOKS:
         if hasattr(old, name):
             setattr(new, name, getattr(old, name))
+    if left:
+        new._forward_pre_hooks = type(old._forward_pre_hooks)(
+            (k, h) for k, h in old._forward_pre_hooks.items() if not isinstance(h, kinds))
 
 
 def _unchanged_site(p, entry: PlanEntry, module) -> SiteReport:
@@ -153,8 +176,8 @@ def _check_exact(p, entry, original, new, recorded) -> Optional[float]:
         args, kwargs = (torch.randn(8, entry.dims["n"], generator=gen).to(w),), {}
     else:
         return None
-    with torch.no_grad():
-        ref, out = original(*args, **kwargs), new(*args, **kwargs)
+    with torch.no_grad():   # forward itself: the rewrite alone, without the modules' hooks
+        ref, out = original.forward(*args, **kwargs), new.forward(*args, **kwargs)
     rel = float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
     tol = EXACT_RTOL.get(ref.dtype, 1e-4)
     if not rel <= tol:

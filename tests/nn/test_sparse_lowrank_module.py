@@ -587,3 +587,57 @@ def test_a_second_derivative_is_refused_with_a_reason(kind):
     torch.testing.assert_close(gx, ref)
     with pytest.raises(NotImplementedError, match="has no second derivative"):
         gx.square().sum().backward()
+
+
+def test_loads_with_assign_hand_over_the_tensors_and_widen_nothing():
+    """``assign=True`` takes the state dict's own tensors, also where they hold what the
+    layer holds (the unchanged-buffer skip must not keep the old ones, which left a layer
+    split across devices); an int64 support is taken as int32, with assign too."""
+    src = SparseLowRankLinear(32, 16, rank=4, density=0.25, key="a")
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    layer = SparseLowRankLinear(32, 16, rank=4, density=0.25, key="a")
+    layer.load_state_dict(sd, assign=True)
+    assert all(getattr(layer, n) is sd[n] for n in ("sparse_crow", "sparse_col", "sparse_row"))
+    wide = {k: (v.long() if k.startswith("sparse") else v) for k, v in src.state_dict().items()}
+    for assign in (False, True):
+        m = SparseLowRankLinear(32, 16, rank=4, density=0.25, key="a",
+                                device="meta" if assign else None)
+        m.load_state_dict(wide, assign=assign)
+        assert m.sparse_col.dtype == torch.int32
+        x = torch.randn(3, 32)
+        assert torch.equal(m(x), src(x))
+
+
+def test_a_support_reloaded_in_unchanged_parts_compiles_nothing_again():
+    n = [0]
+
+    def backend(gm, example_inputs):
+        n[0] += 1
+        return gm.forward
+    layer = SparseLowRankLinear(32, 16, rank=4, density=0.25, key="a")
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 32)
+    torch._dynamo.reset()
+    run = torch.compile(layer, backend=backend)
+    run(x)
+    first = {k: sd[k] for k in ("A", "B", "sparse_crow")}
+    layer.load_state_dict(first, strict=False)
+    layer.load_state_dict({k: v for k, v in sd.items() if k not in first}, strict=False)
+    torch.testing.assert_close(run(x), layer(x))
+    assert n[0] == 1
+
+
+def test_a_channel_wise_layer_after_to_empty_is_refused_compiled():
+    """A channel-wise layer runs compiled as two GEMMs without the op; after ``to_empty()``
+    its buffers hold whatever memory held, and compiled code refuses them as eager does."""
+    layer = SparseLowRankLinear(64, 48, rank=4, density=0.25, init="lost", key="k")
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in (layer.sparse_col, layer.sparse_crow, layer.sparse_row):
+            t.zero_()
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="not valid"):
+        layer(x)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="not valid"):
+        torch.compile(layer, backend="structrewrite", options={"compiler": "eager"})(x)

@@ -182,3 +182,21 @@ def test_backward_fakes_have_the_strides_of_the_real_gradients(train):
         fake = back(*(fm.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args))
     for r, f in zip(real, fake):
         assert r.shape == f.shape and r.stride() == f.stride(), (r.stride(), f.stride())
+
+
+def test_backward_ops_take_needs_of_four_and_agree_with_their_fake():
+    """``needs`` names four gradients, or the op says so; skipped ones are empty tensors of
+    their input's dtype on the real and the fake implementation alike (``opcheck``)."""
+    from structrewrite.nn import SparseLowRankLinear
+    bw = torch.ops.structrewrite.sparse_lowrank_linear_backward
+    layer = SparseLowRankLinear(32, 16, rank=4, density=0.25, key="a")
+    x, g = torch.randn(3, 32), torch.randn(3, 16)
+    sup = (layer.sparse_crow, layer.sparse_col, layer.sparse_row)
+    args = (g, x, layer.A.detach(), layer.B.detach(), layer.values.detach().double(), *sup, layer.scale)
+    with pytest.raises(ValueError, match="needs takes four booleans"):
+        bw(*args, [True] * 3)
+    for needs in ([True, True, True, False], [False, True, False, True], [False] * 4):
+        torch.library.opcheck(bw, (*args, needs), test_utils=("test_faketensor", "test_schema"))
+        got = bw(*args, needs)
+        for t, src, n in zip(got, (x, args[2], args[3], args[4]), needs):
+            assert t.dtype == src.dtype and (t.shape == src.shape if n else t.numel() == 0)

@@ -515,3 +515,11 @@ def test_sr_rewrite_of_a_compiled_wrapper_says_what_to_rewrite():
     for fn in (sr.rewrite, sr.plan):
         with pytest.raises(TypeError, match="rewrite the model itself"):
             fn(wrapper, pol)
+
+
+def test_a_misspelt_option_is_refused_with_the_eager_compiler_too():
+    torch._dynamo.reset()
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    with torch.no_grad(), pytest.raises(Exception, match="own options are 'policy' and 'compiler'"):
+        torch.compile(net, backend="structrewrite",
+                      options={"polcy": {}, "compiler": "eager"})(torch.randn(2, 16))

@@ -223,8 +223,10 @@ def backward_train(grad, x, xa, A, B, values, crow, col, row, scale, need=ref.AL
 def register() -> list[str]:
     """Register these as the ops' CPU implementations (called by the package)."""
     torch.library.register_kernel(OP, "cpu", ref.own_outputs(ref.autocast_off(forward)))
-    torch.library.register_kernel(OP_BACKWARD, "cpu", ref.backward_op(ref.autocast_off(backward), 9))
+    torch.library.register_kernel(OP_BACKWARD, "cpu",
+                                  ref.backward_op(ref.autocast_off(backward), 9, ref.LIKE))
     torch.library.register_kernel(OP_TRAIN, "cpu", ref.own_outputs(ref.autocast_off(forward_train)))
     torch.library.register_kernel(OP_BACKWARD_TRAIN, "cpu",
-                                  ref.backward_op(ref.autocast_off(backward_train), 10))
+                                  ref.backward_op(ref.autocast_off(backward_train), 10,
+                                                  ref.LIKE_TRAIN))
     return [OP, OP_BACKWARD, OP_TRAIN, OP_BACKWARD_TRAIN]

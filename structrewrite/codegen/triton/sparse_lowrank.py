@@ -135,7 +135,8 @@ from structrewrite.codegen.triton import sparse_lowrank_folded as folded
 from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, contiguous, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, lazily, pick, sm_count
-from structrewrite.ops.sparse_lowrank_linear import ALL, autocast_off, backward_op, own, own_outputs
+from structrewrite.ops.sparse_lowrank_linear import (ALL, LIKE, LIKE_TRAIN, autocast_off, backward_op,
+                                                     own, own_outputs)
 
 
 def on_own_device(fn):
@@ -667,17 +668,23 @@ class EagerFunction(torch.autograd.Function):
         return own(y)   # not a view: in-place changes to y are allowed
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        # once_differentiable: the kernels' outputs carry no autograd history, so a second
-        # derivative taken through them (create_graph=True) would silently miss terms;
-        # it is refused instead
         x, A, B, values, crow, col, row, *saved = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        dx, dA, dB, dv = _backward_cuda(grad.contiguous(), x, A, B, values, crow, col, row,
-                                        ctx.scale, saved=saved, how=ctx.how, fold=ctx.fold,
-                                        need=needs[:4])
         dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and needs[7] else None
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' outputs carry no autograd history, so a second
+            # derivative through them would miss terms (hvp and autograd.grad with
+            # allow_unused gave zeros). The backward op's autograd node is on the path to
+            # every input, and refuses a second backward that reaches it.
+            grads = torch.ops.structrewrite.sparse_lowrank_linear_backward(
+                grad, x, A, B, values, crow, col, row, ctx.scale,
+                None if all(needs[:4]) else list(needs[:4]))
+            dx, dA, dB, dv = (g if n else None for g, n in zip(grads, needs[:4]))
+        else:
+            dx, dA, dB, dv = _backward_cuda(grad.contiguous(), x, A, B, values, crow, col, row,
+                                            ctx.scale, saved=saved, how=ctx.how, fold=ctx.fold,
+                                            need=needs[:4])
         return dx, dA, dB, dv, None, None, None, dbias, None, None
 
 
@@ -695,8 +702,9 @@ def eager(x, A, B, values, crow, col, row, bias, scale: float) -> torch.Tensor:
 
 def register() -> list[str]:
     """Register the kernels as the op's CUDA implementation (called by the package)."""
-    for op, fn in ((OP, own_outputs(_forward_cuda)), (OP_BACKWARD, backward_op(_backward_op_cuda, 9)),
+    for op, fn in ((OP, own_outputs(_forward_cuda)),
+                   (OP_BACKWARD, backward_op(_backward_op_cuda, 9, LIKE)),
                    (OP_TRAIN, own_outputs(_forward_train_cuda)),
-                   (OP_BACKWARD_TRAIN, backward_op(_backward_train_cuda, 10))):
+                   (OP_BACKWARD_TRAIN, backward_op(_backward_train_cuda, 10, LIKE_TRAIN))):
         torch.library.register_kernel(op, "cuda", on_own_device(autocast_off(fn)))
     return [OP, OP_BACKWARD, OP_TRAIN, OP_BACKWARD_TRAIN]
