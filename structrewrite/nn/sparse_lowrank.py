@@ -424,6 +424,15 @@ class SparseLowRankLinear(nn.Module):
         assign = local_metadata.get("assign_to_params_buffers", False)
         same = frozenset() if assign else frozenset(
             n for n in came if _same(getattr(self, n), state_dict[prefix + n]))
+        # values that are the buffers themselves: what loaders that go shard by shard
+        # (torch.distributed.checkpoint's set_model_state_dict, accelerate) hand over,
+        # after copying a shard's tensors into the module's own and filling the keys the
+        # shard lacks with them
+        fillers = frozenset(n for n in same
+                            if state_dict[prefix + n].data_ptr() == getattr(self, n).data_ptr())
+        # buffers written in place since the layer last read its support (such a loader's
+        # copies, or a support never read): changed, although equal to the state dict
+        written = self._support_id() != self._support_seen
         if same:
             state_dict = {k: v for k, v in state_dict.items()
                           if k not in {prefix + n for n in same}}
@@ -436,7 +445,7 @@ class SparseLowRankLinear(nn.Module):
             if prefix + n in missing_keys:
                 missing_keys.remove(prefix + n)
         pending = self._support_parts
-        if not came or (same == frozenset(names) and not pending):
+        if not came or (same == frozenset(names) and not pending and not written):
             return   # nothing, or the whole support as it was: nothing changed
         if len(error_msgs) > errors:   # copied in place or assigned (assign=True): undo
             for n in came - same:
@@ -444,7 +453,7 @@ class SparseLowRankLinear(nn.Module):
             return
         for n in came - same:   # seen by a call also where the buffers keep no version counter
             mark_written(getattr(self, n))
-        changed = getattr(self, "_parts_changed", False) or bool(came - same)
+        changed = getattr(self, "_parts_changed", False) or bool(came - same) or written
         parts = pending | came
         if len(parts) < len(names):   # part of a sharded state dict: checked with the rest
             self._support_parts, self._parts_changed = parts, changed
@@ -460,6 +469,13 @@ class SparseLowRankLinear(nn.Module):
                 check_support(*(getattr(self, n) for n in names), self.out_features,
                               self.in_features)
             except ValueError as exc:
+                if fillers:
+                    # a shard of a loader that fills the keys it lacks (above): those
+                    # buffers' own values may be still to come. Wait for them; a call in
+                    # between refuses the mix.
+                    self._support_parts, self._parts_changed = parts - fillers, True
+                    self._channel_k, self._support_seen = 0, ()
+                    return
                 error_msgs.append(f"{prefix.rstrip('.') or 'layer'}: loaded support: {exc}")
                 if came != frozenset(names):   # the earlier parts are gone: calls refuse it
                     self._channel_k, self._support_seen = 0, ()

@@ -641,3 +641,27 @@ def test_a_channel_wise_layer_after_to_empty_is_refused_compiled():
     torch._dynamo.reset()
     with pytest.raises(ValueError, match="not valid"):
         torch.compile(layer, backend="structrewrite", options={"compiler": "eager"})(x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shard_by_shard_loaders_that_fill_missing_keys_load_exactly(kind):
+    """``set_model_state_dict`` (torch.distributed.checkpoint; accelerate's sharded loader
+    calls it per shard) copies a shard into the module's own tensors and fills the keys
+    the shard lacks with them: a shard holding part of a support was refused ("sparse_row
+    does not match sparse_crow"). Every split now loads the source layer exactly; a
+    call before the support is whole refuses the mix."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    src = SparseLowRankLinear(64, 128, rank=8, density=0.05, seed=0, key="a", **kind)
+    sd = src.state_dict()
+    x = torch.randn(3, 64)
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    for split in ((("A", "B", "values", "bias", "sparse_crow", "sparse_col"), ("sparse_row",)),
+                  (("A", "sparse_col"), ("B", "values", "bias", "sparse_crow", "sparse_row")),
+                  (tuple(sd),)):
+        layer = SparseLowRankLinear(64, 128, rank=8, density=0.05, seed=1, key="a", **kind)
+        for i, keys in enumerate(split):
+            set_model_state_dict(layer, {k: sd[k] for k in keys}, options=opts)
+            if i == 0 and len(split) > 1 and kind == {"init": "random"}:
+                with pytest.raises(ValueError, match="not valid"):   # a mix of two supports
+                    layer(x)
+        assert torch.equal(layer(x), src(x)), split
