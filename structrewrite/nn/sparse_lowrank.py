@@ -573,10 +573,11 @@ class SparseLowRankLinear(nn.Module):
         from the forward to the backward instead of computing it twice: a training step
         under ``torch.compile`` (not export, which keeps the op) of a tile support (or a
         channel-wise one whose support ``_channel_k`` does not know), whose backward uses
-        x Aᵀ. A random support's folded path needs none."""
+        x Aᵀ (for dB, and for the channel-wise support's d values too). A random support's
+        folded path needs none, nor a layer whose B and values are frozen."""
         return (torch.compiler.is_compiling() and not _exporting()
                 and torch.is_grad_enabled() and (self.init == "lost" or self.block > 1)
-                and any(t.requires_grad for t in tensors))
+                and any(t.requires_grad for t in tensors[2:4]))
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:

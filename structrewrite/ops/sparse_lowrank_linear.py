@@ -256,9 +256,23 @@ def _(grad, x, A, B, values, crow, col, row, scale, needs=None):
     return _grads_like(x, A, B, values, needs)
 
 
-def _keep(ctx, inputs, *kept):
-    """Save the op's inputs for its backward, ``kept`` (tensors the forward made) after x."""
+def stand_in(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``t``'s shape, dtype and device holding one element (every stride 0):
+    kept in ``t``'s place where the backward reads only its shape and dtype."""
+    return torch.empty_strided(t.shape, (0,) * t.dim(), dtype=t.dtype, device=t.device)
+
+
+def _keep(ctx, inputs, xa=None):
+    """Save the op's inputs for its backward, and ``xa`` (x Aᵀ from the forward) after x.
+    A backward that computes dx alone (A, B and values frozen: adapters beside a frozen
+    rewritten layer) reads neither x nor x Aᵀ, and one without dB nor d values reads no
+    x Aᵀ: stand-ins are kept instead, so that a frozen layer keeps no activation, as a
+    frozen nn.Linear keeps none."""
     x, A, B, values, crow, col, row, bias, scale = inputs
+    needs = ctx.needs_input_grad
+    if not any(needs[1:4]):
+        x = stand_in(x)
+    kept = () if xa is None else (xa if needs[2] or needs[3] else stand_in(xa),)
     ctx.save_for_backward(x, *kept, A, B, values, crow, col, row)
     ctx.scale = scale
     ctx.has_bias = bias is not None

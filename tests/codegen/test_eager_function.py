@@ -461,3 +461,43 @@ def test_second_derivatives_are_refused_or_right(init, block, fold, monkeypatch)
     (g2,) = torch.autograd.grad((x2 @ Wd.t() + layer.bias).square().sum(), x2, create_graph=True)
     (want,) = torch.autograd.grad(g2.square().sum(), A)
     assert _rel(ggA, want) < 1e-4
+
+
+def _saved_shapes(fn, x):
+    """Shapes of the floating tensors autograd keeps for ``fn(x)``'s backward."""
+    shapes = []
+
+    def pack(t):
+        if t.is_floating_point():
+            shapes.append((tuple(t.shape), t.untyped_storage().nbytes()))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    y.sum().backward()
+    return shapes
+
+
+@pytest.mark.parametrize("init,block,fold", KINDS)
+def test_a_frozen_layer_keeps_no_activation(init, block, fold, monkeypatch):
+    """A frozen layer (A, B and values without gradients) computes only dx, which reads
+    neither x nor x Aᵀ: the eager entry, the op and its compiled training form keep no
+    tensor of the tokens' size (a one-element stand-in instead), as a frozen nn.Linear
+    keeps none (they kept x, and x Aᵀ compiled: an input-sized activation per frozen
+    layer beside adapters). The gradient of x stays right."""
+    monkeypatch.setattr(sl.folded, "MODE", fold)
+    layer = SparseLowRankLinear(64, 96, rank=8, density=0.1, init=init, block=block, key="z")
+    with torch.no_grad():
+        layer.B.normal_()
+    layer.requires_grad_(False)
+    M = 777
+    x = torch.randn(M, 64, requires_grad=True)
+    entries = {"eager": lambda t: sl.eager(*_args(layer, t)),
+               "op": lambda t: torch.ops.structrewrite.sparse_lowrank_linear(*_args(layer, t)),
+               "op_train": lambda t: torch.ops.structrewrite.sparse_lowrank_linear_train(
+                   *_args(layer, t))[0]}
+    want = torch.autograd.grad((x @ layer.dense_weight().t() + layer.bias).sum(), x)[0]
+    for name, fn in entries.items():
+        x.grad = None
+        kept = _saved_shapes(fn, x)
+        assert not any(M in shape and nbytes > 64 for shape, nbytes in kept), (name, kept)
+        assert _rel(x.grad, want) < 1e-5, name

@@ -110,12 +110,13 @@ def _tiles_forward(y, x2, V, lay):
 def _tiles_backward(dx, g2, x2, V, lay, want_dv=True):
     """``dx += g S`` (where ``dx`` is given) and the tiles' gradients
     ``g[:, I]ᵀ x[:, J]`` (nt x b x b; where ``want_dv``), sharing the gathered blocks of g."""
-    gin, xin = _tile_view(g2, lay.b), _tile_view(x2, lay.b)
+    gin = _tile_view(g2, lay.b)
+    xin = _tile_view(x2, lay.b) if want_dv else None
     dxout = _tile_view(dx, lay.b) if dx is not None else None
     ti, tj = lay.ti.long(), lay.tj.long()
     dV = torch.zeros_like(V) if want_dv else None
-    step = _token_step(x2.shape[0], lay)
-    for m in range(0, x2.shape[0], step):
+    step = _token_step(g2.shape[0], lay)
+    for m in range(0, g2.shape[0], step):
         gg = gin[m:m + step].index_select(1, ti).transpose(0, 1)       # nt x tokens x b
         if dxout is not None:
             dxout[m:m + step].index_add_(1, tj, torch.bmm(gg, V).transpose(0, 1))
@@ -193,8 +194,8 @@ def backward(grad, x, A, B, values, crow, col, row, scale, xa=None, need=ref.ALL
     sparse = values.numel() and x2.shape[0]
     if sparse and how.kind == "block" and (need[0] or need[3]):
         index = _tile_index(how.layout)
-        dV = _tiles_backward(dx, g2.to(acc), x2.to(acc), values.to(acc)[index], how.layout,
-                             want_dv=need[3])
+        dV = _tiles_backward(dx, g2.to(acc), x2.to(acc) if need[3] else None,
+                             values.to(acc)[index], how.layout, want_dv=need[3])
         if need[3]:
             dv = values.new_empty(values.shape, dtype=acc)
             dv[index.flatten()] = dV.flatten()

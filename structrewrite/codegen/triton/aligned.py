@@ -109,7 +109,7 @@ def lowrank_grads(ga: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.
     dB, dvalues); g B'·s is formed for dx or dA, each of dA and dB where needed (None
     otherwise)."""
     (r, in_features), out_features = A.shape, B.shape[0]
-    Ap, Bp = lowrank(A, B, xa.dtype)
+    Ap, Bp = lowrank(A, B, ga.dtype)   # xa: None where neither dA nor dB reads it
     gBs = mm(ga, Bp, scale) if need[0] or need[1] else None   # M x r'
     dA = cols((gBs.t() @ xa)[:r], in_features) if need[1] else None
     dB = None

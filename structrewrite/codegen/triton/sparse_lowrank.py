@@ -136,7 +136,7 @@ from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, contiguous, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, lazily, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import (ALL, LIKE, LIKE_TRAIN, autocast_off, backward_op,
-                                                     own, own_outputs)
+                                                     own, own_outputs, stand_in)
 
 
 def on_own_device(fn):
@@ -534,8 +534,11 @@ def backward(grad, x, A, B, values, crow, col, row, scale, spmm_config=None, sdd
     # the cuBLAS GEMMs take copies with aligned rows where a width is misaligned (``aligned``)
     in_p, out_p = aligned.widths(A, B, x.dtype)
     # the padded copies of a misaligned x and g are read there only, and go with the call
-    gBs, Ap, dA, dB = aligned.lowrank_grads(aligned.pad_cols(g2, out_p), aligned.pad_cols(x2, in_p),
+    # x is read for dA, dB and d values only (a frozen layer keeps a stand-in)
+    xp = aligned.pad_cols(x2, in_p) if need[1] or need[2] else None
+    gBs, Ap, dA, dB = aligned.lowrank_grads(aligned.pad_cols(g2, out_p), xp,
                                             A, B, scale, saved[0] if saved else None, need=need)
+    del xp
     dA = None if dA is None else dA.to(A.dtype)
     dB = None if dB is None else dB.to(B.dtype)
     dx = dv = None
@@ -663,6 +666,11 @@ class EagerFunction(torch.autograd.Function):
         fold = how.kind == "gather" and _folds(x, A, B, values)   # the backward does the same
         y = _forward_cuda(x, A, B, values, crow, col, row, bias, scale, saved=saved, how=how,
                           fold=fold)
+        needs = ctx.needs_input_grad
+        if not any(needs[1:4]):   # dx alone reads no x: a frozen layer keeps no activation
+            x = stand_in(x)
+        if not needs[2]:          # x Aᵀ is kept for dB
+            saved = []
         ctx.save_for_backward(x, A, B, values, crow, col, row, *saved)
         ctx.scale, ctx.has_bias, ctx.how, ctx.fold = scale, bias is not None, how, fold
         return own(y)   # not a view: in-place changes to y are allowed

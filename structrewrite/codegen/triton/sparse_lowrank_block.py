@@ -505,8 +505,10 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
     in_p, out_p = aligned.widths(A, B, x.dtype)
     lay = lay or layout(crow, col, row, b, out_features, in_features)
     g2 = aligned.pad_cols(grad.reshape(-1, out_features), out_p).contiguous()   # M x out_p
-    x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p).contiguous()        # M x in_p
-    M = x2.shape[0]
+    # x is read for dA, dB and d values only (a frozen layer keeps a stand-in)
+    x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p).contiguous() if any(need[1:]) \
+        else None                                                                 # M x in_p
+    M = g2.shape[0]
     if M == 0:
         zeros = (torch.zeros_like(x), torch.zeros_like(A), torch.zeros_like(B),
                  torch.zeros_like(values))
@@ -522,8 +524,10 @@ def backward(grad, x, A, B, values, crow, col, row, scale, b: int, spmm_config=N
         return None, dA, dB, dv
     vals = values.to(x.dtype)
     # the fused kernel reads x's real columns only: it needs no padded copy
-    xk = x2 if in_p == in_features else x.reshape(-1, in_features)
-    xk = xk if xk.stride(-1) == 1 else xk.contiguous()
+    xk = None
+    if need[3]:
+        xk = x2 if in_p == in_features else x.reshape(-1, in_features)
+        xk = xk if xk.stride(-1) == 1 else xk.contiguous()
     key = (bucket(M), in_features, out_features, lay.nt, b, x.dtype)
     fuse = fuses_dv() and need[3]
     if not need[3]:   # dx alone: the unfused kernel, no d values

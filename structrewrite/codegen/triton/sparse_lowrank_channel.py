@@ -207,7 +207,8 @@ def backward(grad, x, A, B, values, cols, scale, saved=(), xa=None, need=(True,)
         x2, t, Aw, Ww = saved
     else:
         Aw, Ww = _widened(A, B, values, cols, split, in_p, out_p)
-        x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p)
+        # x is read for dA, dB and d values only (a frozen layer keeps a stand-in)
+        x2 = aligned.pad_cols(x.reshape(-1, in_features), in_p) if any(need[1:]) else None
         if not (need[2] or need[3]):
             t = None
         elif xa is None:
