@@ -173,10 +173,10 @@ def _same(buffer: torch.Tensor, value) -> bool:
 def _int32_support(state_dict, keys):
     """``state_dict`` with the support tensors at ``keys`` that hold other integer dtypes
     in int32 range as int32 (a copy of the dict where any changes)."""
+    ints = (torch.int64, torch.int16, torch.int8, torch.uint8)
     wide = [k for k in keys if isinstance(state_dict[k], torch.Tensor)
-            and not state_dict[k].is_meta and state_dict[k].dtype in (torch.int64, torch.int16, torch.int8, torch.uint8)
-            and (state_dict[k].numel() == 0
-                 or int(state_dict[k].abs().max()) < 2**31)]
+            and not state_dict[k].is_meta and state_dict[k].dtype in ints
+            and (state_dict[k].numel() == 0 or int(state_dict[k].abs().max()) < 2**31)]
     if not wide:
         return state_dict
     return {**state_dict, **{k: state_dict[k].to(torch.int32) for k in wide}}
