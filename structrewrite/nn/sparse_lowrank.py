@@ -170,16 +170,23 @@ def _same(buffer: torch.Tensor, value) -> bool:
     return bool(torch.equal(value, buffer))
 
 
+def _is_buffer(buffer: torch.Tensor, value) -> bool:
+    """Whether a state dict's ``value`` is ``buffer`` itself (or a view of all of it)."""
+    return (isinstance(value, torch.Tensor) and not buffer.is_meta and buffer.numel() > 0
+            and value.shape == buffer.shape and value.dtype == buffer.dtype
+            and value.device == buffer.device and value.data_ptr() == buffer.data_ptr())
+
+
 def _int32_support(state_dict, keys):
-    """``state_dict`` with the support tensors at ``keys`` that hold other integer dtypes
-    in int32 range as int32 (a copy of the dict where any changes)."""
+    """(``state_dict`` with the support tensors at ``keys`` that hold other integer dtypes
+    as int32, a copy of the dict where any changes; the keys whose indices do not fit)."""
     ints = (torch.int64, torch.int16, torch.int8, torch.uint8)
     wide = [k for k in keys if isinstance(state_dict[k], torch.Tensor)
-            and not state_dict[k].is_meta and state_dict[k].dtype in ints
-            and (state_dict[k].numel() == 0 or int(state_dict[k].abs().max()) < 2**31)]
-    if not wide:
-        return state_dict
-    return {**state_dict, **{k: state_dict[k].to(torch.int32) for k in wide}}
+            and not state_dict[k].is_meta and state_dict[k].dtype in ints]
+    beyond = [k for k in wide if state_dict[k].numel() and int(state_dict[k].abs().max()) >= 2**31]
+    if not wide or beyond:
+        return state_dict, beyond
+    return {**state_dict, **{k: state_dict[k].to(torch.int32) for k in wide}}, []
 
 
 def _exporting() -> bool:
@@ -389,7 +396,10 @@ class SparseLowRankLinear(nn.Module):
             raise ValueError(
                 f"{self.key or 'SparseLowRankLinear'}: the sparse support is not valid ({exc}). "
                 "Its buffers hold indices: after to_empty(), call reset_parameters() or load "
-                "a state dict that holds sparse_crow, sparse_col and sparse_row; an average "
+                "a state dict that holds sparse_crow, sparse_col and sparse_row (a loader that "
+                "writes into the buffers, such as torch.distributed.checkpoint's, leaves the "
+                "check of what it loaded to this call: a checkpoint with a bad support, or "
+                "one whose shards have not all been loaded, ends here); an average "
                 "of the model's buffers (AveragedModel(use_buffers=True), an EMA over the "
                 "whole state dict) must copy them, not average them; and a load while other "
                 "threads call the layer reads them half written (load into a second model "
@@ -415,8 +425,12 @@ class SparseLowRankLinear(nn.Module):
         names = ("sparse_crow", "sparse_col", "sparse_row")
         came = frozenset(n for n in names if prefix + n in state_dict)
         # other integer index dtypes (int64 from elsewhere) come in as the int32 the kernels
-        # read, with assign=True too
-        state_dict = _int32_support(state_dict, [prefix + n for n in came])
+        # read, with assign=True too; indices beyond int32 are refused (a copy would wrap)
+        state_dict, beyond = _int32_support(state_dict, [prefix + n for n in came])
+        if beyond:
+            error_msgs.append(f"{prefix.rstrip('.') or 'layer'}: loaded support: {beyond} hold "
+                              "indices beyond int32")
+            return
         # a buffer loaded with what it holds already is left as it is: its layouts stay
         # cached and compiled code keeps running (a reload of the same checkpoint, EMA
         # weights swapped in for evaluation, compiled again at every load before). Not
@@ -424,14 +438,14 @@ class SparseLowRankLinear(nn.Module):
         assign = local_metadata.get("assign_to_params_buffers", False)
         same = frozenset() if assign else frozenset(
             n for n in came if _same(getattr(self, n), state_dict[prefix + n]))
-        # values that are the buffers themselves: what loaders that go shard by shard
-        # (torch.distributed.checkpoint's set_model_state_dict, accelerate) hand over,
-        # after copying a shard's tensors into the module's own and filling the keys the
-        # shard lacks with them
-        fillers = frozenset(n for n in same
-                            if state_dict[prefix + n].data_ptr() == getattr(self, n).data_ptr())
-        # buffers written in place since the layer last read its support (such a loader's
-        # copies, or a support never read): changed, although equal to the state dict
+        # values that are the buffers themselves: what a loader that goes shard by shard
+        # and fills the keys a shard lacks with the module's own tensors hands over
+        # (torch.distributed.checkpoint's set_model_state_dict, which accelerate's sharded
+        # loader calls per shard). They did not come from the checkpoint.
+        fillers = frozenset(n for n in same if _is_buffer(getattr(self, n), state_dict[prefix + n]))
+        arrived = came - fillers
+        # buffers written in place since the layer last read its support (or a support never
+        # read): changed, although equal to the state dict
         written = self._support_id() != self._support_seen
         if same:
             state_dict = {k: v for k, v in state_dict.items()
@@ -454,14 +468,14 @@ class SparseLowRankLinear(nn.Module):
         for n in came - same:   # seen by a call also where the buffers keep no version counter
             mark_written(getattr(self, n))
         changed = getattr(self, "_parts_changed", False) or bool(came - same) or written
-        parts = pending | came
-        if len(parts) < len(names):   # part of a sharded state dict: checked with the rest
-            self._support_parts, self._parts_changed = parts, changed
+        parts = pending | arrived
+        if len(parts) < len(names) and not fillers:   # part of a sharded state dict: checked
+            self._support_parts, self._parts_changed = parts, changed   # with the rest
             if changed:
                 self._channel_k, self._support_seen = 0, ()
             return
-        self._support_parts, self._parts_changed = frozenset(), False
         if not changed:   # every part as it was
+            self._support_parts, self._parts_changed = frozenset(), False
             return
         real = not any(getattr(self, n).is_meta for n in names)
         if real:
@@ -469,23 +483,49 @@ class SparseLowRankLinear(nn.Module):
                 check_support(*(getattr(self, n) for n in names), self.out_features,
                               self.in_features)
             except ValueError as exc:
-                if fillers:
-                    # a shard of a loader that fills the keys it lacks (above): those
-                    # buffers' own values may be still to come. Wait for them; a call in
-                    # between refuses the mix.
-                    self._support_parts, self._parts_changed = parts - fillers, True
-                    self._channel_k, self._support_seen = 0, ()
-                    return
-                error_msgs.append(f"{prefix.rstrip('.') or 'layer'}: loaded support: {exc}")
-                if came != frozenset(names):   # the earlier parts are gone: calls refuse it
+                fault = exc
+                if len(parts) < len(names):
+                    # a shard with fillers: what came is kept for the buffers still to
+                    # come where it is valid by itself (a call in between refuses the mix)
+                    try:
+                        self._check_parts(arrived)
+                    except ValueError as own:
+                        fault = own
+                    else:
+                        self._support_parts, self._parts_changed = parts, True
+                        self._channel_k, self._support_seen = 0, ()
+                        return
+                self._support_parts, self._parts_changed = frozenset(), False
+                error_msgs.append(f"{prefix.rstrip('.') or 'layer'}: loaded support: {fault}")
+                if came - same != frozenset(names):   # earlier parts are gone: calls refuse it
+                    for n in came - same:
+                        self._buffers[n] = kept[n]
                     self._channel_k, self._support_seen = 0, ()
                     return
                 for n in came - same:   # all three came in this load: keep the layer's own
                     self._buffers[n] = kept[n]
                 real = False
+        self._support_parts, self._parts_changed = frozenset(), False
         self._support_changed()
         if real:
             self._support_valid = self._support_id()
+
+    def _check_parts(self, parts) -> None:
+        """Raises ValueError where one of the support buffers ``parts`` is not valid by
+        itself, whatever the others hold: sizes, ranges and order within the buffer."""
+        out_features, in_features, nnz = self.out_features, self.in_features, self.nnz
+        if "sparse_crow" in parts:
+            crow = self.sparse_crow.long()
+            if crow.shape != (out_features + 1,) or int(crow[0]) != 0 or int(crow[-1]) != nnz \
+                    or bool((crow[1:] < crow[:-1]).any()):
+                raise ValueError(f"sparse_crow must rise from 0 to nnz = {nnz}")
+        for name, bound in (("sparse_col", in_features), ("sparse_row", out_features)):
+            if name in parts:
+                t = getattr(self, name).long()
+                if t.shape != (nnz,) or (nnz and bool(((t < 0) | (t >= bound)).any())):
+                    raise ValueError(f"{name} holds indices outside [0, {bound})")
+        if "sparse_row" in parts and nnz and bool((self.sparse_row[1:] < self.sparse_row[:-1]).any()):
+            raise ValueError("sparse_row must not fall")
 
     @classmethod
     @torch.no_grad()
