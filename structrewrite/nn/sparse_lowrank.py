@@ -359,7 +359,7 @@ class SparseLowRankLinear(nn.Module):
         seen: set supports through ``load_state_dict``. Each time moves the support's
         generation on, which compiled code guards on."""
         self._channel_k = channel_count(self.sparse_crow, self.sparse_col, self.out_features)
-        self._support_seen = self._support_id()
+        self._support_seen = self._loaded_id = self._support_id()
         self._support_gen += 1
 
     def _support_seen_id(self) -> tuple:
@@ -408,6 +408,12 @@ class SparseLowRankLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        self._load_support(state_dict, prefix, local_metadata, strict, missing_keys,
+                           unexpected_keys, error_msgs)
+        self._loaded_id = self._support_id()   # the buffers as this load left them
+
+    def _load_support(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs):
         """Loads as nn.Module does, then checks the support (``check_support``) once all
         three of its buffers have come. Where the load fails for this layer (a support of
         another size: PyTorch copies the buffers whose shapes agree, ``sparse_crow``, and
@@ -444,6 +450,10 @@ class SparseLowRankLinear(nn.Module):
         # loader calls per shard). They did not come from the checkpoint.
         fillers = frozenset(n for n in same if _is_buffer(getattr(self, n), state_dict[prefix + n]))
         arrived = came - fillers
+        if came and not arrived and self._support_id() != getattr(self, "_loaded_id", ()):
+            # the state dict is the buffers, written in place since the last load (a
+            # layer.state_dict() edited and loaded back): all of it came
+            arrived = came
         # buffers written in place since the layer last read its support (or a support never
         # read): changed, although equal to the state dict
         written = self._support_id() != self._support_seen
@@ -583,6 +593,11 @@ class SparseLowRankLinear(nn.Module):
             raise RuntimeError(f"{self.key or 'SparseLowRankLinear'}: an input of shape "
                                f"{tuple(x.shape)} for a layer of {self.in_features} -> "
                                f"{self.out_features} features")
+        if plain and self.sparse_col.is_meta and not x.is_meta:
+            raise ValueError(f"{self.key or 'SparseLowRankLinear'}: the sparse support is on the "
+                             "meta device (never loaded): load a state dict that holds "
+                             "sparse_crow, sparse_col and sparse_row, or call to_empty() and "
+                             "reset_parameters()")
         if plain and not torch.compiler.is_compiling() \
                 and self._support_seen_id() != self._support_seen:
             # buffers moved, written or loaded in parts since the support was read

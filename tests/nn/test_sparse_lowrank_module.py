@@ -713,3 +713,22 @@ def test_bad_supports_are_refused_at_the_load_whatever_the_loader():
     with pytest.raises(RuntimeError, match="beyond int32"):
         layer.load_state_dict(wide)
     assert torch.equal(layer(x), want)
+
+
+def test_an_edited_own_state_dict_and_a_meta_support_are_refused():
+    """``layer.state_dict()`` edited in place (its tensors are the buffers) and loaded
+    back is checked at the load; a layer whose parameters were assigned but whose support
+    stayed on ``meta`` refuses to compute (it read uninitialised memory)."""
+    layer = SparseLowRankLinear(24, 20, 2, 0.2, seed=1, key="k")
+    sd = layer.state_dict()
+    sd["sparse_col"][0] = 24
+    with pytest.raises(RuntimeError, match="loaded support: sparse_col holds indices outside"):
+        layer.load_state_dict(sd)
+    src = SparseLowRankLinear(24, 20, 2, 0.2, seed=1, key="k")
+    params = {k: v.clone() for k, v in src.state_dict().items() if not k.startswith("sparse")}
+    with torch.device("meta"):
+        meta = SparseLowRankLinear(24, 20, 2, 0.2, seed=1, key="k")
+    meta.load_state_dict(params, strict=False, assign=True)
+    with pytest.raises(ValueError, match="support is on the meta device"):
+        meta(torch.randn(2, 24))
+    assert meta(torch.randn(2, 24, device="meta")).shape == (2, 20)
