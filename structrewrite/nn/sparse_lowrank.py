@@ -507,7 +507,9 @@ class SparseLowRankLinear(nn.Module):
                         return
                 self._support_parts, self._parts_changed = frozenset(), False
                 error_msgs.append(f"{prefix.rstrip('.') or 'layer'}: loaded support: {fault}")
-                if came - same != frozenset(names):   # earlier parts are gone: calls refuse it
+                if came - same != frozenset(names):
+                    # what this load brought is undone; what earlier parts left is checked
+                    # by the next call (a mix of two supports is refused there)
                     for n in came - same:
                         self._buffers[n] = kept[n]
                     self._channel_k, self._support_seen = 0, ()
