@@ -145,12 +145,10 @@ def check_support(crow: torch.Tensor, col: torch.Tensor, row: torch.Tensor, out_
         raise ValueError(f"support shapes: crow {tuple(crow.shape)}, col {tuple(col.shape)}, "
                          f"row {tuple(row.shape)}; expected ({out_features + 1},), (nnz,), (nnz,)")
     crow, col, row = crow.long(), col.long(), row.long()
-    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
-        raise ValueError(f"sparse_crow must rise from 0 to nnz = {nnz}")
+    _check_crow(crow, nnz)
     if nnz == 0:
         return
-    if bool(((col < 0) | (col >= in_features)).any()):
-        raise ValueError(f"sparse_col holds indices outside [0, {in_features})")
+    _check_range(col, "sparse_col", in_features)
     rows = torch.repeat_interleave(torch.arange(out_features, device=crow.device),
                                    crow[1:] - crow[:-1])
     if not torch.equal(rows, row):
@@ -159,6 +157,18 @@ def check_support(crow: torch.Tensor, col: torch.Tensor, row: torch.Tensor, out_
     if bool((flat[1:] <= flat[:-1]).any()):
         raise ValueError("support entries must be sorted by row, then by column, without "
                          "repeats")
+
+
+def _check_crow(crow: torch.Tensor, nnz: int) -> None:
+    """``check_support``'s test of the row pointers alone (int64)."""
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
+        raise ValueError(f"sparse_crow must rise from 0 to nnz = {nnz}")
+
+
+def _check_range(t: torch.Tensor, name: str, bound: int) -> None:
+    """``check_support``'s test of one index buffer's range (int64)."""
+    if t.numel() and bool(((t < 0) | (t >= bound)).any()):
+        raise ValueError(f"{name} holds indices outside [0, {bound})")
 
 
 def _same(buffer: torch.Tensor, value) -> bool:
@@ -528,14 +538,15 @@ class SparseLowRankLinear(nn.Module):
         out_features, in_features, nnz = self.out_features, self.in_features, self.nnz
         if "sparse_crow" in parts:
             crow = self.sparse_crow.long()
-            if crow.shape != (out_features + 1,) or int(crow[0]) != 0 or int(crow[-1]) != nnz \
-                    or bool((crow[1:] < crow[:-1]).any()):
+            if crow.shape != (out_features + 1,):
                 raise ValueError(f"sparse_crow must rise from 0 to nnz = {nnz}")
+            _check_crow(crow, nnz)
         for name, bound in (("sparse_col", in_features), ("sparse_row", out_features)):
             if name in parts:
                 t = getattr(self, name).long()
-                if t.shape != (nnz,) or (nnz and bool(((t < 0) | (t >= bound)).any())):
+                if t.shape != (nnz,):
                     raise ValueError(f"{name} holds indices outside [0, {bound})")
+                _check_range(t, name, bound)
         if "sparse_row" in parts and nnz and bool((self.sparse_row[1:] < self.sparse_row[:-1]).any()):
             raise ValueError("sparse_row must not fall")
 

@@ -282,7 +282,7 @@ def _setup_context(ctx, inputs, output):
     _keep(ctx, inputs)
 
 
-def _needs(ctx) -> Optional[list]:
+def needs_of(ctx) -> Optional[list]:
     """The backward op's ``needs`` for what the inputs x, A, B and values need (None:
     all four, the op's default)."""
     needs = list(ctx.needs_input_grad[:4])
@@ -299,7 +299,7 @@ def _input_grads(ctx, grad, grads):
 def _backward(ctx, grad):
     x, A, B, values, crow, col, row = ctx.saved_tensors
     return _input_grads(ctx, grad, torch.ops.structrewrite.sparse_lowrank_linear_backward(
-        grad, x, A, B, values, crow, col, row, ctx.scale, _needs(ctx)))
+        grad, x, A, B, values, crow, col, row, ctx.scale, needs_of(ctx)))
 
 
 sparse_lowrank_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -383,7 +383,7 @@ def _setup_context_train(ctx, inputs, output):
 def _backward_train(ctx, grad, _grad_xa):
     x, xa, A, B, values, crow, col, row = ctx.saved_tensors
     return _input_grads(ctx, grad, torch.ops.structrewrite.sparse_lowrank_linear_backward_train(
-        grad, x, xa, A, B, values, crow, col, row, ctx.scale, _needs(ctx)))
+        grad, x, xa, A, B, values, crow, col, row, ctx.scale, needs_of(ctx)))
 
 
 sparse_lowrank_linear_train.register_autograd(_backward_train, setup_context=_setup_context_train)

@@ -136,7 +136,7 @@ from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, contiguous, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, lazily, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import (ALL, LIKE, LIKE_TRAIN, autocast_off, backward_op,
-                                                     own, own_outputs, stand_in)
+                                                     needs_of, own, own_outputs, stand_in)
 
 
 def on_own_device(fn):
@@ -686,8 +686,7 @@ class EagerFunction(torch.autograd.Function):
             # allow_unused gave zeros). The backward op's autograd node is on the path to
             # every input, and refuses a second backward that reaches it.
             grads = torch.ops.structrewrite.sparse_lowrank_linear_backward(
-                grad, x, A, B, values, crow, col, row, ctx.scale,
-                None if all(needs[:4]) else list(needs[:4]))
+                grad, x, A, B, values, crow, col, row, ctx.scale, needs_of(ctx))
             dx, dA, dB, dv = (g if n else None for g, n in zip(grads, needs[:4]))
         else:
             dx, dA, dB, dv = _backward_cuda(grad.contiguous(), x, A, B, values, crow, col, row,
