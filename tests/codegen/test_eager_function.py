@@ -28,6 +28,15 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _layer(in_f, out_f, rank, density, **kw):
+    """A layer with B drawn at random: it starts at 0 (SLTrain), which would leave the
+    low-rank paths untested."""
+    layer = SparseLowRankLinear(in_f, out_f, rank=rank, density=density, **kw)
+    with torch.no_grad():
+        layer.B.normal_()
+    return layer
+
+
 pytestmark = pytest.mark.usefixtures("small_tiles")   # tests/codegen/conftest.py
 
 
@@ -70,9 +79,7 @@ def test_eager_output_takes_in_place_changes(init, block, fold, monkeypatch):
     gradients as ``y + r``, on every path (EagerFunction, the channel-wise GEMMs)."""
     monkeypatch.setattr(sl.folded, "MODE", fold)
     torch.manual_seed(random.randrange(2**31))
-    layer = SparseLowRankLinear(48, 40, rank=8, density=0.12, init=init, block=block, key="k")
-    with torch.no_grad():
-        layer.B.normal_()
+    layer = _layer(48, 40, 8, 0.12, init=init, block=block, key="k")
     x, r = torch.randn(2, 5, 48, requires_grad=True), torch.randn(2, 5, 40)
     params = [x, layer.A, layer.B, layer.values, layer.bias]
     args = (x, layer.A, layer.B, layer.values, layer.sparse_crow, layer.sparse_col,
@@ -196,10 +203,7 @@ def test_cuda_implementation_takes_values_and_bias_in_their_own_dtype(init, bloc
     monkeypatch.setattr(sl.folded, "MODE", fold)
     seed = random.randrange(2**31)
     torch.manual_seed(seed)
-    layer = SparseLowRankLinear(45, 60, rank=8, density=0.12, init=init, block=block,
-                                key=f"m{seed}")
-    with torch.no_grad():
-        layer.B.normal_()
+    layer = _layer(45, 60, 8, 0.12, init=init, block=block, key=f"m{seed}")
     x = torch.randn(21, 45, dtype=torch.bfloat16)
     g = torch.randn(21, 60, dtype=torch.bfloat16)
     A, B = layer.A.detach().bfloat16(), layer.B.detach().bfloat16()
@@ -228,9 +232,7 @@ def test_strided_values_and_bias_are_read_as_their_elements(init, block, fold, m
     monkeypatch.setattr(sl.folded, "MODE", fold)
     seed = random.randrange(2**31)
     torch.manual_seed(seed)
-    layer = SparseLowRankLinear(48, 40, rank=4, density=0.1, init=init, block=block, key="s")
-    with torch.no_grad():
-        layer.B.normal_()
+    layer = _layer(48, 40, 4, 0.1, init=init, block=block, key="s")
     values = torch.randn(2 * layer.nnz)[::2].requires_grad_()
     bias = torch.randn(1).expand(40)
     x = torch.randn(5, 48, requires_grad=True)
@@ -399,10 +401,7 @@ def test_frozen_inputs_get_no_gradient_and_the_rest_are_right(init, block, fold,
         monkeypatch.setattr(blk, "bsr_spmm", spmm_no_dv)
     seed = random.randrange(2**31)
     torch.manual_seed(seed)
-    layer = SparseLowRankLinear(45, 60, rank=8, density=0.12, init=init, block=block,
-                                key=f"f{seed}")
-    with torch.no_grad():
-        layer.B.normal_()
+    layer = _layer(45, 60, 8, 0.12, init=init, block=block, key=f"f{seed}")
     x = torch.randn(3, 7, 45)
     g = torch.randn(3, 7, 60)
     args = _args(layer, x)
@@ -438,9 +437,7 @@ def test_second_derivatives_are_refused_or_right(init, block, fold, monkeypatch)
     ``aligned._CopyCols``) and give the second derivative of the dense formula."""
     monkeypatch.setattr(sl.folded, "MODE", fold)
     torch.manual_seed(random.randrange(2**31))
-    layer = SparseLowRankLinear(45, 60, rank=8, density=0.12, init=init, block=block, key="d")
-    with torch.no_grad():
-        layer.B.normal_()
+    layer = _layer(45, 60, 8, 0.12, init=init, block=block, key="d")
     x = torch.randn(5, 45, requires_grad=True)
     args = _args(layer, x)
     (gx,) = torch.autograd.grad(sl.eager(*args).square().sum(), x, create_graph=True)
@@ -485,9 +482,7 @@ def test_a_frozen_layer_keeps_no_activation(init, block, fold, monkeypatch):
     keeps none (they kept x, and x Aᵀ compiled: an input-sized activation per frozen
     layer beside adapters). The gradient of x stays right."""
     monkeypatch.setattr(sl.folded, "MODE", fold)
-    layer = SparseLowRankLinear(64, 96, rank=8, density=0.1, init=init, block=block, key="z")
-    with torch.no_grad():
-        layer.B.normal_()
+    layer = _layer(64, 96, 8, 0.1, init=init, block=block, key="z")
     layer.requires_grad_(False)
     M = 777
     x = torch.randn(M, 64, requires_grad=True)

@@ -276,23 +276,21 @@ def test_a_support_loaded_in_parts_is_checked_when_complete(init, block):
     x = torch.randn(3, 128)
     assert torch.equal(layer(x), src(x))
     assert layer._channel_k == src._channel_k
-    # a bad support that completes in a later part: named at that load, whose part is
-    # undone; here the earlier part held what the layer had, so it computes as before
-    bad = {k: v.clone() for k, v in src.state_dict().items()}
-    bad["sparse_col"][-1] = 10**6
-    first, second = _split(bad, [("sparse_crow", "sparse_row"), ("sparse_col",)])
-    layer.load_state_dict(first, strict=False)
-    with pytest.raises(RuntimeError, match="layer: loaded support: .*outside"):
-        layer.load_state_dict(second, strict=False)
+    def load_with_a_bad_last_part(source):
+        """``source``'s support with a column out of range, loaded crow and row first: the
+        last part is named at its load, and undone."""
+        bad = {k: v.clone() for k, v in source.state_dict().items()}
+        bad["sparse_col"][-1] = 10**6
+        first, second = _split(bad, [("sparse_crow", "sparse_row"), ("sparse_col",)])
+        layer.load_state_dict(first, strict=False)
+        with pytest.raises(RuntimeError, match="layer: loaded support: .*outside"):
+            layer.load_state_dict(second, strict=False)
+
+    # where the earlier part held what the layer had, it computes as before
+    load_with_a_bad_last_part(src)
     assert torch.equal(layer(x), src(x))
     # where the earlier part changed the support, the mix left is refused at a call
-    other = SparseLowRankLinear(128, 96, key="other", **kw)
-    odd = {k: v.clone() for k, v in other.state_dict().items()}
-    odd["sparse_col"][-1] = 10**6
-    first, second = _split(odd, [("sparse_crow", "sparse_row"), ("sparse_col",)])
-    layer.load_state_dict(first, strict=False)
-    with pytest.raises(RuntimeError, match="layer: loaded support: .*outside"):
-        layer.load_state_dict(second, strict=False)
+    load_with_a_bad_last_part(SparseLowRankLinear(128, 96, key="other", **kw))
     if init != "lost":   # channel-wise supports of one size share crow and row
         with pytest.raises(ValueError, match="not valid"):
             layer(x)
