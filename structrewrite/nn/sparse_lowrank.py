@@ -330,26 +330,27 @@ class SparseLowRankLinear(nn.Module):
         For ``init: lost`` the support is a random choice of whole input channels, for a
         block support a random choice of whole tiles."""
         g = self._generator()
+        cpu = {"generator": g, "device": "cpu"}   # drawn on the CPU whatever the default device
         m, n = self.out_features, self.in_features
         if self.init == "lost":
-            cols = torch.randperm(n, generator=g)[: lost_channels(n, self.density)]
+            cols = torch.randperm(n, **cpu)[: lost_channels(n, self.density)]
             flat = channel_flat(cols, m, n)
         elif self.block > 1:
             b = self.block
-            tiles = torch.randperm((m // b) * (n // b), generator=g)[: self.nnz // (b * b)]
+            tiles = torch.randperm((m // b) * (n // b), **cpu)[: self.nnz // (b * b)]
             flat = block_flat(tiles, n, b)
         else:
-            flat = torch.randperm(m * n, generator=g)[: self.nnz]
+            flat = torch.randperm(m * n, **cpu)[: self.nnz]
         self._set_support(flat)
-        A = torch.empty(self.A.shape, dtype=torch.float32)
+        A = torch.empty(self.A.shape, dtype=torch.float32, device="cpu")
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
         bound = 1.0 / math.sqrt(n)
-        vals = torch.rand(self.nnz, generator=g, dtype=torch.float32) * (2 * bound) - bound
+        vals = torch.rand(self.nnz, dtype=torch.float32, **cpu) * (2 * bound) - bound
         self.A.copy_(A)
         self.B.zero_()
         self.values.copy_(vals)
         if self.bias is not None:
-            self.bias.copy_(torch.rand(m, generator=g, dtype=torch.float32) * (2 * bound) - bound)
+            self.bias.copy_(torch.rand(m, dtype=torch.float32, **cpu) * (2 * bound) - bound)
 
     def _set_support(self, flat: torch.Tensor) -> None:
         crow, col, row = csr_from_flat(flat.to(torch.int64).cpu(), self.out_features, self.in_features)

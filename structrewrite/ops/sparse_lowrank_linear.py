@@ -447,7 +447,7 @@ def channel_count(crow: torch.Tensor, col: torch.Tensor, out_features: int) -> i
     if out_features == 0 or nnz == 0 or nnz % out_features or col.device.type == "meta":
         return 0
     k = nnz // out_features
-    if not torch.equal(crow.long().cpu(), torch.arange(out_features + 1) * k):
+    if not torch.equal(crow.long().cpu(), torch.arange(out_features + 1, device="cpu") * k):
         return 0
     grid = col.view(out_features, k)
     return k if bool((grid == grid[:1]).all()) else 0

@@ -173,7 +173,7 @@ def _check_exact(p, entry, original, new, recorded) -> Optional[float]:
     elif "n" in entry.dims:
         w = next(original.parameters())
         gen = torch.Generator(device="cpu").manual_seed(0)
-        args, kwargs = (torch.randn(8, entry.dims["n"], generator=gen).to(w),), {}
+        args, kwargs = (torch.randn(8, entry.dims["n"], generator=gen, device="cpu").to(w),), {}
     else:
         return None
     with torch.no_grad():   # forward itself: the rewrite alone, without the modules' hooks

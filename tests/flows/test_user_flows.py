@@ -129,3 +129,26 @@ def test_compiled_training_with_a_permuted_input(kind):
     torch.compile(model)(x).square().mean().backward()
     assert max(_rel(p.grad, want[n]) for n, p in model.named_parameters()) < 1e-4
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", list(SUPPORTS))
+def test_a_rewrite_under_a_default_device_trains(kind, ids):
+    """A model built and rewritten under ``with torch.device(DEVICE)`` (the way HF and
+    most training scripts build on a GPU): the same layers as a rewrite without it, and a
+    step trains them."""
+    model = _llama(torch.float32)
+    policy = {"version": 1, "rules": [{"match": "model.layers.*.mlp.*", "rewrite": "sparse_lowrank",
+                                       "with": {"rank": 32, "density": 0.03, **SUPPORTS[kind]}}]}
+    want = sr.rewrite(copy.deepcopy(model), policy).model
+    with torch.device(DEVICE):
+        got = sr.rewrite(model, policy).model
+        layer = type(got.model.layers[0].mlp.up_proj)(256, 688, 32, 0.03, key="x",
+                                                      **SUPPORTS[kind])
+    assert layer.A.device.type == torch.device(DEVICE).type
+    for (k, v), w in zip(want.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(v, w), k
+    loss, grads = _loss_and_grads(got, ids)
+    ref_loss, ref_grads = _loss_and_grads(want, ids)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    for n, g in grads.items():
+        assert _rel(g, ref_grads[n]) < 1e-4, n

@@ -730,3 +730,27 @@ def test_an_edited_own_state_dict_and_a_meta_support_are_refused():
     with pytest.raises(ValueError, match="support is on the meta device"):
         meta(torch.randn(2, 24))
     assert meta(torch.randn(2, 24, device="meta")).shape == (2, 20)
+
+
+@pytest.mark.parametrize("kind", KINDS + [{"init": "svd"}])
+def test_a_layer_built_under_another_default_device_is_the_same_layer(kind):
+    """A layer built on one device while another is the default (``with
+    torch.device(...)``, ``torch.set_default_device``): its initial values are drawn from
+    a CPU generator whatever the default, so the layer is the one built without the
+    context (on a GPU it failed: "Expected a 'cuda' device type for generator"). The
+    meta device stands in for the other device here: a tensor made on it by mistake
+    cannot be copied into the layer. A rewrite under such a context builds the same
+    model too."""
+    ref = SparseLowRankLinear(64, 48, 8, 0.1, seed=2, key="k", **kind)
+    with torch.device("meta"):
+        layer = SparseLowRankLinear(64, 48, 8, 0.1, seed=2, key="k", device="cpu", **kind)
+    for (k, v), w in zip(ref.state_dict().items(), layer.state_dict().values()):
+        assert torch.equal(v, w), k
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32))
+    policy = {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                                       "with": {"rank": 8, "density": 0.1, **kind}}]}
+    want = sr.rewrite(model, policy).model
+    with torch.device("meta"):
+        got = sr.rewrite(model, policy).model
+    for (k, v), w in zip(want.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(v, w), k
