@@ -63,9 +63,13 @@ _PLAIN = (torch.Tensor, nn.Parameter)
 def _eager_ok(x, A, B, values) -> bool:
     """Eager mode on plain CUDA tensors: call the kernels directly (no dispatcher layers,
     ``codegen/triton/sparse_lowrank.py: EagerFunction``). Tracing, export (fake or proxy
-    tensors), ``torch.compile`` and tensor subclasses keep the op."""
-    if not x.is_cuda or torch.compiler.is_compiling():
+    tensors), ``torch.compile``, ``torch.jit.trace`` (which records an autograd.Function
+    as a Python call that it cannot save), ``torch.func`` transforms (which refuse an
+    autograd.Function without ``setup_context``) and tensor subclasses keep the op."""
+    if not x.is_cuda or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, A, B, values)):
+        return False   # torch.func transforms (vmap over stacked parameters): the op
     if not _EAGER:
         from structrewrite.codegen import triton as tr
         if not tr.REGISTERED:
@@ -564,8 +568,10 @@ class SparseLowRankLinear(nn.Module):
                   dtype=weight.dtype)
         if weight.device.type == "meta" or init == "random":
             return mod
-        # float64 SVD on CPU (exactness of full-rank conversion); float32 on accelerators
-        W = weight.detach().to(torch.float64 if weight.device.type == "cpu" else torch.float32)
+        # float64 SVD on CPU (exactness of full-rank conversion) and of float64 weights;
+        # float32 for the others on accelerators
+        wide = weight.device.type == "cpu" or weight.dtype == torch.float64
+        W = weight.detach().to(torch.float64 if wide else torch.float32)
         U, sig, Vh = torch.linalg.svd(W, full_matrices=False)
         root = sig[:rank].sqrt()
         A = root.unsqueeze(1) * Vh[:rank]
@@ -612,9 +618,11 @@ class SparseLowRankLinear(nn.Module):
                              "meta device (never loaded): load a state dict that holds "
                              "sparse_crow, sparse_col and sparse_row, or call to_empty() and "
                              "reset_parameters()")
-        if plain and not torch.compiler.is_compiling() \
+        if plain and not torch.compiler.is_compiling() and not torch.jit.is_tracing() \
                 and self._support_seen_id() != self._support_seen:
-            # buffers moved, written or loaded in parts since the support was read
+            # buffers moved, written or loaded in parts since the support was read (not
+            # while torch.jit.trace records: its second run, which must record the same
+            # graph, would find the support seen; the op checks a support it has not seen)
             if self._support_id() != self._support_valid and not self.sparse_col.is_meta:
                 self._check_support()
             self._support_changed()

@@ -47,7 +47,8 @@ def _computes_linear(module: nn.Module) -> bool:
         return True
     w = _weight_out_in(module)
     # (a generator of its own: planning leaves the caller's random stream as it was)
-    x = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0), device="cpu")
+    x = torch.randn(2, w.shape[1], generator=torch.Generator(device="cpu").manual_seed(0),
+                    device="cpu")
     x = x.to(device=w.device, dtype=w.dtype)
     try:
         y = fwd(module, x)

@@ -152,3 +152,35 @@ def test_a_rewrite_under_a_default_device_trains(kind, ids):
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for n, g in grads.items():
         assert _rel(g, ref_grads[n]) < 1e-4, n
+
+
+@pytest.mark.parametrize("kind", list(SUPPORTS))
+def test_vmap_ensembles_and_jit_traces_of_a_layer(kind):
+    """Two ways around eager calls that a GPU's eager entry must leave to the op (it is an
+    autograd.Function, which torch.func refuses without ``setup_context`` and which a
+    trace records as a Python call that cannot be saved): an ensemble vmapped over
+    stacked parameters, and a ``torch.jit.trace`` saved, loaded and differentiated."""
+    import io
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from structrewrite.nn import SparseLowRankLinear
+    members = [SparseLowRankLinear(64, 96, 8, 0.1, key="fc", **SUPPORTS[kind]).to(DEVICE)
+               for _ in range(3)]
+    for i, m in enumerate(members):
+        with torch.no_grad():
+            m.B.normal_(0, 0.1 * (i + 1))
+    params, _ = stack_module_state(members)
+    x = torch.randn(5, 64, device=DEVICE)
+    out = vmap(lambda p, x: functional_call(members[0], p, (x,)), in_dims=(0, None))(params, x)
+    for i, m in enumerate(members):
+        torch.testing.assert_close(out[i], x @ m.dense_weight().t() + m.bias, rtol=1e-4, atol=1e-4)
+    layer = members[1]
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.trace(layer, torch.randn(3, 64, device=DEVICE)), buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(loaded(x).square().sum(), x)
+    (want,) = torch.autograd.grad(layer(x).square().sum(), x)
+    torch.testing.assert_close(gx, want, rtol=1e-4, atol=1e-4)

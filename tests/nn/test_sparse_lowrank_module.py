@@ -1,4 +1,6 @@
 """SparseLowRankLinear: meta device, deterministic reset, state dict."""
+import io
+
 import pytest
 import torch
 import torch.nn as nn
@@ -497,6 +499,20 @@ def test_script_is_refused_and_trace_works():
     traced = torch.jit.trace(layer, torch.randn(3, 48))
     x = torch.randn(7, 48)
     torch.testing.assert_close(traced(x), layer(x))
+    # the trace holds the op (also on CUDA, where eager calls skip it), so it saves and
+    # loads, and the loaded module differentiates
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(loaded(x).square().sum(), x)
+    torch.testing.assert_close(gx, torch.autograd.grad(layer(x).square().sum(), x)[0])
+    # a support not yet seen by a call (moved to a GPU, written in place) is checked by
+    # the op, not by the layer: the trace's check run records the same graph
+    with torch.no_grad():
+        layer.sparse_col.copy_(layer.sparse_col.clone())
+    torch.testing.assert_close(torch.jit.trace(layer, torch.randn(3, 48))(x), layer(x))
 
 
 def test_a_weight_cannot_be_set_or_tied():
