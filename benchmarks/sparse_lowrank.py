@@ -39,7 +39,8 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Report, ceilings, environment, graphed, interleaved, peak_extra, sync, timeit
+from benchmarks.harness import (Report, ceilings, environment, flop_bound_ms, graphed, interleaved,
+                                peak_extra, rates, sync, timeit)
 from structrewrite.codegen.triton import aligned
 
 SHAPES = [(4096, 4096), (4096, 11008), (2048, 2048), (2048, 5461)]
@@ -448,13 +449,11 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         case["dense_free_bound_bytes"] = es * (M * out_f + M * in_f + rank * (in_f + out_f) + nnz + 2 * M * rank)
         case["dense_weight_bytes"] = es * in_f * out_f
         for what in ("fwd", "fwdbwd"):
-            t = case[f"ours_{what}"]["median_ms"]
-            case[f"ours_{what}_tflops"] = case["flops"][f"ours_{what}"] / (t * 1e-3) / 1e12
-            case[f"ours_{what}_gbs"] = case["bytes"][f"ours_{what}"] / (t * 1e-3) / 1e9
-        case["flop_bound_ms"] = {"ours_fwdbwd": case["flops"]["ours_fwdbwd"] / (cl["matmul_bf16_tflops"] * 1e9),
-                                 "dense_fwdbwd": case["flops"]["dense_fwdbwd"] / (cl["matmul_bf16_tflops"] * 1e9),
-                                 "ours_fwd": case["flops"]["ours_fwd"] / (cl["matmul_bf16_tflops"] * 1e9),
-                                 "dense_fwd": case["flops"]["dense_fwd"] / (cl["matmul_bf16_tflops"] * 1e9)}
+            r = rates(case[f"ours_{what}"]["median_ms"], case["flops"][f"ours_{what}"],
+                      case["bytes"][f"ours_{what}"])
+            case[f"ours_{what}_tflops"], case[f"ours_{what}_gbs"] = r["tflops"], r["gbs"]
+        case["flop_bound_ms"] = {k: flop_bound_ms(case["flops"][k], cl)
+                                 for k in ("ours_fwdbwd", "dense_fwdbwd", "ours_fwd", "dense_fwd")}
         results.append(case)
         print(_case_line(case), flush=True)
         del xs, gs, A, B, values, W, structured, peers

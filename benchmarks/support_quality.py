@@ -61,7 +61,6 @@ import argparse
 import contextlib
 import copy
 import math
-import platform
 import re
 import sys
 import sysconfig
@@ -71,7 +70,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from benchmarks.harness import RESULTS, Report, cpu_model, environment
+from benchmarks.harness import RESULTS, Report, environment
 
 NAME = "support_quality"
 MIN_TILES = 4                       # fewest tiles per layer a block variant should get
@@ -257,29 +256,7 @@ def train_variant(name, model, train, chunks, cfg, args, device) -> dict:
             "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if cuda else None}
 
 
-# -- environment and report ---------------------------------------------------------
-def cpu_environment(command: str) -> dict:
-    import os
-    return {"device": f"CPU: {cpu_model()}", "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "command": command,
-            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
-
-
-class _Report(Report):
-    """The harness report; on the CPU its header names the processor, not the CUDA fields."""
-
-    def markdown(self) -> str:
-        text = super().markdown()
-        e = self.env
-        if "sm_count" in e:
-            return text
-        lines = text.split("\n")
-        lines[2] = f"- device: {e['device']} ({e['cpus']} CPUs, {e['torch_threads']} torch threads)"
-        lines[3] = f"- torch {e['torch']}, Python {e['python']}, no GPU (reference op)"
-        return "\n".join(lines)
-
-
+# -- report ----------------------------------------------------------------------------
 def plot(results: dict, path: Path, title: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -343,7 +320,7 @@ def main(argv=None) -> int:
     train, held = data[:split], data[split:]
     chunks = eval_batches(held, cfg["seq"], cfg["eval_windows"], cfg["batch"])
 
-    env = environment(command) if device.type == "cuda" else cpu_environment(command)
+    env = environment(command, device.type)
 
     notes = []
     blocks = sorted({VARIANTS[v][1]["block"] for v in variants
@@ -407,7 +384,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     total_s = time.perf_counter() - t_all
 
-    report = _Report(NAME, command, env=env)
+    report = Report(NAME, command, env=env)
     report.table("Setup", ["setting", "value"], [[k, v] for k, v in setup.items()],
                  note="\n".join(f"Note: {n}" for n in notes))
     ref = results.get("random")

@@ -144,6 +144,8 @@ def cmd_bench(args) -> int:
         runner = importlib.import_module("benchmarks.__main__")
     except ImportError:
         raise CliError("benchmarks/ not found: run `structrewrite bench` from a source checkout") from None
+    if args.name is None:   # the runner's usage, with the benchmarks it finds
+        return runner.main([])
     return runner.main([args.name, *args.rest]) or 0
 
 
@@ -167,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.set_defaults(func=cmd_rewrite)
 
-    p = sub.add_parser("bench", help="run a GPU benchmark from benchmarks/ (in a source checkout)")
-    p.add_argument("name", help="benchmark name, e.g. sparse_lowrank")
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (in a source checkout)")
+    p.add_argument("name", nargs="?", help="benchmark name, e.g. sparse_lowrank (none: list them)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=cmd_bench)
 
