@@ -68,8 +68,8 @@ def _eager_ok(x, A, B, values) -> bool:
     autograd.Function without ``setup_context``) and tensor subclasses keep the op."""
     if not x.is_cuda or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (x, A, B, values)):
-        return False   # torch.func transforms (vmap over stacked parameters): the op
+    if torch._C._are_functorch_transforms_active():
+        return False   # under torch.func (vmap, grad), wrapped operands or not: the op
     if not _EAGER:
         from structrewrite.codegen import triton as tr
         if not tr.REGISTERED:

@@ -25,12 +25,15 @@ SUPPORTS = {"random": {"init": "random"}, "block32": {"init": "random", "block":
             "lost": {"init": "lost"}}
 
 
+def _config():
+    return transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                    max_position_embeddings=256, use_cache=False)
+
+
 def _llama(dtype):
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                                   max_position_embeddings=256, use_cache=False)
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).to(DEVICE, dtype)
+    return transformers.LlamaForCausalLM(_config()).to(DEVICE, dtype)
 
 
 def _rewritten(kind, dtype, ids):
@@ -133,21 +136,23 @@ def test_compiled_training_with_a_permuted_input(kind):
 
 @pytest.mark.parametrize("kind", list(SUPPORTS))
 def test_a_rewrite_under_a_default_device_trains(kind, ids):
-    """A model built and rewritten under ``with torch.device(DEVICE)`` (the way HF and
-    most training scripts build on a GPU): the same layers as a rewrite without it, and a
-    step trains them."""
-    model = _llama(torch.float32)
+    """A model built, rewritten and trained under ``with torch.device(DEVICE)`` (the way
+    HF and most training scripts build on a GPU): the same layers as a rewrite of the
+    same model without the context, and a step trains them alike."""
     policy = {"version": 1, "rules": [{"match": "model.layers.*.mlp.*", "rewrite": "sparse_lowrank",
                                        "with": {"rank": 32, "density": 0.03, **SUPPORTS[kind]}}]}
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = transformers.LlamaForCausalLM(_config())
     want = sr.rewrite(copy.deepcopy(model), policy).model
     with torch.device(DEVICE):
         got = sr.rewrite(model, policy).model
         layer = type(got.model.layers[0].mlp.up_proj)(256, 688, 32, 0.03, key="x",
                                                       **SUPPORTS[kind])
-    assert layer.A.device.type == torch.device(DEVICE).type
-    for (k, v), w in zip(want.state_dict().items(), got.state_dict().values()):
-        assert torch.equal(v, w), k
-    loss, grads = _loss_and_grads(got, ids)
+        assert layer.A.device.type == torch.device(DEVICE).type
+        for (k, v), w in zip(want.state_dict().items(), got.state_dict().values()):
+            assert torch.equal(v, w), k
+        loss, grads = _loss_and_grads(got, ids)
     ref_loss, ref_grads = _loss_and_grads(want, ids)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     for n, g in grads.items():
@@ -184,3 +189,16 @@ def test_vmap_ensembles_and_jit_traces_of_a_layer(kind):
     (gx,) = torch.autograd.grad(loaded(x).square().sum(), x)
     (want,) = torch.autograd.grad(layer(x).square().sum(), x)
     torch.testing.assert_close(gx, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_float64_full_rank_conversion_is_exact_on_the_device():
+    """``from_dense`` of a float64 weight takes a float64 SVD on every device, so a
+    full-rank conversion reproduces the weight to float64 rounding (on a GPU it took a
+    float32 SVD: 6.6e-7 off)."""
+    from structrewrite.nn import SparseLowRankLinear
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(24, 20, dtype=torch.float64).to(DEVICE)
+    layer = SparseLowRankLinear.from_dense(dense.weight, dense.bias, rank=20, density=0.05)
+    assert (layer.dense_weight() - dense.weight).abs().max() < 1e-12
+    x = torch.randn(7, 24, dtype=torch.float64, device=DEVICE)
+    assert (layer(x) - dense(x)).abs().max() < 1e-12

@@ -770,3 +770,28 @@ def test_a_layer_built_under_another_default_device_is_the_same_layer(kind):
         got = sr.rewrite(model, policy).model
     for (k, v), w in zip(want.state_dict().items(), got.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+class _OwnForwardLinear(nn.Linear):
+    """A Linear subclass with a forward of its own: planning probes it on random rows."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_planning_probes_under_another_default_device_draw_their_rows_on_the_cpu():
+    """The rewrite's own random rows (the probe of a subclass's forward, the check of an
+    exact rewrite without recorded inputs) are drawn on the CPU and moved to the weight,
+    whatever the default device."""
+    model = nn.Sequential(_OwnForwardLinear(24, 16), nn.ReLU(), nn.Linear(16, 8))
+    policy = {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                                       "with": {"rank": 8, "density": 0.05, "init": "svd"}}]}
+    want = sr.rewrite(model, policy)
+    with torch.device("meta"):
+        got = sr.rewrite(model, policy)
+    assert [type(m).__name__ for m in got.model] == ["SparseLowRankLinear", "ReLU",
+                                                     "SparseLowRankLinear"]
+    verified = [s.verified for s in got.report.sites]
+    assert verified == [s.verified for s in want.report.sites] and verified[-1] is not None
+    for (k, v), w in zip(want.model.state_dict().items(), got.model.state_dict().values()):
+        assert torch.equal(v, w), k
