@@ -26,9 +26,10 @@
 * ``Report``: collects environment, ceilings, cases and peers and writes
   ``results/<name>.md``, ``.json`` (NaN written as null) and ``.png``.
 
-Without CUDA, ``timeit``, ``interleaved``, ``ceilings`` and ``environment`` run on the
-CPU with the host clock (a CPU call is synchronous: its host time is its time), so CPU
-benchmarks use the same harness; ``graphed`` and ``peak_extra`` need CUDA.
+``timeit``, ``interleaved``, ``ceilings`` and ``environment`` take ``device="cpu"`` (the
+default without CUDA): they then time by the host clock (a CPU call is synchronous: its
+host time is its time), so CPU benchmarks use the same harness; ``graphed`` and
+``peak_extra`` need CUDA.
 """
 from __future__ import annotations
 
@@ -55,27 +56,37 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def sync():
-    if on_cuda():
+def _device(device: Optional[str]) -> str:
+    """"cuda" or "cpu": where the timed work runs (default: CUDA where there is a device)."""
+    device = device or ("cuda" if on_cuda() else "cpu")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"the harness times on 'cuda' or 'cpu', not {device!r}")
+    return device
+
+
+def sync(device: Optional[str] = None):
+    if _device(device) == "cuda":
         torch.cuda.synchronize()
 
 
 def timeit(fn: Callable[[int], object], nsets: int = 1, warmup: int = 5, reps: int = 30,
-           min_ms: float = 0.0, sync_each: bool = False, raw: bool = False) -> dict:
+           min_ms: float = 0.0, sync_each: bool = False, raw: bool = False,
+           device: Optional[str] = None) -> dict:
     """Median/quartiles (ms) of ``fn(i % nsets)``, each call timed with its own events
-    (on the CPU, by the host clock). ``reps`` calls are issued back to back (one by one
-    with ``sync_each``); where they took less than ``min_ms`` in all, batches of ``reps``
-    more follow, issued the same way, until they do. ``raw``: the per-call device and
-    host times too (``times``, ``host``)."""
+    (``device="cpu"``, the default without CUDA: by the host clock). ``reps`` calls are
+    issued back to back (one by one with ``sync_each``); where they took less than
+    ``min_ms`` in all, batches of ``reps`` more follow, issued the same way, until they
+    do. ``raw``: the per-call device and host times too (``times``, ``host``)."""
     if reps < 1 or nsets < 1:
         raise ValueError(f"timeit needs reps >= 1 and nsets >= 1, got {reps} and {nsets}")
+    device = _device(device)
     for i in range(warmup):
         fn(i % nsets)
-    sync()
+    sync(device)
     times, host = [], []
     i = 0
     while i < reps or sum(times) < min_ms:
-        batch = _timed_batch(fn, i, reps, nsets, sync_each)
+        batch = _timed_batch(fn, i, reps, nsets, sync_each, device)
         times += batch[0]
         host += batch[1]
         i += reps
@@ -85,10 +96,11 @@ def timeit(fn: Callable[[int], object], nsets: int = 1, warmup: int = 5, reps: i
     return out
 
 
-def _timed_batch(fn, first: int, n: int, nsets: int, sync_each: bool) -> tuple[list, list]:
+def _timed_batch(fn, first: int, n: int, nsets: int, sync_each: bool,
+                 device: str) -> tuple[list, list]:
     """(device ms, host ms) of calls ``first .. first + n - 1``."""
     host = []
-    if not on_cuda():   # synchronous: the host time is the time
+    if device == "cpu":   # synchronous: the host time is the time
         for i in range(first, first + n):
             t0 = time.perf_counter()
             fn(i % nsets)
@@ -104,7 +116,7 @@ def _timed_batch(fn, first: int, n: int, nsets: int, sync_each: bool) -> tuple[l
         host.append((time.perf_counter() - t0) * 1e3)
         if sync_each:
             stop.synchronize()
-    sync()
+    sync(device)
     return [start.elapsed_time(stop) for start, stop in events], host
 
 
@@ -115,7 +127,7 @@ def _stats(times: list, host: list, sync_each: bool) -> dict:
 
 
 def interleaved(fns: dict, nsets: int = 1, reps: int = 30, rounds: int = 3,
-                sync_each: bool = False, warmup: int = 5) -> dict:
+                sync_each: bool = False, warmup: int = 5, device: Optional[str] = None) -> dict:
     """``{name: timeit result}`` for ``fns`` ({name: fn(i)}), timed in ``rounds`` rounds
     that each run every function in turn; the ``reps`` calls of each are split over the
     rounds (the first rounds take the remainder), and each function warms up in the
@@ -128,7 +140,7 @@ def interleaved(fns: dict, nsets: int = 1, reps: int = 30, rounds: int = 3,
         per = reps // rounds + (r < reps % rounds)
         for name, fn in fns.items():
             t = timeit(fn, nsets, warmup=warmup if r == 0 else 0, reps=per,
-                       sync_each=sync_each, raw=True)
+                       sync_each=sync_each, raw=True, device=device)
             raw[name][0].extend(t["times"])
             raw[name][1].extend(t["host"])
     return {name: _stats(times, host, sync_each) for name, (times, host) in raw.items()}
@@ -184,12 +196,12 @@ def _short(dtype) -> str:
 
 
 def ceilings(dtypes=(torch.bfloat16,), n: Optional[int] = None,
-             copy_bytes: Optional[int] = None) -> dict:
+             copy_bytes: Optional[int] = None, device: Optional[str] = None) -> dict:
     """Measured matmul rate of each dtype (``matmul_bf16_tflops``, ``matmul_fp32_tflops``,
     ...: n x n x n on random data) and device copy rate (``copy_gbs``, bytes read +
     written). Defaults: n = 8192 and 2 GiB on CUDA; on the CPU n = 2048 and 256 MiB
     (there name torch.float32 in ``dtypes``: the CPU's own GEMM rate)."""
-    dev = "cuda" if on_cuda() else "cpu"
+    dev = _device(device)
     n = n or (8192 if dev == "cuda" else 2048)
     out = {"matmul_shape": [n, n, n]}
     for dt in dtypes:
@@ -198,13 +210,14 @@ def ceilings(dtypes=(torch.bfloat16,), n: Optional[int] = None,
         a = torch.randn(n, n, device=dev, dtype=dtype)
         b = torch.randn(n, n, device=dev, dtype=dtype)
         t = timeit(lambda i: a @ b, warmup=3 if dev == "cuda" else 1,
-                   reps=20 if dev == "cuda" else 3)["median_ms"]
+                   reps=20 if dev == "cuda" else 3, device=dev)["median_ms"]
         out[f"matmul_{name}_tflops"] = 2 * n ** 3 / (t * 1e-3) / 1e12
         del a, b
     nbytes = copy_bytes or ((2 << 30) if dev == "cuda" else (256 << 20))
     src = torch.randn(nbytes // 4, device=dev)
     dst = torch.empty_like(src)
-    tc = timeit(lambda i: dst.copy_(src), warmup=3, reps=20 if dev == "cuda" else 5)["median_ms"]
+    tc = timeit(lambda i: dst.copy_(src), warmup=3, reps=20 if dev == "cuda" else 5,
+                device=dev)["median_ms"]
     out.update(copy_gbs=2 * nbytes / (tc * 1e-3) / 1e9, copy_bytes=nbytes)
     del src, dst
     if dev == "cuda":
@@ -304,7 +317,7 @@ def environment(command: str, device: Optional[str] = None) -> dict:
         common["triton"] = triton.__version__
     except ImportError:
         common["triton"] = None
-    if (device or ("cuda" if on_cuda() else "cpu")) == "cpu":
+    if _device(device) == "cpu":
         return {"device": f"CPU: {cpu_model()}", "cpus": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(), **common}
     props = torch.cuda.get_device_properties(0)

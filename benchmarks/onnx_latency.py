@@ -18,13 +18,12 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.harness import cpu_model
+from benchmarks.harness import cpu_model, timeit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = "onnx_latency"
@@ -47,19 +46,6 @@ def forward_flops_per_token(model, seq: int) -> float:
     linear = sum(2 * m.in_features * m.out_features for m in model.modules()
                  if isinstance(m, torch.nn.Linear))
     return float(linear + cfg.num_hidden_layers * 4 * seq * cfg.hidden_size)
-
-
-def time_session(sess, feed, warmup: int, reps: int, min_s: float) -> dict:
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < min_s:
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=4)
-    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "reps": len(times)}
 
 
 def policy_for(rank: int, density: float, init: str) -> dict:
@@ -138,7 +124,8 @@ def main(argv=None) -> int:
             rounds = {n: [] for n in sessions}
             for _ in range(args.rounds):
                 for n, sess in sessions.items():
-                    rounds[n].append(time_session(sess, feed, 1, args.reps, 0.0)["median_ms"])
+                    rounds[n].append(timeit(lambda i: sess.run(None, feed), warmup=1, reps=args.reps,
+                                            device="cpu")["median_ms"])
             for n in sessions:
                 row["models"][n].update(median_ms=statistics.median(rounds[n]), rounds_ms=rounds[n])
             base = row["models"]["dense"]["median_ms"]

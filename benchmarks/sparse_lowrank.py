@@ -450,8 +450,9 @@ def op_cases(report: Report, M: int, shapes, nsets: int, reps: int) -> list[dict
         case["dense_weight_bytes"] = es * in_f * out_f
         for what in ("fwd", "fwdbwd"):
             r = rates(case[f"ours_{what}"]["median_ms"], case["flops"][f"ours_{what}"],
-                      case["bytes"][f"ours_{what}"])
-            case[f"ours_{what}_tflops"], case[f"ours_{what}_gbs"] = r["tflops"], r["gbs"]
+                      case["bytes"][f"ours_{what}"], cl)
+            for k in ("tflops", "gbs", "pct_matmul", "pct_copy"):
+                case[f"ours_{what}_{k}"] = r[k]
         case["flop_bound_ms"] = {k: flop_bound_ms(case["flops"][k], cl)
                                  for k in ("ours_fwdbwd", "dense_fwdbwd", "ours_fwd", "dense_fwd")}
         results.append(case)
@@ -517,7 +518,6 @@ def _case_line(c):
 
 
 def tables(report: Report, cases: list[dict]):
-    cl = report.ceilings
     m = lambda c, k: c[k]["median_ms"]  # noqa: E731
     for what, title in (("fwdbwd", "fwd+bwd"), ("fwd", "forward only")):
         rows = []
@@ -527,8 +527,8 @@ def tables(report: Report, cases: list[dict]):
                          m(c, f"sltrain_{what}"), m(c, f"lowrank_{what}"), m(c, f"lowrank_padded_{what}"),
                          o / m(c, f"dense_{what}"), m(c, f"sltrain_{what}") / o,
                          c["flop_bound_ms"][f"ours_{what}"] / m(c, f"dense_{what}"),
-                         c[f"ours_{what}_tflops"], 100 * c[f"ours_{what}_tflops"] / cl["matmul_bf16_tflops"],
-                         c[f"ours_{what}_gbs"], 100 * c[f"ours_{what}_gbs"] / cl["copy_gbs"]])
+                         c[f"ours_{what}_tflops"], c[f"ours_{what}_pct_matmul"],
+                         c[f"ours_{what}_gbs"], c[f"ours_{what}_pct_copy"]])
         report.table(f"{title}: median ms (bf16, M={cases[0]['M']}, rank=in/4, density {DENSITY})",
                      ["in->out", "rank", "nnz", "ours", "dense", "sltrain", "lowrank", "lowrank_padded",
                       "ours/dense", "sltrain/ours", "FLOP bound/dense", "ours TFLOP/s",

@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     train, held = data[:split], data[split:]
     chunks = eval_batches(held, cfg["seq"], cfg["eval_windows"], cfg["batch"])
 
-    env = environment(command, device.type)
+    env = environment(command, "cuda" if device.type == "cuda" else "cpu")
 
     notes = []
     blocks = sorted({VARIANTS[v][1]["block"] for v in variants

@@ -145,7 +145,7 @@ def cmd_bench(args) -> int:
     except ImportError:
         raise CliError("benchmarks/ not found: run `structrewrite bench` from a source checkout") from None
     if args.name is None:   # the runner's usage, with the benchmarks it finds
-        return runner.main([])
+        return runner.main(["--help"])
     return runner.main([args.name, *args.rest]) or 0
 
 

@@ -17,7 +17,7 @@ class DriftingDevice:
     def __init__(self, cost, drift_per_call=0.002):
         self.cost, self.drift, self.calls, self.order = cost, drift_per_call, 0, []
 
-    def __call__(self, fn, nsets=1, warmup=5, reps=30, sync_each=False, raw=False):
+    def __call__(self, fn, nsets=1, warmup=5, reps=30, sync_each=False, raw=False, device=None):
         self.order.append(fn)
         self.asked = getattr(self, "asked", []) + [(fn, warmup, reps)]
         times = []
@@ -70,27 +70,23 @@ def test_interleaved_times_exactly_the_reps_asked_and_warms_up_once(monkeypatch)
         harness.interleaved({"a": "a"}, reps=0)
 
 
-@pytest.fixture
-def on_cpu(monkeypatch):
-    """The harness as it runs without CUDA (also where a GPU is present)."""
-    monkeypatch.setattr(harness, "on_cuda", lambda: False)
-
-
-def test_timeit_on_the_cpu_counts_its_calls_and_extends_to_min_ms(on_cpu):
+def test_timeit_on_the_cpu_counts_its_calls_and_extends_to_min_ms():
     calls = []
 
     def fn(i):
         calls.append(i)
         time.sleep(0.002)
-    t = harness.timeit(fn, nsets=3, warmup=2, reps=7, raw=True)
+    t = harness.timeit(fn, nsets=3, warmup=2, reps=7, raw=True, device="cpu")
     assert t["reps"] == 7 and len(calls) == 9 and calls[2:] == [0, 1, 2, 0, 1, 2, 0]
     assert all(ms >= 2.0 for ms in t["times"]) and t["times"] == t["host"]
     assert t["q1_ms"] <= t["median_ms"] <= t["q3_ms"]
-    t = harness.timeit(fn, warmup=0, reps=3, min_ms=20.0, raw=True)
+    t = harness.timeit(fn, warmup=0, reps=3, min_ms=20.0, raw=True, device="cpu")
     # whole batches of 3 until they add up to min_ms, the last batch needed
     assert t["reps"] % 3 == 0 and sum(t["times"]) >= 20.0 > sum(t["times"][:-3])
     with pytest.raises(ValueError, match="reps >= 1"):
-        harness.timeit(fn, reps=0)
+        harness.timeit(fn, reps=0, device="cpu")
+    with pytest.raises(ValueError, match="'cuda' or 'cpu', not 'mps'"):
+        harness.timeit(fn, device="mps")
 
 
 def test_rates_and_flop_bounds():
@@ -103,15 +99,16 @@ def test_rates_and_flop_bounds():
         harness.rates(1.0, 1e12, 1e9, ceil=ceil, dtype=torch.float16)
 
 
-def test_ceilings_environment_and_l2_sets_on_the_cpu(on_cpu):
-    c = harness.ceilings((torch.float32,), n=128, copy_bytes=1 << 20)
+def test_ceilings_environment_and_l2_sets_on_the_cpu(monkeypatch):
+    c = harness.ceilings((torch.float32,), n=128, copy_bytes=1 << 20, device="cpu")
     assert c["matmul_fp32_tflops"] > 0 and c["copy_gbs"] > 0 and c["matmul_shape"] == [128] * 3
     env = harness.environment("python -m benchmarks x", "cpu")
     assert env["device"].startswith("CPU") and env["torch_threads"] >= 1
+    monkeypatch.setattr(harness, "on_cuda", lambda: False)
     assert harness.sets_beyond_l2(1 << 20) == 2   # no L2 to beat: the minimum
 
 
-def test_result_files_are_valid_json_markdown_and_a_plot(tmp_path, on_cpu):
+def test_result_files_are_valid_json_markdown_and_a_plot(tmp_path):
     report = harness.Report("probe", "python -m benchmarks probe",
                             env=harness.environment("python -m benchmarks probe", "cpu"),
                             ceilings={"copy_gbs": 12.5})

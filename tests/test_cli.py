@@ -76,3 +76,11 @@ def test_rewrite_of_a_meta_model_says_the_state_dict_has_no_values(tmp_path):
     res = run("rewrite", "meta_model:make", "-p", "policy.yaml", "-o", "out", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "model.pt holds shapes, no values" in res.stdout
+
+
+def test_bench_without_a_name_lists_the_benchmarks_and_an_unknown_one_is_refused():
+    res = run("bench", cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "sparse_lowrank" in res.stdout and "harness" not in res.stdout
+    res = run("bench", "no_such_kernel", cwd=ROOT)
+    assert res.returncode == 2 and "unknown benchmark 'no_such_kernel'" in res.stderr

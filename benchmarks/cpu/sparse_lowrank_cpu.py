@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import structrewrite  # noqa: E402,F401
+from benchmarks.harness import timeit  # noqa: E402
 from structrewrite.codegen.triton import sparse_lowrank_folded as folded  # noqa: E402
 from structrewrite.nn.sparse_lowrank import SparseLowRankLinear  # noqa: E402
 from structrewrite.ops.sparse_lowrank_linear import reference, reference_backward  # noqa: E402
@@ -31,13 +30,7 @@ CASES = [(512, 256, 688), (2048, 1024, 1024), (2048, 1024, 2752)]   # (tokens, i
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return timeit(lambda i: fn(), warmup=1, reps=repeats, device="cpu")["median_ms"]
 
 
 def main(repeats: int = 5) -> dict:
