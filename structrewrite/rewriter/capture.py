@@ -52,8 +52,7 @@ def record_inputs(model: nn.Module, fqns: Iterable[str], example_inputs=None,
             if fqn not in seen:
                 seen[fqn] = (_detach(args), _detach(kwargs))
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    # (inference tensors take no in-place write outside inference mode)
-    buffers = [b for b in model.buffers() if not b.is_meta and not b.is_inference()]
+    buffers = [b for b in model.buffers() if not b.is_meta]
     kept = [(b, b.clone()) for b in buffers]
     cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *buffers) if t.is_cuda})
     try:
@@ -62,12 +61,14 @@ def record_inputs(model: nn.Module, fqns: Iterable[str], example_inputs=None,
     finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for b, value in kept:
-                # compared, not told by the version counter: batch_norm's in-place update of
-                # its running statistics leaves the counter as it was; and copying only what
-                # changed leaves other buffers' versions (support caches key on them) alone
-                if not torch.equal(b, value):
+        for b, value in kept:
+            # compared, not told by the version counter: batch_norm's in-place update of
+            # its running statistics leaves the counter as it was; and copying only what
+            # changed leaves other buffers' versions (support caches key on them) alone.
+            # Inference tensors (a model copied or built under inference mode) take the
+            # write inside inference mode only.
+            if not torch.equal(b, value):
+                with torch.inference_mode() if b.is_inference() else torch.no_grad():
                     b.copy_(value)
     return seen
 

@@ -338,12 +338,17 @@ def test_resnet_head_rewrite_keeps_batchnorm_in_train_and_eval_mode():
     assert int(m.bn1.num_batches_tracked) == 4
 
 
-def test_rewrite_of_a_train_mode_resnet_leaves_batchnorm_statistics():
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_rewrite_of_a_train_mode_resnet_leaves_batchnorm_statistics(mode):
     """Rewriting a net in train mode with example inputs changes only the sites: the
     BatchNorm running statistics and batch counts of the rewritten net are the
-    original's, as the README says the rest of the model is untouched."""
+    original's, as the README says the rest of the model is untouched; also under
+    ``torch.inference_mode``, where the copy's buffers are inference tensors (they kept
+    the recording run's statistics)."""
     model = resnet(0).train()
-    result = sr.rewrite(model, sparse_lowrank("fc", 4, 0.1, "svd"), example_inputs=(images(7, b=8),))
+    with getattr(torch, mode)():
+        result = sr.rewrite(model, sparse_lowrank("fc", 4, 0.1, "svd"),
+                            example_inputs=(images(7, b=8),))
     assert int(model.bn1.num_batches_tracked) == 0          # the input model is left alone
     assert int(result.model.bn1.num_batches_tracked) == 0
     assert_untouched_outside(model, result.model, ["fc"])
