@@ -256,24 +256,41 @@ def _(grad, x, A, B, values, crow, col, row, scale, needs=None):
     return _grads_like(x, A, B, values, needs)
 
 
-def stand_in(t: torch.Tensor) -> torch.Tensor:
-    """A tensor of ``t``'s shape, dtype and device holding one element (every stride 0):
-    kept in ``t``'s place where the backward reads only its shape and dtype."""
-    return torch.empty_strided(t.shape, (0,) * t.dim(), dtype=t.dtype, device=t.device)
+def stand_in(shape, dtype, device) -> torch.Tensor:
+    """A tensor of this shape, dtype and device holding one element (every stride 0), for a
+    backward that reads only the shape and dtype of an input it did not keep."""
+    return torch.empty_strided(shape, (0,) * len(shape), dtype=dtype, device=device)
+
+
+def keep(ctx, *tensors) -> None:
+    """``ctx.save_for_backward(*tensors)``, where a ``(shape, dtype, device)`` triple in
+    place of a tensor marks one that the backward does not read: it is not saved (a
+    saved-tensor hook that copies, such as ``save_on_cpu`` or a cast, would make a full
+    copy even of a stand-in) and ``kept`` puts a stand-in in its place."""
+    ctx.unkept = {i: t for i, t in enumerate(tensors) if isinstance(t, tuple)}
+    ctx.save_for_backward(*(None if isinstance(t, tuple) else t for t in tensors))
+
+
+def kept(ctx) -> list:
+    """What ``keep`` saved, with stand-ins for what it did not."""
+    out = list(ctx.saved_tensors)
+    for i, like in getattr(ctx, "unkept", {}).items():
+        out[i] = stand_in(*like)
+    return out
 
 
 def _keep(ctx, inputs, xa=None):
     """Save the op's inputs for its backward, and ``xa`` (x Aᵀ from the forward) after x.
     A backward that computes dx alone (A, B and values frozen: adapters beside a frozen
     rewritten layer) reads neither x nor x Aᵀ, and one without dB nor d values reads no
-    x Aᵀ: stand-ins are kept instead, so that a frozen layer keeps no activation, as a
-    frozen nn.Linear keeps none."""
+    x Aᵀ: neither is kept then (``keep``), so that a frozen layer keeps no activation, as
+    a frozen nn.Linear keeps none."""
     x, A, B, values, crow, col, row, bias, scale = inputs
     needs = ctx.needs_input_grad
     if not any(needs[1:4]):
-        x = stand_in(x)
-    kept = () if xa is None else (xa if needs[2] or needs[3] else stand_in(xa),)
-    ctx.save_for_backward(x, *kept, A, B, values, crow, col, row)
+        x = (x.shape, x.dtype, x.device)
+    saved = () if xa is None else (xa if needs[2] or needs[3] else (xa.shape, xa.dtype, xa.device),)
+    keep(ctx, x, *saved, A, B, values, crow, col, row)
     ctx.scale = scale
     ctx.has_bias = bias is not None
 
@@ -297,7 +314,7 @@ def _input_grads(ctx, grad, grads):
 
 
 def _backward(ctx, grad):
-    x, A, B, values, crow, col, row = ctx.saved_tensors
+    x, A, B, values, crow, col, row = kept(ctx)
     return _input_grads(ctx, grad, torch.ops.structrewrite.sparse_lowrank_linear_backward(
         grad, x, A, B, values, crow, col, row, ctx.scale, needs_of(ctx)))
 
@@ -381,7 +398,7 @@ def _setup_context_train(ctx, inputs, output):
 
 
 def _backward_train(ctx, grad, _grad_xa):
-    x, xa, A, B, values, crow, col, row = ctx.saved_tensors
+    x, xa, A, B, values, crow, col, row = kept(ctx)
     return _input_grads(ctx, grad, torch.ops.structrewrite.sparse_lowrank_linear_backward_train(
         grad, x, xa, A, B, values, crow, col, row, ctx.scale, needs_of(ctx)))
 

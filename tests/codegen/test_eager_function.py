@@ -461,10 +461,13 @@ def test_second_derivatives_are_refused_or_right(init, block, fold, monkeypatch)
 
 
 def _saved_shapes(fn, x):
-    """Shapes of the floating tensors autograd keeps for ``fn(x)``'s backward."""
+    """Shapes of the floating tensors autograd keeps for ``fn(x)``'s backward, and the bytes
+    each holds under a saved-tensor hook that copies what it packs (as ``save_on_cpu`` and
+    casting hooks do: a copy of a zero-stride stand-in is a full tensor)."""
     shapes = []
 
     def pack(t):
+        t = t.clone()
         if t.is_floating_point():
             shapes.append((tuple(t.shape), t.untyped_storage().nbytes()))
         return t

@@ -136,7 +136,7 @@ from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, contiguous, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, lazily, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import (ALL, LIKE, LIKE_TRAIN, autocast_off, backward_op,
-                                                     needs_of, own, own_outputs, stand_in)
+                                                     keep, kept, needs_of, own, own_outputs)
 
 
 def on_own_device(fn):
@@ -668,16 +668,16 @@ class EagerFunction(torch.autograd.Function):
                           fold=fold)
         needs = ctx.needs_input_grad
         if not any(needs[1:4]):   # dx alone reads no x: a frozen layer keeps no activation
-            x = stand_in(x)
+            x = (x.shape, x.dtype, x.device)
         if not needs[2]:          # x Aᵀ is kept for dB
             saved = []
-        ctx.save_for_backward(x, A, B, values, crow, col, row, *saved)
+        keep(ctx, x, A, B, values, crow, col, row, *saved)
         ctx.scale, ctx.has_bias, ctx.how, ctx.fold = scale, bias is not None, how, fold
         return own(y)   # not a view: in-place changes to y are allowed
 
     @staticmethod
     def backward(ctx, grad):
-        x, A, B, values, crow, col, row, *saved = ctx.saved_tensors
+        x, A, B, values, crow, col, row, *saved = kept(ctx)
         needs = ctx.needs_input_grad
         dbias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias and needs[7] else None
         if torch.is_grad_enabled():
