@@ -670,11 +670,14 @@ class SparseLowRankLinear(nn.Module):
     def to_dense(self) -> nn.Module:
         """Merge back (the reverse of the rewrite): into an nn.Linear, or into HF's
         ``Conv1D`` where the layer replaced one (``merges_into``), whose weight is stored
-        in x out: a model merged back then has the state dict of the original."""
+        in x out: a model merged back then has the state dict of the original. The module
+        is built on the meta device and then given memory: its random initialisation,
+        which the merge overwrites, draws nothing from the caller's random stream."""
         if self.merges_into == "conv1d":
             from transformers.pytorch_utils import Conv1D
-            with torch.device(self.A.device):
+            with torch.device("meta"):
                 mod = Conv1D(self.out_features, self.in_features).to(self.A.dtype)
+            mod = mod.to_empty(device=self.A.device)
             mod.weight.copy_(self.dense_weight().t())
             if self.bias is not None:
                 mod.bias.copy_(self.bias)
@@ -682,7 +685,7 @@ class SparseLowRankLinear(nn.Module):
                 mod.bias.zero_()
             return mod
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.A.device, dtype=self.A.dtype)
+                        device="meta", dtype=self.A.dtype).to_empty(device=self.A.device)
         lin.weight.copy_(self.dense_weight())
         if self.bias is not None:
             lin.bias.copy_(self.bias)

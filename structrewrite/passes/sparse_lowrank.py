@@ -50,8 +50,12 @@ def _computes_linear(module: nn.Module) -> bool:
     x = torch.randn(2, w.shape[1], generator=torch.Generator(device="cpu").manual_seed(0),
                     device="cpu")
     x = x.to(device=w.device, dtype=w.dtype)
+    # nor does the forward's own use of it (dropout in train mode)
+    cuda = [w.device.index if w.device.index is not None else torch.cuda.current_device()] \
+        if w.is_cuda else []
     try:
-        y = fwd(module, x)
+        with torch.random.fork_rng(devices=cuda):
+            y = fwd(module, x)
     except Exception:   # noqa: BLE001 (any failure: not a plain linear map)
         return False
     if not isinstance(y, torch.Tensor) or y.shape != (2, w.shape[0]) or y.dtype != w.dtype:

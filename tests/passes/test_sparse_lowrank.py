@@ -1,4 +1,6 @@
 """The sparse_lowrank pass: structural, numerical, negative, idempotence."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -416,3 +418,29 @@ def test_weight_reparametrizations_stay_behind_with_a_warning(wrap):
         assert "SparseLowRankLinear" not in calls
         torch.testing.assert_close(res.model(x), want, rtol=1e-5, atol=1e-5)
         assert calls[-1] == "SparseLowRankLinear"   # the user's own hook went on
+
+
+class _DropoutLinear(nn.Linear):
+    """A Linear subclass whose own forward draws random numbers (dropout, train mode)."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.dropout(x, 0.1, self.training))
+
+
+def test_planning_rewriting_and_merging_back_leave_the_callers_random_stream_alone():
+    """``plan`` and ``rewrite`` probe a subclass's forward (which here uses dropout), and
+    ``to_dense`` builds an nn.Linear or HF Conv1D whose initialisation the merge
+    overwrites: none of them moves the caller's random stream."""
+    net = nn.Sequential(_DropoutLinear(16, 16), nn.Linear(16, 8))
+    policy = {"version": 1, "rules": [{"match": "*", "rewrite": "sparse_lowrank",
+                                       "with": {"rank": 4}, "optional": True}]}
+    layer = sr.rewrite(net, policy).model[1]
+    conv1d = copy.deepcopy(layer)
+    conv1d.merges_into = "conv1d"
+    for step in (lambda: sr.plan(net, policy), lambda: sr.rewrite(net, policy),
+                 layer.to_dense, conv1d.to_dense):
+        torch.manual_seed(7)
+        want = torch.rand(3)
+        torch.manual_seed(7)
+        step()
+        assert torch.equal(torch.rand(3), want), step
