@@ -65,11 +65,14 @@ def _eager_ok(x, A, B, values) -> bool:
     ``codegen/triton/sparse_lowrank.py: EagerFunction``). Tracing, export (fake or proxy
     tensors), ``torch.compile``, ``torch.jit.trace`` (which records an autograd.Function
     as a Python call that it cannot save), ``torch.func`` transforms (which refuse an
-    autograd.Function without ``setup_context``) and tensor subclasses keep the op."""
+    autograd.Function without ``setup_context``), dispatch modes (which would see the
+    kernels' GEMMs but not the Triton kernels) and tensor subclasses keep the op."""
     if not x.is_cuda or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._are_functorch_transforms_active():
         return False   # under torch.func (vmap, grad), wrapped operands or not: the op
+    if torch._C._len_torch_dispatch_stack():
+        return False   # a dispatch mode (FlopCounterMode, a debug mode) sees the op, not its parts
     if not _EAGER:
         from structrewrite.codegen import triton as tr
         if not tr.REGISTERED:

@@ -24,6 +24,7 @@ PyTorch's CPU CSR products, which have no bf16 kernel).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -500,3 +501,53 @@ def channel_decomposition(x, A, B, values, cols, bias, scale: float) -> torch.Te
     Ww = torch.cat([B * scale, values.view(out_features, k),
                     B.new_zeros(out_features, inner - r - k)], dim=1)
     return F.linear(F.linear(x, Aw), Ww, bias)
+
+
+# ----------------------------------------------------------------------------------
+# FLOP counts (torch.utils.flop_counter.FlopCounterMode, and tools built on it)
+# ----------------------------------------------------------------------------------
+def _tokens(x_shape) -> int:
+    return math.prod(x_shape[:-1])
+
+
+def forward_flops(x_shape, A_shape, B_shape, values_shape) -> int:
+    """The op's useful FLOPs: the two low-rank GEMMs and 2·M·nnz for the sparse product
+    (what the op's specification computes, not what a path spends: the folded path's
+    dense products, the padding of misaligned widths)."""
+    M, (r, n), m = _tokens(x_shape), A_shape, B_shape[0]
+    return 2 * M * r * (n + m) + 2 * M * values_shape[0]
+
+
+def backward_flops(x_shape, A_shape, B_shape, values_shape, needs, keeps_xa: bool) -> int:
+    """The backward's useful FLOPs for the gradients in ``needs`` (dx, dA, dB, d values;
+    None: all): g B for dx or dA, then (g B) A + the sparse product for dx, (g B)ᵀ x for
+    dA, gᵀ (x Aᵀ) for dB (x Aᵀ recomputed unless the forward kept it) and 2·M·nnz for
+    d values."""
+    dx, dA, dB, dv = needs if needs is not None else ALL
+    M, (r, n), m, nnz = _tokens(x_shape), A_shape, B_shape[0], values_shape[0]
+    flops = 2 * M * m * r if dx or dA else 0
+    flops += (2 * M * r * n + 2 * M * nnz) if dx else 0
+    flops += 2 * M * r * n if dA else 0
+    flops += (2 * M * m * r + (0 if keeps_xa else 2 * M * n * r)) if dB else 0
+    return flops + (2 * M * nnz if dv else 0)
+
+
+def _register_flop_formulas() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+    ops = torch.ops.structrewrite
+
+    @register_flop_formula([ops.sparse_lowrank_linear, ops.sparse_lowrank_linear_train])
+    def _fwd(x, A, B, values, *_, out_shape=None, **__):
+        return forward_flops(x, A, B, values)
+
+    @register_flop_formula(ops.sparse_lowrank_linear_backward)
+    def _bwd(grad, x, A, B, values, crow, col, row, scale, needs=None, *_, out_shape=None, **__):
+        return backward_flops(x, A, B, values, needs, keeps_xa=False)
+
+    @register_flop_formula(ops.sparse_lowrank_linear_backward_train)
+    def _bwd_train(grad, x, xa, A, B, values, crow, col, row, scale, needs=None, *_,
+                   out_shape=None, **__):
+        return backward_flops(x, A, B, values, needs, keeps_xa=True)
+
+
+_register_flop_formulas()

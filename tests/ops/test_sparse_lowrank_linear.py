@@ -200,3 +200,23 @@ def test_backward_ops_take_needs_of_four_and_agree_with_their_fake():
         got = bw(*args, needs)
         for t, src, n in zip(got, (x, args[2], args[3], args[4]), needs):
             assert t.dtype == src.dtype and (t.shape == src.shape if n else t.numel() == 0)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_flop_counter_mode_counts_the_ops_useful_flops(frozen):
+    """FlopCounterMode (and the MFU figures built on it) counts the op and its backward by
+    their useful FLOPs (they counted 0); a frozen layer's backward counts dx alone."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from structrewrite.nn import SparseLowRankLinear
+    layer = SparseLowRankLinear(64, 96, 8, 0.1)
+    layer.requires_grad_(not frozen)
+    x = torch.randn(10, 64, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        layer(x).sum().backward()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    M, r, n, m, nnz = 10, 8, 64, 96, layer.nnz
+    fwd = 2 * M * r * (n + m) + 2 * M * nnz
+    dx = 2 * M * m * r + 2 * M * r * n + 2 * M * nnz
+    bwd = dx if frozen else dx + 2 * M * r * n + (2 * M * m * r + 2 * M * n * r) + 2 * M * nnz
+    assert counts == {"structrewrite.sparse_lowrank_linear": fwd,
+                      "structrewrite.sparse_lowrank_linear_backward": bwd}
