@@ -481,9 +481,9 @@ def _saved_shapes(fn, x):
 def test_a_frozen_layer_keeps_no_activation(init, block, fold, monkeypatch):
     """A frozen layer (A, B and values without gradients) computes only dx, which reads
     neither x nor x Aᵀ: the eager entry, the op and its compiled training form keep no
-    tensor of the tokens' size (a one-element stand-in instead), as a frozen nn.Linear
-    keeps none (they kept x, and x Aᵀ compiled: an input-sized activation per frozen
-    layer beside adapters). The gradient of x stays right."""
+    tensor of the tokens' size (none at all: the backward makes a stand-in), as a frozen
+    nn.Linear keeps none (they kept x, and x Aᵀ compiled: an input-sized activation per
+    frozen layer beside adapters). The gradient of x stays right."""
     monkeypatch.setattr(sl.folded, "MODE", fold)
     layer = _layer(64, 96, 8, 0.1, init=init, block=block, key="z")
     layer.requires_grad_(False)

@@ -202,21 +202,49 @@ def test_backward_ops_take_needs_of_four_and_agree_with_their_fake():
             assert t.dtype == src.dtype and (t.shape == src.shape if n else t.numel() == 0)
 
 
-@pytest.mark.parametrize("frozen", [False, True])
-def test_flop_counter_mode_counts_the_ops_useful_flops(frozen):
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("trainable", ["all", "none", "B", "values", "A"])
+def test_flop_counter_mode_counts_the_ops_useful_flops(train, trainable):
     """FlopCounterMode (and the MFU figures built on it) counts the op and its backward by
-    their useful FLOPs (they counted 0); a frozen layer's backward counts dx alone."""
+    their useful FLOPs (they counted 0): the low-rank GEMMs and 2·M·nnz per sparse
+    product, in the backward for the gradients asked for only (x Aᵀ recomputed for dB
+    unless the training form kept it), for 3-D inputs and without a bias."""
     from torch.utils.flop_counter import FlopCounterMode
-    from structrewrite.nn import SparseLowRankLinear
-    layer = SparseLowRankLinear(64, 96, 8, 0.1)
-    layer.requires_grad_(not frozen)
-    x = torch.randn(10, 64, requires_grad=True)
+    A, B, v, crow, col, row, _ = make(96, 64, 8, 0.1, bias=False, seed=0)
+    params = {"A": A, "B": B, "values": v}
+    for name, t in params.items():
+        t.requires_grad_(trainable in ("all", name))
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    name = "sparse_lowrank_linear" + ("_train" if train else "")
     with FlopCounterMode(display=False) as counter:
-        layer(x).sum().backward()
-    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
-    M, r, n, m, nnz = 10, 8, 64, 96, layer.nnz
+        out = getattr(torch.ops.structrewrite, name)(x, A, B, v, crow, col, row, None, 0.5)
+        (out[0] if train else out).sum().backward()
+    counts = {str(k): n for k, n in counter.get_flop_counts()["Global"].items()}
+    M, r, n, m, nnz = 10, 8, 64, 96, v.numel()
     fwd = 2 * M * r * (n + m) + 2 * M * nnz
-    dx = 2 * M * m * r + 2 * M * r * n + 2 * M * nnz
-    bwd = dx if frozen else dx + 2 * M * r * n + (2 * M * m * r + 2 * M * n * r) + 2 * M * nnz
-    assert counts == {"structrewrite.sparse_lowrank_linear": fwd,
-                      "structrewrite.sparse_lowrank_linear_backward": bwd}
+    dx = 2 * M * m * r + 2 * M * r * n + 2 * M * nnz   # g B, then (g B) A + the sparse product
+    dA = 2 * M * r * n                                  # (g B)ᵀ x, g B shared with dx
+    dB = 2 * M * m * r + (0 if train else 2 * M * n * r)
+    dv = 2 * M * nnz
+    bwd = dx + {"all": dA + dB + dv, "none": 0, "A": dA, "B": dB, "values": dv}[trainable]
+    assert counts == {f"structrewrite.{name}": fwd, f"structrewrite.{name}_backward".replace(
+        "_train_backward", "_backward_train"): bwd}
+
+
+def test_a_frozen_layer_saves_nothing_of_the_tokens_size_under_a_copying_hook():
+    """The op with A, B and values frozen computes dx alone, which reads neither x nor
+    x Aᵀ: neither is saved, so a saved-tensor hook that copies what it packs (as
+    ``save_on_cpu`` or a cast does) copies nothing of the tokens' size."""
+    A, B, v, crow, col, row, b = make(96, 64, 8, 0.1, seed=1)
+    x = torch.randn(333, 64, requires_grad=True)
+    for name in ("sparse_lowrank_linear", "sparse_lowrank_linear_train"):
+        packed = []
+
+        def pack(t):
+            packed.append(t.clone())
+            return packed[-1]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = getattr(torch.ops.structrewrite, name)(x, A, B, v, crow, col, row, b, 0.5)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        assert not any(t.shape[0] == 333 for t in packed), [t.shape for t in packed]
+        x.grad = None
