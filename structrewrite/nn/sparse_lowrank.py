@@ -66,7 +66,9 @@ def _eager_ok(x, A, B, values) -> bool:
     tensors), ``torch.compile``, ``torch.jit.trace`` (which records an autograd.Function
     as a Python call that it cannot save), ``torch.func`` transforms (which refuse an
     autograd.Function without ``setup_context``), dispatch modes (which would see the
-    kernels' GEMMs but not the Triton kernels) and tensor subclasses keep the op."""
+    kernels' GEMMs but not the Triton kernels; selective activation checkpointing runs
+    one too, so there the backward computes x Aᵀ again) and tensor subclasses keep the
+    op."""
     if not x.is_cuda or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if torch._C._are_functorch_transforms_active():

@@ -50,11 +50,12 @@ def _computes_linear(module: nn.Module) -> bool:
     x = torch.randn(2, w.shape[1], generator=torch.Generator(device="cpu").manual_seed(0),
                     device="cpu")
     x = x.to(device=w.device, dtype=w.dtype)
-    # nor does the forward's own use of it (dropout in train mode)
-    cuda = [w.device.index if w.device.index is not None else torch.cuda.current_device()] \
-        if w.is_cuda else []
+    # nor does the forward's own use of it (dropout in train mode), on the CPU and on the
+    # weight's device
+    fork = ({"devices": []} if w.device.type in ("cpu", "meta") else
+            {"devices": [w.device.index or 0], "device_type": w.device.type})
     try:
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(**fork):
             y = fwd(module, x)
     except Exception:   # noqa: BLE001 (any failure: not a plain linear map)
         return False
