@@ -57,6 +57,7 @@ BLOCKS = (1, 16, 32, 64)
 
 
 _EAGER: list = []   # the CUDA kernels' eager autograd entry, where they are registered
+_SUPPORT_BUFFERS = ("sparse_crow", "sparse_col", "sparse_row")
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
@@ -300,6 +301,31 @@ class SparseLowRankLinear(nn.Module):
             except ValueError:
                 self._channel_k, self._support_seen = 0, ()
         return out
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in _SUPPORT_BUFFERS and "_support_gen" in self.__dict__ \
+                and not torch.compiler.is_compiling():
+            self._support_assigned()
+
+    def _support_assigned(self) -> None:
+        """A support buffer replaced by assignment (``layer.sparse_col = t``): what was
+        read from the old support no longer holds, and compiled code, which guards on the
+        support's generation, compiles again (it went on as channel-wise after a
+        scattered support was assigned: 1.3 off). Where the three buffers now make a
+        valid support, it is read at once, as a load reads it; otherwise (after the
+        first of three assignments, or for a bad support) the next call checks it."""
+        self._channel_k, self._support_seen = 0, ()
+        self._support_gen += 1
+        bufs = (self.sparse_crow, self.sparse_col, self.sparse_row)
+        if any(not isinstance(t, torch.Tensor) or t.is_meta for t in bufs):
+            return
+        try:
+            check_support(*bufs, self.out_features, self.in_features)
+        except (ValueError, RuntimeError):
+            return
+        self._support_valid = self._support_id()
+        self._support_changed()
 
     def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
         """As nn.Module's, except that the layer takes no ``weight``: it has no dense weight

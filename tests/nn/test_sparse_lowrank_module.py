@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import structrewrite as sr
 from structrewrite.nn import SparseLowRankLinear
+from structrewrite.nn.sparse_lowrank import csr_from_flat
 
 
 @pytest.mark.parametrize("block", [1, 16])
@@ -795,3 +796,34 @@ def test_planning_probes_under_another_default_device_draw_their_rows_on_the_cpu
     assert verified == [s.verified for s in want.report.sites] and verified[-1] is not None
     for (k, v), w in zip(want.model.state_dict().items(), got.model.state_dict().values()):
         assert torch.equal(v, w), k
+
+
+def test_compiled_code_follows_supports_assigned_to_the_buffers():
+    """A support changed by assigning the three buffers (a documented way) is seen by
+    compiled code that never runs eagerly: a channel-wise layer given a scattered
+    support went on as channel-wise (1.3 off), and one given back a channel-wise
+    support takes its channel path again. A bad support assigned is refused."""
+    layer = SparseLowRankLinear(64, 48, rank=4, density=0.125, init="lost", key="l")
+    channel = {n: getattr(layer, n).clone() for n in ("sparse_crow", "sparse_col", "sparse_row")}
+    flat = torch.randperm(48 * 64, generator=torch.Generator().manual_seed(0))[:layer.nnz]
+    crow, col, row = csr_from_flat(flat, 48, 64)
+    x = torch.randn(5, 64)
+    torch._dynamo.reset()
+    run = torch.compile(layer, backend="aot_eager")
+
+    def rel():
+        want = x @ layer.dense_weight().t() + layer.bias
+        return float((run(x) - want).norm() / want.norm())
+    with torch.no_grad():
+        assert rel() < 1e-6 and layer._channel_k == 8
+        layer.sparse_crow, layer.sparse_col, layer.sparse_row = crow, col, row
+        assert rel() < 1e-6 and layer._channel_k == 0
+        for n, t in channel.items():
+            setattr(layer, n, t)
+        assert rel() < 1e-6 and layer._channel_k == 8
+        layer.sparse_col = torch.full_like(channel["sparse_col"], 64)
+        with pytest.raises(ValueError, match="not valid"):
+            run(x)
+        with pytest.raises(ValueError, match="not valid"):
+            layer(x)
+    torch._dynamo.reset()
