@@ -187,9 +187,14 @@ _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
           torch.float64: "fp64"}
 
 
+def _dtype(dtype) -> torch.dtype:
+    """A torch dtype, or its name, as a torch dtype."""
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def _short(dtype) -> str:
     """bf16, fp16, fp32 or fp64 for a torch dtype or its name."""
-    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dt = _dtype(dtype)
     if dt not in _SHORT:
         raise ValueError(f"no matmul ceiling for {dtype}: one of {sorted(_SHORT.values())}")
     return _SHORT[dt]
@@ -206,9 +211,8 @@ def ceilings(dtypes=(torch.bfloat16,), n: Optional[int] = None,
     out = {"matmul_shape": [n, n, n]}
     for dt in dtypes:
         name = _short(dt)
-        dtype = getattr(torch, dt) if isinstance(dt, str) else dt
-        a = torch.randn(n, n, device=dev, dtype=dtype)
-        b = torch.randn(n, n, device=dev, dtype=dtype)
+        a = torch.randn(n, n, device=dev, dtype=_dtype(dt))
+        b = torch.randn(n, n, device=dev, dtype=_dtype(dt))
         t = timeit(lambda i: a @ b, warmup=3 if dev == "cuda" else 1,
                    reps=20 if dev == "cuda" else 3, device=dev)["median_ms"]
         out[f"matmul_{name}_tflops"] = 2 * n ** 3 / (t * 1e-3) / 1e12

@@ -296,8 +296,7 @@ class SparseLowRankLinear(nn.Module):
         out = super()._apply(fn, recurse)
         if self._channel_k and not self.sparse_col.is_meta and not torch.compiler.is_compiling():
             try:
-                check_support(self.sparse_crow, self.sparse_col, self.sparse_row,
-                              self.out_features, self.in_features)
+                check_support(*self._support_buffers(), self.out_features, self.in_features)
             except ValueError:
                 self._channel_k, self._support_seen = 0, ()
         return out
@@ -317,7 +316,7 @@ class SparseLowRankLinear(nn.Module):
         first of three assignments, or for a bad support) the next call checks it."""
         self._channel_k, self._support_seen = 0, ()
         self._support_gen += 1
-        bufs = (self.sparse_crow, self.sparse_col, self.sparse_row)
+        bufs = self._support_buffers()
         if any(not isinstance(t, torch.Tensor) or t.is_meta for t in bufs):
             return
         try:
@@ -392,7 +391,7 @@ class SparseLowRankLinear(nn.Module):
         self.sparse_crow.copy_(crow)
         self.sparse_col.copy_(col)
         self.sparse_row.copy_(row)
-        for t in (self.sparse_crow, self.sparse_col, self.sparse_row):
+        for t in self._support_buffers():
             mark_written(t)   # an inference tensor keeps no version counter
         self._support_changed()
         self._support_valid = self._support_id()
@@ -416,7 +415,7 @@ class SparseLowRankLinear(nn.Module):
             return self._support_id()
         except RuntimeError as exc:
             if any(torch._C._functorch.is_functorch_wrapped_tensor(t)
-                   for t in (self.sparse_crow, self.sparse_col, self.sparse_row)):
+                   for t in self._support_buffers()):
                 raise RuntimeError(
                     "SparseLowRankLinear: torch.func.vmap over the support buffers "
                     "(sparse_crow, sparse_col, sparse_row) is not supported. For an ensemble "
@@ -425,9 +424,12 @@ class SparseLowRankLinear(nn.Module):
                     "member, whose own buffers then serve every member") from exc
             raise
 
+    def _support_buffers(self) -> tuple:
+        """(sparse_crow, sparse_col, sparse_row)."""
+        return tuple(getattr(self, n) for n in _SUPPORT_BUFFERS)
+
     def _support_id(self) -> tuple:
-        return tuple((t.data_ptr(), version(t))
-                     for t in (self.sparse_crow, self.sparse_col, self.sparse_row))
+        return tuple((t.data_ptr(), version(t)) for t in self._support_buffers())
 
     def _check_support(self) -> None:
         """Checks a support that this layer did not build and has not checked since it
@@ -436,8 +438,7 @@ class SparseLowRankLinear(nn.Module):
         in floating point, which truncates indices). Raises ValueError rather than let a
         kernel read past its operands."""
         try:
-            check_support(self.sparse_crow, self.sparse_col, self.sparse_row,
-                          self.out_features, self.in_features)
+            check_support(*self._support_buffers(), self.out_features, self.in_features)
         except ValueError as exc:
             raise ValueError(
                 f"{self.key or 'SparseLowRankLinear'}: the sparse support is not valid ({exc}). "
@@ -474,7 +475,7 @@ class SparseLowRankLinear(nn.Module):
         ``meta`` and loaded with ``assign=True`` is checked like any other. A buffer whose
         incoming value equals what it holds is not written (``_same``): a reload of the
         whole support as it was changes nothing, and compiled code keeps running."""
-        names = ("sparse_crow", "sparse_col", "sparse_row")
+        names = _SUPPORT_BUFFERS
         came = frozenset(n for n in names if prefix + n in state_dict)
         # other integer index dtypes (int64 from elsewhere) come in as the int32 the kernels
         # read, with assign=True too; indices beyond int32 are refused (a copy would wrap)
@@ -536,8 +537,7 @@ class SparseLowRankLinear(nn.Module):
         real = not any(getattr(self, n).is_meta for n in names)
         if real:
             try:
-                check_support(*(getattr(self, n) for n in names), self.out_features,
-                              self.in_features)
+                check_support(*self._support_buffers(), self.out_features, self.in_features)
             except ValueError as exc:
                 fault = exc
                 if len(parts) < len(names):

@@ -263,11 +263,16 @@ def stand_in(shape, dtype, device) -> torch.Tensor:
     return torch.empty_strided(shape, (0,) * len(shape), dtype=dtype, device=device)
 
 
+def unread(t: torch.Tensor) -> tuple:
+    """What ``keep`` takes in place of a tensor the backward does not read."""
+    return (t.shape, t.dtype, t.device)
+
+
 def keep(ctx, *tensors) -> None:
-    """``ctx.save_for_backward(*tensors)``, where a ``(shape, dtype, device)`` triple in
-    place of a tensor marks one that the backward does not read: it is not saved (a
-    saved-tensor hook that copies, such as ``save_on_cpu`` or a cast, would make a full
-    copy even of a stand-in) and ``kept`` puts a stand-in in its place."""
+    """``ctx.save_for_backward(*tensors)``, where a ``(shape, dtype, device)`` triple
+    (``unread``) in place of a tensor marks one that the backward does not read: it is not
+    saved (a saved-tensor hook that copies, such as ``save_on_cpu`` or a cast, would make
+    a full copy even of a stand-in) and ``kept`` puts a stand-in in its place."""
     ctx.unkept = {i: t for i, t in enumerate(tensors) if isinstance(t, tuple)}
     ctx.save_for_backward(*(None if isinstance(t, tuple) else t for t in tensors))
 
@@ -289,8 +294,8 @@ def _keep(ctx, inputs, xa=None):
     x, A, B, values, crow, col, row, bias, scale = inputs
     needs = ctx.needs_input_grad
     if not any(needs[1:4]):
-        x = (x.shape, x.dtype, x.device)
-    saved = () if xa is None else (xa if needs[2] or needs[3] else (xa.shape, xa.dtype, xa.device),)
+        x = unread(x)
+    saved = () if xa is None else (xa if needs[2] or needs[3] else unread(xa),)
     keep(ctx, x, *saved, A, B, values, crow, col, row)
     ctx.scale = scale
     ctx.has_bias = bias is not None

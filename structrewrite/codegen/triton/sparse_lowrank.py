@@ -136,7 +136,8 @@ from structrewrite.codegen.triton.support_cache import cached
 from structrewrite.codegen.triton.support_plan import Plan, contiguous, csc_of, forward_keeping_xa, plan  # noqa: F401  (re-exported)
 from structrewrite.codegen.triton.tuning import bucket, cdiv, dot, interpreting, lazily, pick, sm_count
 from structrewrite.ops.sparse_lowrank_linear import (ALL, LIKE, LIKE_TRAIN, autocast_off, backward_op,
-                                                     keep, kept, needs_of, own, own_outputs)
+                                                     keep, kept, needs_of, own, own_outputs,
+                                                     unread)
 
 
 def on_own_device(fn):
@@ -668,7 +669,7 @@ class EagerFunction(torch.autograd.Function):
                           fold=fold)
         needs = ctx.needs_input_grad
         if not any(needs[1:4]):   # dx alone reads no x: a frozen layer keeps no activation
-            x = (x.shape, x.dtype, x.device)
+            x = unread(x)
         if not needs[2]:          # x Aᵀ is kept for dB
             saved = []
         keep(ctx, x, A, B, values, crow, col, row, *saved)
